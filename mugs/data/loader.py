@@ -1,0 +1,104 @@
+"""Reproducible, resumable pretraining input: the batch order and every augmentation are functions of
+``(seed, epoch, index)`` alone.
+
+That makes a run independent of the number of loader workers, lets a job stop in the middle of an
+epoch and resume at the next iteration with exactly the images and crops it would have seen, and
+gives every rank of a distributed run its slice of the same global batch a single process would use.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+def _mix(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample's augmentation in one epoch."""
+    return _mix(seed, epoch, index)
+
+
+class SeededAugmentedDataset(Dataset):
+    """Wraps a dataset of ``(PIL image, label)``; item ``(epoch, index)`` is ``(transform(image), label)``
+    with Python's and torch's RNGs seeded by :func:`sample_seed` for the duration of the transform.
+
+    The caller's RNG states are restored afterwards, so loading in the main process (``num_workers=0``)
+    does not disturb the training RNG (drop path).
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], seed: int) -> None:
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, int]:
+        epoch, index = key
+        image, label = self.dataset[index]
+        python_state, torch_state = random.getstate(), torch.get_rng_state()
+        seed = sample_seed(self.seed, epoch, index)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            return self.transform(image), label
+        finally:
+            random.setstate(python_state)
+            torch.set_rng_state(torch_state)
+
+
+class GlobalBatchSampler:
+    """Yields, for one rank, its share of each global batch as a list of ``(epoch, index)`` keys.
+
+    Epoch ``e`` visits ``permutation(seed, e)`` in global batches of ``global_batch`` images (the last
+    incomplete batch is dropped); rank ``r`` of ``world`` takes the ``r``-th contiguous slice of each.
+    :meth:`set_position` selects the epoch and the first iteration, so a resumed run skips the
+    batches it already trained on without loading them.
+    """
+
+    def __init__(
+        self, dataset_size: int, global_batch: int, *, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by the world size {world_size}")
+        if dataset_size < global_batch:
+            raise ValueError(
+                f"the dataset has {dataset_size} images, fewer than one global batch ({global_batch})"
+            )
+        self.dataset_size = dataset_size
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+        self.start_iteration = 0
+
+    @property
+    def iterations_per_epoch(self) -> int:
+        return self.dataset_size // self.global_batch
+
+    def set_position(self, epoch: int, start_iteration: int = 0) -> None:
+        self.epoch = epoch
+        self.start_iteration = start_iteration
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def __len__(self) -> int:
+        return self.iterations_per_epoch - self.start_iteration
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = self.permutation(self.epoch)
+        for iteration in range(self.start_iteration, self.iterations_per_epoch):
+            first = iteration * self.global_batch + self.rank * self.local_batch
+            yield [(self.epoch, int(i)) for i in order[first : first + self.local_batch]]
