@@ -235,8 +235,7 @@ class Trainer:
         )
         assert len(self.lr_schedule) == total
         self.optimizer = build_optimizer(
-            parameter_groups(self.student, patch_embed_lr_mult=optim.patch_embed_lr_mult),
-            fused=self.device.type == "cuda",
+            parameter_groups(self.student, patch_embed_lr_mult=optim.patch_embed_lr_mult)
         )
         use_cuda_amp = self.device.type == "cuda" and optim.precision != "fp32"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(optim.precision)
@@ -326,9 +325,7 @@ class Trainer:
         cls = teacher_out.cls.float()
         signals = {"teacher_feature_std": feature_std(cls), "effective_rank": effective_rank(cls)}
         if teacher_out.group is not None and "group" in self.losses:
-            group_loss = self.losses["group"]
-            temperature = group_loss.teacher_temperature(self.epoch)
-            probs = torch.softmax((teacher_out.group.float() - group_loss.center) / temperature, dim=-1)
+            probs = self.losses["group"].teacher_probabilities(teacher_out.group.float(), self.epoch)
             signals["group_entropy_ratio"] = normalised_group_entropy(probs)
         return signals
 
@@ -494,9 +491,10 @@ class Trainer:
             record["teacher_temperature"] = self.losses["group"].teacher_temperature(self.epoch)
         record["warnings"] = collapse_warnings(
             record["teacher_feature_std"],
-            record.get("group_entropy_ratio", 1.0),
+            record.get("group_entropy_ratio"),
             record["effective_rank"],
             dim=self.student.backbone.embed_dim,
+            n_samples=self._last_teacher.cls.shape[0],
         )
         log.write(record)
         window.reset()

@@ -1,0 +1,52 @@
+"""Pretraining in the current process: open the prepared data, build the trainer, run it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import Dataset, Subset
+
+from mugs.config import Config
+from mugs.training.engine import Trainer, TrainResult
+
+
+def training_dataset(config: Config) -> tuple[Dataset, tuple[tuple, tuple]]:
+    """The prepared train split (optionally a seeded subset) and its per-channel mean and std."""
+    from mugs.data.datasets import open_split, read_stats
+
+    dataset = open_split(config.data.prepared_dir, "train")
+    subset = config.data.train_subset
+    if subset is not None and subset < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.data.split_seed))
+        dataset = Subset(dataset, sorted(order[:subset].tolist()))
+    return dataset, read_stats(config.data.prepared_dir)
+
+
+def write_resolved_config(config: Config) -> Path:
+    path = Path(config.train.output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def run_pretraining(
+    config: Config,
+    *,
+    dataset: Dataset | None = None,
+    mean_std: tuple[tuple, tuple] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train (or resume) the run in ``config.train.output_dir``; pass ``dataset`` to bypass the manifest."""
+    if dataset is None:
+        dataset, mean_std = training_dataset(config)
+    assert mean_std is not None, "a dataset passed in needs its mean_std"
+    from mugs import distributed
+
+    if distributed.is_main_process():
+        write_resolved_config(config)
+    trainer = Trainer(config, dataset, mean_std=mean_std)
+    return trainer.fit(stop_requested=stop_requested, progress=progress)
