@@ -1,0 +1,19 @@
+"""Mugs network: ViT backbone with relation block, neighbour memory, heads."""
+
+from mugs.model.backbone import VIT_SIZES, MugsViT, create_backbone
+from mugs.model.heads import GroupHead, ProjectionPredictionHead
+from mugs.model.memory import POINTER_MODES, NeighbourMemory
+from mugs.model.network import MugsNetwork, NetworkOutput, create_mugs_network
+
+__all__ = [
+    "POINTER_MODES",
+    "VIT_SIZES",
+    "GroupHead",
+    "MugsNetwork",
+    "MugsViT",
+    "NeighbourMemory",
+    "NetworkOutput",
+    "ProjectionPredictionHead",
+    "create_backbone",
+    "create_mugs_network",
+]

@@ -142,7 +142,23 @@ def build_transform(config: Config, mean: tuple[float, ...], std: tuple[float, .
 
 
 # Parts of the config that may change between a run and its resumption without changing the result.
-_RESUMABLE_CHANGES = ("train.", "data.workers", "data.prepared_dir", "data.root")
+_RESUMABLE_CHANGES = frozenset(
+    {
+        "train.output_dir",
+        "train.device",
+        "train.num_workers",
+        "train.threads",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_every_epochs",
+        "train.max_iterations",
+        "train.compile",
+        "train.stop_on_collapse",
+        "data.workers",
+        "data.prepared_dir",
+        "data.root",
+    }
+)
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -161,7 +177,7 @@ def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return sorted(
         key
         for key in old.keys() | new.keys()
-        if old.get(key) != new.get(key) and not key.startswith(_RESUMABLE_CHANGES)
+        if old.get(key) != new.get(key) and key not in _RESUMABLE_CHANGES
     )
 
 
@@ -278,7 +294,7 @@ class Trainer:
 
         self._update_memories(student_out.memory_feature, teacher_out.memory_feature, weak_flags)
         if not torch.isfinite(total):
-            raise NonFiniteLossError(epoch, it, {n: float(v) for n, v in losses.items()})
+            raise NonFiniteLossError(epoch, it, {n: float(v.detach()) for n, v in losses.items()})
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

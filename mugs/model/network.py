@@ -1,0 +1,158 @@
+"""The Mugs student / teacher network: backbone, neighbour memory and the three heads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mugs.model.backbone import MugsViT, create_backbone
+from mugs.model.heads import GroupHead, ProjectionPredictionHead
+from mugs.model.memory import NeighbourMemory
+
+__all__ = ["MugsNetwork", "NetworkOutput", "create_mugs_network"]
+
+
+@dataclass
+class NetworkOutput:
+    """Outputs for C crops of B images, rows in crop order (crop c is rows ``c*B … c*B+B-1``).
+
+    ``instance`` / ``local_group``: L2-normalised head outputs ``[C*B, out_dim]`` (None if disabled).
+    ``group``: group logits ``[C*B, group_out_dim]`` (None if disabled).
+    ``cls``: normed class tokens ``[C*B, D]``.
+    ``memory_feature``: mean of the normed patch tokens of crop 0, detached, ``[B, D]``.
+    """
+
+    instance: torch.Tensor | None
+    local_group: torch.Tensor | None
+    group: torch.Tensor | None
+    cls: torch.Tensor
+    memory_feature: torch.Tensor
+
+
+class MugsNetwork(nn.Module):
+    """Backbone + heads; one backbone call per run of consecutive same-resolution crops.
+
+    For the tokens ``x`` (before the final norm) of every crop:
+    ``q = mean(x)`` over all tokens (class token included), ``nb = memory.retrieve(q)``,
+    local-group feature ``= backbone.relate(q, nb)``; instance and group heads take ``norm(x)[:, 0]``.
+    """
+
+    def __init__(
+        self,
+        backbone: MugsViT,
+        instance_head: ProjectionPredictionHead | None,
+        local_group_head: ProjectionPredictionHead | None,
+        group_head: GroupHead | None,
+        memory: NeighbourMemory | None,
+    ) -> None:
+        super().__init__()
+        if local_group_head is not None and (memory is None or backbone.relation_blocks is None):
+            raise ValueError("a local-group head needs a memory and a backbone with a relation block")
+        if local_group_head is None and memory is not None:
+            raise ValueError("a memory without a local-group head would never be read")
+        self.backbone = backbone
+        self.instance_head = instance_head
+        self.local_group_head = local_group_head
+        self.group_head = group_head
+        self.memory = memory
+
+    def forward(self, crops: list[torch.Tensor]) -> NetworkOutput:
+        batch = crops[0].shape[0]
+        cls_parts: list[torch.Tensor] = []
+        relation_parts: list[torch.Tensor] = []
+        memory_feature: torch.Tensor | None = None
+        start = 0
+        while start < len(crops):
+            end = start + 1
+            while end < len(crops) and crops[end].shape[1:] == crops[start].shape[1:]:
+                end += 1
+            tokens = self.backbone.forward_tokens(torch.cat(crops[start:end]))
+            normed = self.backbone.norm(tokens)
+            cls_parts.append(normed[:, 0])
+            if memory_feature is None:
+                memory_feature = normed[:batch, 1:].mean(dim=1).detach()
+            if self.memory is not None:
+                query = tokens.mean(dim=1)
+                relation_parts.append(self.backbone.relate(query, self.memory.retrieve(query)))
+            start = end
+
+        cls = torch.cat(cls_parts)
+        return NetworkOutput(
+            instance=self.instance_head(cls) if self.instance_head is not None else None,
+            local_group=self.local_group_head(torch.cat(relation_parts)) if relation_parts else None,
+            group=self.group_head(cls) if self.group_head is not None else None,
+            cls=cls,
+            memory_feature=memory_feature,
+        )
+
+
+def create_mugs_network(
+    arch: str,
+    *,
+    student: bool,
+    patch_size: int = 16,
+    img_size: int = 224,
+    drop_path_rate: float = 0.0,
+    instance: bool = True,
+    local_group: bool = True,
+    group: bool = True,
+    hidden_dim: int = 2048,
+    out_dim: int = 256,
+    predictor_hidden_dim: int = 4096,
+    group_out_dim: int = 65536,
+    use_bn_in_head: bool = False,
+    norm_last_layer: bool = True,
+    norm_before_pred: bool = True,
+    memory_size: int = 65536,
+    top_n: int = 8,
+    memory_pointer: str = "fixed",
+) -> MugsNetwork:
+    """Build a student (``student=True``: heads with predictors) or a teacher network.
+
+    A disabled supervision (``instance`` / ``local_group`` / ``group`` False) gets no head; without
+    the local-group head there is no memory and no relation block either. The teacher's parameter
+    names are a subset of the student's (same shapes), so EMA can match them by name.
+    ``drop_path_rate`` is the student's stochastic depth; a teacher always gets 0 (METHOD §2).
+    ``out_dim`` is also the group head's bottleneck width and ``hidden_dim`` its hidden width, as in
+    the official configuration.
+    """
+    backbone = create_backbone(
+        arch,
+        patch_size=patch_size,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate if student else 0.0,
+        relation_block=local_group,
+    )
+    dim = backbone.embed_dim
+
+    def projection_head() -> ProjectionPredictionHead:
+        return ProjectionPredictionHead(
+            dim,
+            hidden_dim=hidden_dim,
+            out_dim=out_dim,
+            use_bn=use_bn_in_head,
+            predictor=student,
+            predictor_hidden_dim=predictor_hidden_dim,
+            norm_before_pred=norm_before_pred,
+        )
+
+    return MugsNetwork(
+        backbone,
+        instance_head=projection_head() if instance else None,
+        local_group_head=projection_head() if local_group else None,
+        group_head=(
+            GroupHead(
+                dim,
+                out_dim=group_out_dim,
+                hidden_dim=hidden_dim,
+                bottleneck_dim=out_dim,
+                use_bn=use_bn_in_head,
+                norm_last_layer=norm_last_layer,
+            )
+            if group
+            else None
+        ),
+        memory=NeighbourMemory(memory_size, dim, top_n, memory_pointer) if local_group else None,
+    )

@@ -1,0 +1,173 @@
+"""The training engine end to end on CPU: it learns, resumes exactly, and is deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugs.config import Config, config_from_dict
+from mugs.launch.local import launch_local
+from mugs.testing.synthetic import SyntheticImages
+from mugs.training import checkpoint as ckpt
+from mugs.training.engine import NonFiniteLossError, Trainer, incompatible_keys
+from mugs.training.pretrain import run_pretraining
+
+MEAN_STD = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+DATASET = SyntheticImages(size=24, side=20)  # 3 iterations per epoch at batch 8
+
+
+def tiny_config(output_dir: Path, *overrides: str) -> Config:
+    return config_from_dict(
+        {
+            "preset": "demo",
+            "model": {"hidden_dim": 64, "out_dim": 32, "predictor_hidden_dim": 64, "group_out_dim": 64},
+            "loss": {"instance_queue_size": 40, "local_group_queue_size": 40, "local_group_knn_top_n": 4},
+            "augment": {"global_size": 16, "local_size": 8, "n_local": 2},
+            "optim": {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "lr": 5e-3},
+            "train": {
+                "output_dir": str(output_dir),
+                "num_workers": 0,
+                "log_every": 1,
+                "checkpoint_every": 0,
+                "keep_every_epochs": 1,
+                "threads": 1,
+            },
+        },
+        list(overrides),
+    )
+
+
+def train(output_dir: Path, *overrides: str):
+    return run_pretraining(
+        tiny_config(output_dir, *overrides), dataset=DATASET, mean_std=MEAN_STD, progress=False
+    )
+
+
+def final_state(output_dir: Path) -> dict:
+    return ckpt.load_checkpoint(output_dir / "checkpoints" / ckpt.LATEST)
+
+
+def assert_states_identical(a: dict, b: dict) -> None:
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys()
+        for name in a[part]:
+            assert torch.equal(a[part][name], b[part][name]), f"{part}.{name} differs"
+    for loss in a["losses"]:
+        for name in a["losses"][loss]:
+            assert torch.equal(a["losses"][loss][name], b["losses"][loss][name]), f"{loss}.{name} differs"
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("straight")
+    result = train(output_dir)
+    assert result.status == "finished" and result.global_iteration == 6
+    return output_dir
+
+
+def test_training_is_finite_and_moves_the_teacher(straight_run: Path) -> None:
+    log = [json.loads(line) for line in (straight_run / "log.jsonl").read_text().splitlines()]
+    iterations = [r for r in log if r["type"] == "iteration"]
+    assert [r["global_iteration"] for r in iterations] == [1, 2, 3, 4, 5, 6]
+    for record in iterations:
+        for key in ("loss", "instance", "local_group", "group", "teacher_feature_std", "effective_rank"):
+            assert torch.isfinite(torch.tensor(record[key])), (key, record)
+    assert [r["epoch"] for r in log if r["type"] == "epoch"] == [1, 2]
+
+    torch.manual_seed(0)
+    initial = Trainer(tiny_config(straight_run / "unused"), DATASET, mean_std=MEAN_STD)
+    trained = final_state(straight_run)
+    moved = [
+        name
+        for name, value in initial.teacher.state_dict().items()
+        if "memory" not in name and not torch.equal(value, trained["teacher"][name])
+    ]
+    assert "backbone.blocks.0.attn.qkv.weight" in moved and "group_head.projector.0.weight" in moved
+    # the memories were written: the pointer moved past the initial rows
+    assert int(trained["teacher"]["memory.pointer"]) == 6 * 8 % 40
+
+
+def test_kept_checkpoints_and_plain_data(straight_run: Path) -> None:
+    kept = ckpt.kept_checkpoints(straight_run / "checkpoints")
+    assert [epoch for epoch, _ in kept] == [1, 2]
+    payload = torch.load(kept[0][1], weights_only=True)  # no pickled objects anywhere
+    assert payload["epoch"] == 1 and payload["iteration_in_epoch"] == 0 and payload["global_iteration"] == 3
+    assert payload["config"]["optim"]["batch_size"] == 8
+    assert (straight_run / "DONE").exists()
+
+
+def test_same_seed_gives_bit_identical_checkpoints(straight_run: Path, tmp_path: Path) -> None:
+    train(tmp_path)
+    assert_states_identical(final_state(straight_run), final_state(tmp_path))
+    assert (straight_run / "log.jsonl").read_text().count("loss") == (
+        tmp_path / "log.jsonl"
+    ).read_text().count("loss")
+
+
+def test_different_seed_differs(straight_run: Path, tmp_path: Path) -> None:
+    train(tmp_path, "train.seed=1")
+    with pytest.raises(AssertionError):
+        assert_states_identical(final_state(straight_run), final_state(tmp_path))
+
+
+def test_resume_mid_epoch_is_bit_identical(straight_run: Path, tmp_path: Path) -> None:
+    first = train(tmp_path, "train.max_iterations=4")  # stops inside the second epoch
+    assert first.status == "stopped" and first.global_iteration == 4
+    stopped = final_state(tmp_path)
+    assert (stopped["epoch"], stopped["iteration_in_epoch"]) == (1, 1)
+    second = train(tmp_path)
+    assert second.status == "finished" and second.global_iteration == 6
+    assert_states_identical(final_state(straight_run), final_state(tmp_path))
+
+    # the log of the resumed run reads like the uninterrupted one
+    def losses(directory: Path) -> list[float]:
+        lines = (directory / "log.jsonl").read_text().splitlines()
+        return [json.loads(line)["loss"] for line in lines if '"iteration"' in line]
+
+    assert losses(tmp_path) == losses(straight_run)
+
+
+def test_resume_refuses_a_changed_configuration(straight_run: Path, tmp_path: Path) -> None:
+    train(tmp_path, "train.max_iterations=2")
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        train(tmp_path, "optim.lr=0.1")
+    saved = {"train": {"seed": 1, "num_workers": 0}, "optim": {"lr": 1}}
+    assert incompatible_keys(saved, {"train": {"seed": 1, "num_workers": 8}, "optim": {"lr": 1}}) == []
+    assert incompatible_keys(saved, {"train": {"seed": 2, "num_workers": 0}, "optim": {"lr": 2}}) == [
+        "optim.lr",
+        "train.seed",
+    ]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    train(tmp_path, "train.max_iterations=3")
+    latest = tmp_path / "checkpoints" / ckpt.LATEST
+    before = latest.read_bytes()
+
+    original = Trainer.train_step
+
+    def poisoned(self, crops, weak_flags):
+        crops = [torch.full_like(c, float("nan")) for c in crops] if self.global_iteration == 4 else crops
+        return original(self, crops, weak_flags)
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match="global iteration 4"):
+        train(tmp_path)
+    assert latest.read_bytes() == before
+
+
+def test_two_gloo_processes_match_one_process(straight_run: Path, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path, "train.max_iterations=3")
+    result = launch_local(config, nprocs=2, dataset=DATASET, mean_std=MEAN_STD, progress=False)
+    assert result.status == "stopped" and result.global_iteration == 3
+
+    def losses(directory: Path) -> list[dict]:
+        lines = (directory / "log.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines if '"iteration"' in line][:3]
+
+    for single, double in zip(losses(straight_run), losses(tmp_path), strict=True):
+        for key in ("loss", "instance", "local_group", "group"):
+            assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
