@@ -49,6 +49,27 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from mugs.data.prepare import run_prepare
+
+    summary = run_prepare(_load(args).data, progress=not args.no_progress)
+    console.print(
+        f"prepared {summary.source} into {summary.prepared_dir}: "
+        + ", ".join(f"{split} {count}" for split, count in summary.counts.items())
+        + f"; {summary.bad_files} bad files skipped"
+    )
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from mugs.data.sources import install_demo_data
+
+    dest = args.dest or Path(_load(args).data.root)
+    install_demo_data(dest)
+    console.print(f"Fashion-MNIST demo data in {dest}")
+    return 0
+
+
 def cmd_import_official(args: argparse.Namespace) -> int:
     from mugs.interop import import_official_checkpoint
 
@@ -87,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     pretrain.set_defaults(handler=cmd_pretrain)
 
+    prepare = commands.add_parser("prepare", help="scan, validate and index the dataset (data.* keys)")
+    _add_config_arguments(prepare)
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prepare.set_defaults(handler=cmd_prepare)
+
+    demo = commands.add_parser("demo-data", help="copy Debian's Fashion-MNIST files into data.root")
+    _add_config_arguments(demo)
+    demo.add_argument("--dest", type=Path, help="target directory (default: data.root)")
+    demo.set_defaults(handler=cmd_demo_data)
+
     importer = commands.add_parser("import-official", help="convert an authors' released checkpoint")
     importer.add_argument("path", type=Path)
     importer.add_argument("out", type=Path)
@@ -114,13 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from mugs.config import ConfigError
+    from mugs.data.sources import DataError
     from mugs.training.engine import CollapseError, NonFiniteLossError
 
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2
     except (NonFiniteLossError, CollapseError) as error:

@@ -26,6 +26,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = "vit_small"
+    depth: int | None = None  # blocks; None = the size's own (12, or 24 for vit_large)
     patch_size: int = 16
     drop_path_rate: float = 0.1
     use_bn_in_head: bool = False
@@ -114,6 +115,82 @@ class TrainConfig:
     max_iterations: int | None = None  # stop (with a checkpoint) after this global iteration
     compile: bool = False
     stop_on_collapse: bool = False
+    # a checkpoint to start a new run from (e.g. one made by `mugs import-official`)
+    init_from: str | None = None
+
+
+@dataclass
+class FinetuneConfig:
+    """End-to-end fine-tuning (METHOD §8), BEiT / iBOT recipe; lr is for a batch of 256, scaled linearly."""
+
+    epochs: int = 100
+    batch_size: int = 1024  # global, over all ranks
+    lr: float = 1.2e-3
+    min_lr: float = 1e-6
+    warmup_epochs: int = 5
+    weight_decay: float = 0.05
+    layer_decay: float = 0.55  # 0.75 for vit_large
+    drop_path_rate: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    rand_augment: str = "rand-m9-mstd0.5-inc1"
+    erasing_prob: float = 0.25
+    checkpoint_key: Literal["teacher", "student"] = "teacher"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass
+class EvalConfig:
+    """Frozen-feature evaluations (METHOD §8) and checkpoint selection; linear lrs are for a batch of 256."""
+
+    network: Literal["teacher", "student"] = "teacher"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = 256  # images per forward pass while extracting features
+    num_workers: int = 4
+    cache_dir: str = "results/features"  # extracted features, keyed by checkpoint hash and transform
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    knn_split: Literal["val", "test"] = "test"  # what `mugs knn` reports; selection always scores val
+    knn_chunk_size: int = 1024  # queries per similarity block
+    knn_bank_chunk_size: int = 262144  # bank rows per similarity block (bounds memory on big banks)
+    linear_n_last_blocks: int = 4  # CLS tokens of the last n blocks (4 for ViT-S, 1 + avgpool for B)
+    linear_avgpool: bool = False  # append the mean patch token of the last block
+    linear_epochs: int = 100
+    linear_batch_size: int = 1024
+    linear_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    linear_weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4])
+    linear_seed: int = 0
+    fewshot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    fewshot_seed: int = 0
+    fewshot_c: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # chosen on val
+    fewshot_max_iter: int = 1000
+    selection_policy: Literal["best_knn", "last"] = "best_knn"
+    selection_k: int = 20
+
+    def __post_init__(self) -> None:
+        # list elements escape the loader's float coercion ("1e-3" stays a string), so convert here
+        for key in ("linear_lrs", "linear_weight_decays", "fewshot_fractions", "fewshot_c"):
+            setattr(self, key, [float(v) for v in getattr(self, key)])
+        positive = ("batch_size", "knn_temperature", "knn_chunk_size", "knn_bank_chunk_size")
+        positive += ("linear_n_last_blocks", "linear_epochs", "linear_batch_size", "fewshot_max_iter")
+        for key in (*positive, "selection_k"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"evaluate.{key} must be positive, got {getattr(self, key)}")
+        for key in ("knn_k", "linear_lrs", "linear_weight_decays", "fewshot_fractions", "fewshot_c"):
+            if not getattr(self, key):
+                raise ConfigError(f"evaluate.{key} must not be empty")
+        checks = {
+            "knn_k": lambda v: v > 0,
+            "linear_lrs": lambda v: v >= 0,
+            "linear_weight_decays": lambda v: v >= 0,
+            "fewshot_fractions": lambda v: 0 < v <= 1,
+            "fewshot_c": lambda v: v > 0,
+        }
+        for key, ok in checks.items():
+            bad = [v for v in getattr(self, key) if not ok(v)]
+            if bad:
+                raise ConfigError(f"evaluate.{key} has out-of-range values {bad}")
 
 
 @dataclass
@@ -124,6 +201,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists for tuples) that YAML, JSON and ``torch.load(weights_only=True)`` accept."""
@@ -185,6 +264,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "augment": {"global_size": 32, "local_size": 16, "n_local": 2, "global_scale": [0.4, 1.0]},
         "optim": {"epochs": 2, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 1},
         "train": {"num_workers": 2, "log_every": 10, "checkpoint_every": 100, "keep_every_epochs": 1},
+        "evaluate": {"num_workers": 2, "linear_epochs": 10, "linear_batch_size": 256},
+        "finetune": {"epochs": 2, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 1},
     },
 }
 
@@ -337,12 +418,22 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(
                 f"augment.{key}={size} is not a multiple of model.patch_size={config.model.patch_size}"
             )
+    if config.data.max_per_class is not None and config.data.max_per_class <= 0:
+        raise ConfigError(f"data.max_per_class must be positive or null, got {config.data.max_per_class}")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must lie in [0, 1), got {config.data.val_fraction}")
     if config.optim.warmup_epochs > config.optim.epochs:
         raise ConfigError(
             f"optim.warmup_epochs={config.optim.warmup_epochs} exceeds optim.epochs={config.optim.epochs}"
         )
+    tune = config.finetune
+    if tune.epochs <= 0 or tune.batch_size <= 0 or not 0 <= tune.warmup_epochs <= tune.epochs:
+        raise ConfigError(
+            "finetune.epochs and finetune.batch_size must be positive and 0 <= finetune.warmup_epochs "
+            f"<= finetune.epochs, got {tune.epochs}, {tune.batch_size}, {tune.warmup_epochs}"
+        )
+    if not 0.0 < tune.layer_decay <= 1.0:
+        raise ConfigError(f"finetune.layer_decay must lie in (0, 1], got {tune.layer_decay}")
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] = ()) -> Config:

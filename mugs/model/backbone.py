@@ -151,11 +151,16 @@ def create_backbone(
     in_chans: int = 3,
     drop_path_rate: float = 0.0,
     relation_block: bool = True,
+    depth: int | None = None,
 ) -> MugsViT:
-    """Build a Mugs ViT by name (``VIT_SIZES``); stochastic depth rises linearly 0 → ``drop_path_rate``."""
+    """Build a Mugs ViT by name (``VIT_SIZES``); stochastic depth rises linearly 0 → ``drop_path_rate``.
+
+    ``depth`` overrides the number of blocks of the named size (shallow models for CPU demos).
+    """
     if arch not in VIT_SIZES:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(VIT_SIZES)}")
-    embed_dim, depth, num_heads = VIT_SIZES[arch]
+    embed_dim, default_depth, num_heads = VIT_SIZES[arch]
+    depth = default_depth if depth is None else depth
     return MugsViT(
         img_size=img_size,
         patch_size=patch_size,

@@ -108,6 +108,7 @@ def create_mugs_network(
     memory_size: int = 65536,
     top_n: int = 8,
     memory_pointer: str = "fixed",
+    depth: int | None = None,
 ) -> MugsNetwork:
     """Build a student (``student=True``: heads with predictors) or a teacher network.
 
@@ -124,6 +125,7 @@ def create_mugs_network(
         img_size=img_size,
         drop_path_rate=drop_path_rate if student else 0.0,
         relation_block=local_group,
+        depth=depth,
     )
     dim = backbone.embed_dim
 

@@ -90,6 +90,7 @@ def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
         memory_size=loss.local_group_queue_size,
         top_n=loss.local_group_knn_top_n,
         memory_pointer=loss.memory_pointer,
+        depth=model.depth,
     )
     student = create_mugs_network(model.arch, student=True, drop_path_rate=model.drop_path_rate, **common)
     teacher = create_mugs_network(model.arch, student=False, drop_path_rate=0.0, **common)
@@ -208,6 +209,10 @@ class Trainer:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
             )
+        self.teacher_forward: nn.Module = self.teacher
+        if config.train.compile:
+            self.student_ddp = torch.compile(self.student_ddp)
+            self.teacher_forward = torch.compile(self.teacher)
         self.loss_weights = {
             "instance": config.loss.instance_weight,
             "local_group": config.loss.local_group_weight,
@@ -274,7 +279,7 @@ class Trainer:
 
         with autocast:
             with torch.no_grad():
-                teacher_out = self.teacher(crops[:2])
+                teacher_out = self.teacher_forward(crops[:2])
             student_out = self.student_ddp(crops[2:])
         # the losses run in fp32 whatever the forward precision: softmaxes over 65536 prototypes and
         # queues with temperature 0.04-0.2 lose too much in half precision
@@ -382,6 +387,7 @@ class Trainer:
         return path
 
     def load(self, path: Path) -> None:
+        """Resume exactly where ``path`` (this run's own checkpoint) left off."""
         payload = ckpt.load_checkpoint(path, map_location="cpu")
         changed = incompatible_keys(payload["config"], self.config.to_dict())
         if changed:
@@ -392,13 +398,9 @@ class Trainer:
         if payload["iterations_per_epoch"] != self.iterations_per_epoch:
             raise ValueError(
                 f"{path}: {payload['iterations_per_epoch']} iterations per epoch, "
-                f"now {self.iterations_per_epoch} "
-                "(did the dataset change?)"
+                f"now {self.iterations_per_epoch} (did the dataset change?)"
             )
-        self.student.load_state_dict(payload["student"])
-        self.teacher.load_state_dict(payload["teacher"])
-        for name, loss in self.losses.items():
-            loss.load_state_dict(payload["losses"][name])
+        self._load_weights(payload, path)
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scaler is not None and payload["scaler"] is not None:
             self.scaler.load_state_dict(payload["scaler"])
@@ -416,6 +418,24 @@ class Trainer:
             )
             ckpt.restore_rng_state(states[self.rank % len(states)])
 
+    def initialise_from(self, path: Path) -> None:
+        """Start a new run from the weights, memories, queues and centre of another checkpoint (for
+        example an imported release), at the epoch it had finished; the optimizer starts afresh."""
+        payload = ckpt.load_checkpoint(path, map_location="cpu")
+        self._load_weights(payload, path)
+        self.epoch = payload["epoch"]
+        self.iteration_in_epoch = 0
+        self.global_iteration = self.epoch * self.iterations_per_epoch
+
+    def _load_weights(self, payload: dict[str, Any], path: Path) -> None:
+        try:
+            self.student.load_state_dict(payload["student"])
+            self.teacher.load_state_dict(payload["teacher"])
+            for name, loss in self.losses.items():
+                loss.load_state_dict(payload["losses"][name])
+        except (RuntimeError, KeyError) as error:
+            raise ValueError(f"{path} does not fit this run's model and loss settings: {error}") from None
+
     # ------------------------------------------------------------------ the loop
     def fit(
         self, *, stop_requested: Callable[[], bool] = lambda: False, progress: bool = True
@@ -424,6 +444,8 @@ class Trainer:
         latest = self.checkpoint_dir / ckpt.LATEST
         if latest.exists():
             self.load(latest)
+        elif self.config.train.init_from:
+            self.initialise_from(Path(self.config.train.init_from))
         log = MetricsLog(self.output_dir / "log.jsonl", enabled=self.rank == 0)
         log.truncate_after(self.global_iteration)
         config = self.config

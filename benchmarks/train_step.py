@@ -1,0 +1,183 @@
+"""Seconds per training iteration, images per second, peak memory and FLOPs of one Mugs step.
+
+The step is the engine's own ``Trainer.train_step`` on random crops already on the device, so the
+figure is the model's cost without the data loader (see ``benchmarks/augment.py`` for that side).
+
+    python benchmarks/train_step.py --arch vit_small --batch 4 --global-size 224 --local-size 96 \\
+        --n-local 2 --queue 1024 --group-out-dim 4096 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from mugs.config import config_from_dict
+from mugs.testing.synthetic import SyntheticImages
+from mugs.training.engine import Trainer
+
+# Dense peak throughput per device, TFLOP/s, for model FLOPs utilisation.
+PEAK_TFLOPS = {
+    ("H100", "bf16"): 989.0,
+    ("H100", "fp16"): 989.0,
+    ("H100", "fp32"): 67.0,  # plain fp32 (no TF32); matmuls may use TF32 when allowed
+    ("H200", "bf16"): 989.0,
+    ("H200", "fp16"): 989.0,
+    ("H200", "fp32"): 67.0,
+    ("A100", "bf16"): 312.0,
+    ("A100", "fp16"): 312.0,
+    ("A100", "fp32"): 19.5,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", default="vit_small")
+    parser.add_argument("--depth", type=int, default=None)
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4, help="images per iteration")
+    parser.add_argument("--global-size", type=int, default=224)
+    parser.add_argument("--local-size", type=int, default=96)
+    parser.add_argument("--n-local", type=int, default=2)
+    parser.add_argument("--queue", type=int, default=1024, help="InfoNCE queues and neighbour memories")
+    parser.add_argument("--group-out-dim", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    return parser.parse_args(argv)
+
+
+def build_trainer(args: argparse.Namespace, output_dir: Path) -> Trainer:
+    config = config_from_dict(
+        {
+            "model": {
+                "arch": args.arch,
+                "depth": args.depth,
+                "patch_size": args.patch_size,
+                "group_out_dim": args.group_out_dim,
+            },
+            "loss": {"instance_queue_size": args.queue, "local_group_queue_size": args.queue},
+            "augment": {
+                "global_size": args.global_size,
+                "local_size": args.local_size,
+                "n_local": args.n_local,
+            },
+            "optim": {"batch_size": args.batch, "epochs": 1, "warmup_epochs": 0, "precision": args.precision},
+            "train": {
+                "output_dir": str(output_dir),
+                "device": args.device,
+                "threads": args.threads,
+                "num_workers": 0,
+                "compile": args.compile,
+            },
+        }
+    )
+    dataset = SyntheticImages(size=args.batch, side=8)
+    return Trainer(config, dataset, mean_std=((0.5,) * 3, (0.25,) * 3))
+
+
+def random_crops(args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    sizes = [args.global_size] * 4 + [args.local_size] * args.n_local
+    crops = [torch.randn(args.batch, 3, s, s, generator=generator).to(device) for s in sizes]
+    weak = torch.rand(args.batch, generator=generator) < 0.5
+    return crops, weak
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = build_trainer(args, Path(scratch))
+        device = trainer.device
+        crops, weak = random_crops(args, device)
+        with FlopCounterMode(display=False) as counter:
+            trainer.train_step(crops, weak)
+        flops = counter.get_total_flops()
+        for _ in range(args.warmup):
+            trainer.train_step(crops, weak)
+        synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.iters):
+            start = time.perf_counter()
+            losses = trainer.train_step(crops, weak)
+            float(losses["loss"])  # include the step's device work
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    name = device_name(device)
+    peak = args.peak_tflops
+    if peak is None:
+        peak = next((v for (gpu, p), v in PEAK_TFLOPS.items() if gpu in name and p == args.precision), None)
+    achieved = flops / seconds / 1e12
+    result = {
+        "arch": args.arch,
+        "depth": args.depth,
+        "batch": args.batch,
+        "crops": f"4x{args.global_size} (2 teacher, 2 student) + {args.n_local}x{args.local_size}",
+        "queue": args.queue,
+        "group_out_dim": args.group_out_dim,
+        "precision": args.precision,
+        "compile": args.compile,
+        "device": name,
+        "seconds_per_iteration": seconds,
+        "seconds_min": min(times),
+        "images_per_second": args.batch / seconds,
+        "peak_memory_mib": peak_memory_mib(device),
+        "tflop_per_iteration": flops / 1e12,
+        "achieved_tflops": achieved,
+        "mfu": achieved / peak if peak else None,
+        "torch": torch.__version__,
+    }
+    table = Table(title="Mugs training step")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
