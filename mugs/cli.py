@@ -23,6 +23,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help="override one value, e.g. --set optim.epochs=10 (repeatable)",
     )
     parser.add_argument("--preset", help="start from a named preset (see `mugs presets`)")
+    parser.add_argument("--run", help="one of the named runs of a pipeline parameter file (its `runs:` key)")
 
 
 def _load(args: argparse.Namespace):
@@ -33,15 +34,19 @@ def _load(args: argparse.Namespace):
         return config_from_dict({"preset": args.preset} if args.preset else {}, overrides)
     if args.preset:
         overrides.insert(0, f"preset={args.preset}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, run=args.run)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mugs.training.pretrain import run_pretraining
+    from mugs.training.pretrain import run_pretraining, set_aside_if_changed
 
     config = _load(args)
     if args.output_dir:
         config.train.output_dir = str(args.output_dir)
+    if args.restart_if_changed:
+        moved = set_aside_if_changed(config)
+        if moved:
+            console.print(f"settings changed since the last checkpoint: earlier run moved to {moved}")
     result = run_pretraining(config, progress=not args.no_progress)
     console.print(
         f"pretraining {result.status} at global iteration {result.global_iteration}: {result.checkpoint}"
@@ -106,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(pretrain)
     pretrain.add_argument("--output-dir", type=Path, help="overrides train.output_dir")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pretrain.add_argument(
+        "--restart-if-changed",
+        action="store_true",
+        help="if the run directory holds a run with other settings, move it aside and start afresh "
+        "(what the workflow does) instead of refusing to resume",
+    )
     pretrain.set_defaults(handler=cmd_pretrain)
 
     prepare = commands.add_parser("prepare", help="scan, validate and index the dataset (data.* keys)")

@@ -311,6 +311,9 @@ def _coerce(value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(_coerce(v, a) for v, a in zip(value, typing.get_args(annotation), strict=True))
+    if origin is list and isinstance(value, list):
+        (arm,) = typing.get_args(annotation)
+        return [_coerce(v, arm) for v in value]
     if annotation is float and isinstance(value, (int, str)):
         return float(value)
     if origin in (Union, types.UnionType):
@@ -453,8 +456,36 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] = ()) -> Confi
     return config
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Read a YAML config file; errors name the file and the offending key."""
+# Keys of a pipeline parameter file that are not part of one run's Config: the named runs (each a
+# set of overrides on top of the shared values) and the per-rule cluster resources of the workflow.
+PIPELINE_KEYS = ("runs", "resources")
+
+
+def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
+    """One run's plain values from a pipeline file: shared values, then ``runs[run]`` on top.
+
+    ``{run}`` in ``train.output_dir`` and ``evaluate.cache_dir`` is replaced by the run's name.
+    """
+    values = dict(values)
+    runs = values.pop("runs", None)
+    values.pop("resources", None)
+    if run is None:
+        if runs:
+            raise ConfigError(f"this file defines runs ({', '.join(runs)}): choose one with --run NAME")
+        return values
+    if not runs or run not in runs:
+        known = ", ".join(runs) if runs else "none"
+        raise ConfigError(f"unknown run {run!r}; runs defined under 'runs:': {known}")
+    merged = _merge(values, runs[run] or {})
+    for section, key in (("train", "output_dir"), ("evaluate", "cache_dir")):
+        text = merged.get(section, {}).get(key)
+        if isinstance(text, str) and "{run}" in text:
+            merged[section] = {**merged[section], key: text.replace("{run}", run)}
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; errors name the file."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -462,7 +493,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def load_config(path: str | Path, overrides: list[str] = (), run: str | None = None) -> Config:
+    """Read a YAML config (or one ``run`` of a pipeline file); errors name the file and the key."""
+    values = read_yaml(path)
     try:
-        return config_from_dict(values, overrides)
+        return config_from_dict(resolve_run(values, run), overrides)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None

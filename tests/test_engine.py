@@ -13,7 +13,7 @@ from mugs.launch.local import launch_local
 from mugs.testing.synthetic import SyntheticImages
 from mugs.training import checkpoint as ckpt
 from mugs.training.engine import NonFiniteLossError, Trainer, incompatible_keys
-from mugs.training.pretrain import run_pretraining
+from mugs.training.pretrain import run_pretraining, set_aside_if_changed
 
 MEAN_STD = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 DATASET = SyntheticImages(size=24, side=20)  # 3 iterations per epoch at batch 8
@@ -171,3 +171,12 @@ def test_two_gloo_processes_match_one_process(straight_run: Path, tmp_path: Path
     for single, double in zip(losses(straight_run), losses(tmp_path), strict=True):
         for key in ("loss", "instance", "local_group", "group"):
             assert double[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
+
+
+def test_changed_settings_set_the_old_run_aside(tmp_path: Path) -> None:
+    run_dir = tmp_path / "pretrain"
+    train(run_dir, "train.max_iterations=1")
+    assert set_aside_if_changed(tiny_config(run_dir, "train.log_every=5")) is None  # no effect on results
+    moved = set_aside_if_changed(tiny_config(run_dir, "optim.lr=0.1"))
+    assert moved is not None and moved.name.startswith("pretrain.superseded-")
+    assert (moved / "checkpoints" / ckpt.LATEST).exists() and not run_dir.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import yaml
 from torch.utils.data import Dataset, Subset
 
 from mugs.config import Config
-from mugs.training.engine import Trainer, TrainResult
+from mugs.training import checkpoint as ckpt
+from mugs.training.engine import Trainer, TrainResult, incompatible_keys
 
 
 def training_dataset(config: Config) -> tuple[Dataset, tuple[tuple, tuple]]:
@@ -30,6 +32,25 @@ def write_resolved_config(config: Config) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return path
+
+
+def set_aside_if_changed(config: Config) -> Path | None:
+    """Move a run directory whose checkpoint was made with other settings out of the way.
+
+    A pipeline rerun after a parameter change must train afresh, but the earlier run is a finished
+    result: it is renamed to ``<output_dir>.superseded-<UTC time>``, never deleted. Returns the new name.
+    """
+    output_dir = Path(config.train.output_dir)
+    latest = output_dir / "checkpoints" / ckpt.LATEST
+    if not latest.exists():
+        return None
+    saved = ckpt.load_checkpoint(latest)["config"]
+    if not incompatible_keys(saved, config.to_dict()):
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = output_dir.with_name(f"{output_dir.name}.superseded-{stamp}")
+    output_dir.rename(target)
+    return target
 
 
 def run_pretraining(
