@@ -1,0 +1,1 @@
+"""Test helpers that live in the package: code that runs inside SLURM jobs must be importable there."""

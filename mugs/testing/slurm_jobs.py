@@ -1,0 +1,80 @@
+"""Small job functions that the integration tests submit through submitit to the test SLURM cluster.
+
+They live in the package, not in the test modules: submitit pickles a function by reference, and the
+job, which runs ``python -m submitit.core._submit``, can import ``mugs`` but not pytest's modules.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import submitit
+import torch
+import torch.distributed as dist
+
+from mugs.distributed import all_reduce_sum
+
+_FIRST_PORT = 20000
+_NUM_PORTS = 10000
+
+
+def rendezvous_port(job_id: str) -> int:
+    """TCP port of a job's process-group rendezvous, derived from its numeric SLURM job id.
+
+    Two jobs that share a node get different ports unless their ids are ``_NUM_PORTS`` apart; the range
+    stays below Linux's ephemeral ports (32768+), which outgoing connections take at random.
+    """
+    return _FIRST_PORT + int(job_id) % _NUM_PORTS
+
+
+def distributed_sum(value: float) -> tuple[int, int, str, float]:
+    """Join a gloo process group over all tasks of the job and sum ``value + rank`` over ranks.
+
+    With ``W`` tasks every rank returns ``(rank, W, hostname, W * value + W * (W - 1) / 2)``. The rendezvous
+    is on the first host of the job's node list, as a multi-node launcher would do it.
+    """
+    env = submitit.JobEnvironment()
+    master = env.hostnames[0]
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{master}:{rendezvous_port(env.raw_job_id)}",
+        rank=env.global_rank,
+        world_size=env.num_tasks,
+    )
+    try:
+        total = all_reduce_sum(torch.tensor([value + env.global_rank], dtype=torch.float64))
+    finally:
+        dist.destroy_process_group()
+    return env.global_rank, env.num_tasks, socket.gethostname(), total.item()
+
+
+def visible_gpus() -> tuple[str, str | None]:
+    """The job's host and the ``CUDA_VISIBLE_DEVICES`` SLURM gave it (``None`` when unset)."""
+    return socket.gethostname(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+class ResumableCount(submitit.helpers.Checkpointable):
+    """Count to ``steps``, one step every ``interval`` seconds, surviving preemption.
+
+    On preemption submitit pickles this object (with ``self.step``) and requeues the job, so a restart
+    goes on from the step reached. Each start appends ``"<SLURM_RESTART_COUNT> <step>"`` to
+    ``progress_file`` (after submitit has installed its signal handlers), which tells a test when the job
+    may be preempted. Returns the ``(restart count, first step)`` of every start.
+    """
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.starts: list[tuple[int, int]] = []
+
+    def __call__(self, steps: int, interval: float, progress_file: str) -> list[tuple[int, int]]:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        self.starts.append((restarts, self.step))
+        with Path(progress_file).open("a") as f:
+            f.write(f"{restarts} {self.step}\n")
+        while self.step < steps:
+            time.sleep(interval)
+            self.step += 1
+        return self.starts
