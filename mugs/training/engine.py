@@ -142,24 +142,10 @@ def build_transform(config: Config, mean: tuple[float, ...], std: tuple[float, .
     )
 
 
-# Parts of the config that may change between a run and its resumption without changing the result.
-_RESUMABLE_CHANGES = frozenset(
-    {
-        "train.output_dir",
-        "train.device",
-        "train.num_workers",
-        "train.threads",
-        "train.log_every",
-        "train.checkpoint_every",
-        "train.keep_every_epochs",
-        "train.max_iterations",
-        "train.compile",
-        "train.stop_on_collapse",
-        "data.workers",
-        "data.prepared_dir",
-        "data.root",
-    }
-)
+# What a pretraining run's result depends on: every key under these prefixes (the evaluation,
+# fine-tuning, launch and bookkeeping settings can change between a run and its resumption).
+_RESULT_PREFIXES = ("model.", "loss.", "augment.", "optim.", "data.", "train.seed")
+_DATA_LOCATION = frozenset({"data.workers", "data.prepared_dir", "data.root"})
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -178,7 +164,7 @@ def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     return sorted(
         key
         for key in old.keys() | new.keys()
-        if old.get(key) != new.get(key) and key not in _RESUMABLE_CHANGES
+        if old.get(key) != new.get(key) and key.startswith(_RESULT_PREFIXES) and key not in _DATA_LOCATION
     )
 
 
