@@ -38,16 +38,39 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mugs.training.pretrain import run_pretraining, set_aside_if_changed
+    from mugs.training.pretrain import set_aside_if_changed
 
     config = _load(args)
     if args.output_dir:
         config.train.output_dir = str(args.output_dir)
     if args.restart_if_changed:
+        from mugs.launch.slurm import recorded_active_job
+
+        job = recorded_active_job(Path(config.train.output_dir))
+        if job is not None:
+            console.print(
+                f"[bold red]error:[/] SLURM job {job} of {config.train.output_dir} is still pending or running; "
+                f"wait for it, or cancel it (scancel {job}) before restarting with other settings"
+            )
+            return 2
         moved = set_aside_if_changed(config)
         if moved:
             console.print(f"settings changed since the last checkpoint: earlier run moved to {moved}")
-    result = run_pretraining(config, progress=not args.no_progress)
+    if args.launcher:
+        config.launch.launcher = args.launcher
+    if config.launch.launcher == "slurm":
+        from mugs.launch.slurm import SlurmJobError, launch_slurm
+
+        try:
+            result = launch_slurm(config, progress=not args.no_progress)
+        except SlurmJobError as error:
+            console.print(f"[bold red]SLURM:[/] {error}")
+            return 1
+    else:
+        from mugs.launch.local import launch_local
+
+        nprocs = args.nprocs or config.launch.nprocs
+        result = launch_local(config, nprocs, progress=not args.no_progress)
     console.print(
         f"pretraining {result.status} at global iteration {result.global_iteration}: {result.checkpoint}"
     )
@@ -103,14 +126,154 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dvc_yaml(args: argparse.Namespace) -> int:
+    from mugs.dvc_stages import generate
+
+    text = generate(Path.cwd(), args.params)
+    target = Path("dvc.yaml")
+    if args.check:
+        if not target.exists() or target.read_text() != text:
+            console.print("dvc.yaml is not what the Snakefile generates: run `mugs dvc-yaml`")
+            return 1
+        console.print("dvc.yaml is current")
+        return 0
+    target.write_text(text)
+    console.print(f"wrote {target}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mugs.evaluation.finetune import run_finetune
+
+    metrics = run_finetune(args.checkpoint, _load(args), args.out, progress=not args.no_progress)
+    coarse = f", coarse {metrics['coarse']['top1']:.4f}" if "coarse" in metrics else ""
+    console.print(
+        f"fine-tuned: best val epoch {metrics['best_epoch']}, test top-1 {metrics['fine']['top1']:.4f}"
+        f"{coarse} → {args.out}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mugs.report import run_report
+
+    # one config for every run when given (e.g. params.yaml); otherwise each run's own config.yaml
+    config = _load(args) if args.config is not None or args.preset else None
+    written = run_report(
+        args.runs,
+        args.out,
+        names=args.names,
+        eval_dirs=args.eval_dirs,
+        config=config,
+        overrides=args.overrides,
+        knn_k=args.knn_k,
+        tsne_samples=args.tsne_samples,
+        attention_images=args.attention_images,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    console.print(f"report of {len(args.runs)} run(s) in {args.out}: {written['summary.md']}")
+    return 0
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: evaluate.device)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from mugs.evaluation.features import extract_features
+
+    config = _load(args)
+    settings = config.evaluate
+    for split in args.split:
+        features = extract_features(
+            args.checkpoint,
+            split,
+            config,
+            network=settings.network,
+            cache_dir=Path(settings.cache_dir),
+            layers=settings.linear_n_last_blocks if args.linear else 1,
+            avgpool=settings.linear_avgpool if args.linear else False,
+            device=args.device,
+            progress=not args.no_progress,
+        )
+        console.print(f"{split}: {tuple(features.features.shape)} features in {settings.cache_dir}")
+    return 0
+
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from mugs.evaluation.knn import run_knn
+
+    metrics = run_knn(
+        args.checkpoint,
+        _load(args),
+        args.out,
+        split=args.split,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    k = "20" if "20" in metrics["fine"] else max(metrics["fine"], key=int)
+    coarse = f", coarse {metrics['coarse'][k]['top1']:.4f}" if "coarse" in metrics else ""
+    console.print(
+        f"kNN on {metrics['split']} (k={k}): top-1 {metrics['fine'][k]['top1']:.4f}{coarse} → {args.out}"
+    )
+    return 0
+
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    from mugs.evaluation.linear import run_linear
+
+    metrics = run_linear(
+        args.checkpoint, _load(args), args.out, device=args.device, progress=not args.no_progress
+    )
+    chosen, test = metrics["selected"], metrics["test"]
+    coarse = f", coarse {test['coarse_top1']:.4f}" if "coarse_top1" in test else ""
+    console.print(
+        f"linear probe lr {chosen['lr']:g} wd {chosen['weight_decay']:g} (val {chosen['val_top1']:.4f}): "
+        f"test top-1 {test['top1']:.4f}{coarse} → {args.out}"
+    )
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from mugs.evaluation.fewshot import run_fewshot
+
+    metrics = run_fewshot(
+        args.checkpoint, _load(args), args.out, device=args.device, progress=not args.no_progress
+    )
+    for fraction, entry in metrics["fractions"].items():
+        console.print(
+            f"{float(fraction):.0%} labels ({entry['labelled_images']}): test top-1 {entry['test_top1']:.4f}"
+        )
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from mugs.selection import select_checkpoint
+
+    result = select_checkpoint(
+        args.run_dir, _load(args), policy=args.policy, device=args.device, progress=not args.no_progress
+    )
+    console.print(f"selected {result['selected']['path']}: {result['reason']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mugs", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain in this process (CPU or one GPU)")
+    pretrain = commands.add_parser("pretrain", help="pretrain here (N processes) or as a SLURM job")
     _add_config_arguments(pretrain)
     pretrain.add_argument("--output-dir", type=Path, help="overrides train.output_dir")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pretrain.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        help="overrides launch.launcher: here, or one SLURM job through submitit (launch.* settings)",
+    )
+    pretrain.add_argument("--nprocs", type=int, help="local processes (overrides launch.nprocs)")
     pretrain.add_argument(
         "--restart-if-changed",
         action="store_true",
@@ -147,6 +310,75 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", type=Path)
     export.add_argument("--network", choices=("teacher", "student"), default="teacher")
     export.set_defaults(handler=cmd_export)
+
+    dvc = commands.add_parser("dvc-yaml", help="write dvc.yaml from the Snakefile's DAG (repo root)")
+    dvc.add_argument("--params", default="params.yaml", help="the parameter file")
+    dvc.add_argument("--check", action="store_true", help="only check that dvc.yaml is current")
+    dvc.set_defaults(handler=cmd_dvc_yaml)
+
+    finetune = commands.add_parser("finetune", help="fine-tune a checkpoint's backbone end to end")
+    finetune.add_argument("checkpoint", type=Path)
+    finetune.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    _add_config_arguments(finetune)
+    finetune.add_argument("--no-progress", action="store_true", help="no per-epoch lines")
+    finetune.set_defaults(handler=cmd_finetune)
+
+    report = commands.add_parser("report", help="plots and a summary table of one or more runs")
+    report.add_argument("--runs", nargs="+", type=Path, required=True, help="pretraining run directories")
+    report.add_argument("--out", type=Path, required=True, help="directory for the figures and tables")
+    report.add_argument("--names", nargs="+", help="a label per run (default: the directory names)")
+    report.add_argument(
+        "--eval-dirs", nargs="+", type=Path, help="each run's metrics JSON directory (default: RUN/eval)"
+    )
+    report.add_argument("--knn-k", type=int, default=20, help="the kNN k shown (default 20)")
+    report.add_argument("--tsne-samples", type=int, default=2000, help="test images in the t-SNE")
+    report.add_argument("--attention-images", type=int, default=4, help="images with attention maps")
+    report.add_argument("--device", help="for feature extraction (default: evaluate.device)")
+    _add_config_arguments(report)
+    report.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report.set_defaults(handler=cmd_report)
+
+    features = commands.add_parser("features", help="extract and cache frozen features of a checkpoint")
+    features.add_argument("checkpoint", type=Path)
+    features.add_argument(
+        "--split", nargs="+", default=["train", "val", "test"], help="splits to extract (default: all three)"
+    )
+    features.add_argument(
+        "--linear",
+        action="store_true",
+        help="the linear probe's features (last n CLS, avgpool) instead of kNN's",
+    )
+    _add_evaluation_arguments(features)
+
+    knn = commands.add_parser("knn", help="weighted kNN accuracy of a checkpoint's frozen features")
+    knn.add_argument("checkpoint", type=Path)
+    knn.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    knn.add_argument("--split", choices=("val", "test"), help="query split (default: evaluate.knn_split)")
+    _add_evaluation_arguments(knn)
+
+    linear = commands.add_parser("linear", help="linear-probe sweep on frozen features, selected on val")
+    linear.add_argument("checkpoint", type=Path)
+    linear.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    _add_evaluation_arguments(linear)
+
+    fewshot = commands.add_parser("fewshot", help="logistic regression on 1 %% / 10 %% of the labels")
+    fewshot.add_argument("checkpoint", type=Path)
+    fewshot.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    _add_evaluation_arguments(fewshot)
+
+    select = commands.add_parser("select", help="score a run's kept checkpoints on val and pick one")
+    select.add_argument("run_dir", type=Path, help="the pretraining run (train.output_dir)")
+    select.add_argument("--policy", choices=("best_knn", "last"), help="default: evaluate.selection_policy")
+    _add_evaluation_arguments(select)
+
+    for sub, handler in (
+        (features, cmd_features),
+        (knn, cmd_knn),
+        (linear, cmd_linear),
+        (fewshot, cmd_fewshot),
+        (select, cmd_select),
+    ):
+        sub.set_defaults(handler=handler)
 
     presets = commands.add_parser("presets", help="list presets, or print one resolved")
     presets.add_argument("name", nargs="?")

@@ -194,6 +194,53 @@ class EvalConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """Where pretraining runs: here (``local``, ``nprocs`` processes) or as one SLURM job through submitit.
+
+    The SLURM job has ``nodes * tasks_per_node`` ranks (one per GPU on GPU nodes). Time limits and
+    preemption are survived by checkpointing on SLURM's signal (``signal_delay_s`` before the limit) and
+    requeueing, at most ``max_num_timeout`` times for time limits. ``container`` runs the job's Python in
+    that Apptainer image on every node.
+    """
+
+    launcher: Literal["local", "slurm"] = "local"
+    nprocs: int = 1  # local processes
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int | None = None  # None: the partition's default
+    mem_gb: float | None = None  # per node; None: the partition's default
+    timeout_min: int = 1440
+    partition: str | None = None  # None: the cluster's default partition
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    sbatch_extra: dict[str, str | int | bool] = field(default_factory=dict)  # {"exclusive": true, ...}
+    max_num_timeout: int = 20
+    signal_delay_s: int = 120  # must cover one iteration and a checkpoint write
+    container: str | None = None
+    container_bind: list[str] = field(default_factory=list)  # "SRC[:DEST[:OPTS]]" Apptainer binds
+    poll_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        at_least = {"nprocs": 1, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "timeout_min": 1}
+        at_least |= {"max_num_timeout": 0, "signal_delay_s": 0, "cpus_per_task": 1}
+        for key, low in at_least.items():
+            value = getattr(self, key)
+            if value is not None and value < low:
+                raise ConfigError(f"launch.{key} must be >= {low}, got {value}")
+        for key in ("mem_gb", "poll_seconds"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"launch.{key} must be positive, got {value}")
+        if self.signal_delay_s >= self.timeout_min * 60:
+            raise ConfigError(
+                f"launch.signal_delay_s={self.signal_delay_s} leaves no time to run within "
+                f"launch.timeout_min={self.timeout_min}"
+            )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -203,6 +250,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists for tuples) that YAML, JSON and ``torch.load(weights_only=True)`` accept."""
@@ -286,6 +334,11 @@ def _is_instance(value: Any, annotation: Any) -> bool:
     if origin is list:
         (arm,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_is_instance(v, arm) for v in value)
+    if origin is dict:
+        key_arm, value_arm = typing.get_args(annotation)
+        return isinstance(value, dict) and all(
+            _is_instance(k, key_arm) and _is_instance(v, value_arm) for k, v in value.items()
+        )
     if annotation is type(None):
         return value is None
     if annotation is float:
@@ -457,8 +510,9 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] = ()) -> Confi
 
 
 # Keys of a pipeline parameter file that are not part of one run's Config: the named runs (each a
-# set of overrides on top of the shared values) and the per-rule cluster resources of the workflow.
-PIPELINE_KEYS = ("runs", "resources")
+# set of overrides on top of the shared values), the evaluations the workflow runs, and its per-rule
+# cluster resources.
+PIPELINE_KEYS = ("runs", "protocols", "resources")
 
 
 def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
@@ -468,7 +522,8 @@ def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
     """
     values = dict(values)
     runs = values.pop("runs", None)
-    values.pop("resources", None)
+    for key in PIPELINE_KEYS:
+        values.pop(key, None)
     if run is None:
         if runs:
             raise ConfigError(f"this file defines runs ({', '.join(runs)}): choose one with --run NAME")

@@ -10,24 +10,15 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import submitit
 import torch
 import torch.distributed as dist
 
 from mugs.distributed import all_reduce_sum
-
-_FIRST_PORT = 20000
-_NUM_PORTS = 10000
-
-
-def rendezvous_port(job_id: str) -> int:
-    """TCP port of a job's process-group rendezvous, derived from its numeric SLURM job id.
-
-    Two jobs that share a node get different ports unless their ids are ``_NUM_PORTS`` apart; the range
-    stays below Linux's ephemeral ports (32768+), which outgoing connections take at random.
-    """
-    return _FIRST_PORT + int(job_id) % _NUM_PORTS
+from mugs.launch.distributed_env import rendezvous_port
+from mugs.launch.slurm import PretrainJob
 
 
 def distributed_sum(value: float) -> tuple[int, int, str, float]:
@@ -78,3 +69,19 @@ class ResumableCount(submitit.helpers.Checkpointable):
             time.sleep(interval)
             self.step += 1
         return self.starts
+
+
+class PacedPretrainJob(PretrainJob):
+    """:class:`PretrainJob` that sleeps ``seconds_per_iteration`` after each iteration of a tiny model.
+
+    Tests need runs long enough to be preempted mid-epoch or to cross time limits; sleeping, rather than
+    training a bigger model, keeps them from loading the machine, and leaves the results unchanged.
+    """
+
+    def __init__(self, config_values: dict[str, Any], seconds_per_iteration: float) -> None:
+        super().__init__(config_values)
+        self.seconds_per_iteration = seconds_per_iteration
+
+    def stop_requested(self) -> bool:
+        time.sleep(self.seconds_per_iteration)
+        return super().stop_requested()

@@ -1,0 +1,261 @@
+"""Frozen backbone features of a prepared split, extracted once per checkpoint and cached on disk.
+
+The evaluation view of an image is the ImageNet protocol scaled to the training crop: resize the
+shorter side to ``round(g · 256 / 224)`` (bicubic), centre-crop ``g``, normalise with the train split's
+statistics, where ``g`` is the checkpoint's ``augment.global_size`` (224 → 256/224; 32 → 37/32).
+
+A feature row is the concatenation of the class tokens of the last ``layers`` blocks, each after the
+backbone's final norm, optionally followed by the mean of the last block's normed patch tokens
+(``layers=1, avgpool=False`` is the kNN feature: the CLS token after the final norm).
+
+Rows are written straight into a file-backed tensor, so extracting an ImageNet-size split holds one
+batch in memory rather than the whole ``N × D`` matrix; cached files are opened memory-mapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+
+from mugs.config import Config, config_from_dict
+from mugs.evaluation.metrics_io import file_sha256
+from mugs.model.backbone import MugsViT, create_backbone
+
+__all__ = [
+    "FeatureSet",
+    "eval_transform",
+    "extract_features",
+    "feature_cache_path",
+    "load_backbone",
+    "load_feature_file",
+]
+
+FORMAT = "mugs-features/1"
+# bump when the transform or the feature definition changes, so stale caches are not reused
+_RECIPE = "resize-256/224-bicubic+centre-crop+normalise; cls-after-norm(last n)+mean-patch"
+
+
+@dataclass
+class FeatureSet:
+    """Features ``[N, D]`` float32 with their fine (and, where defined, coarse) labels, in split order."""
+
+    features: Tensor
+    labels: Tensor
+    coarse_labels: Tensor | None
+    classes: list[str]
+    coarse_classes: list[str] | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def coarse_of_class(self) -> Tensor | None:
+        """``[num_classes]`` coarse label of each fine class (-1 for a class absent from this set).
+
+        Derived from the (fine, coarse) pairs; a fine class seen with two coarse labels is an error.
+        """
+        if self.coarse_labels is None:
+            return None
+        mapping = torch.full((self.num_classes,), -1, dtype=torch.int64)
+        mapping[self.labels] = self.coarse_labels
+        if not torch.equal(mapping[self.labels], self.coarse_labels):
+            raise ValueError("a fine class maps to more than one coarse class")
+        return mapping
+
+
+def eval_transform(global_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
+    """Resize to ``round(global_size · 256/224)``, centre-crop ``global_size``, to tensor, normalise."""
+    return T.Compose(
+        [
+            T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(global_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def load_backbone(checkpoint: dict[str, Any], network: str = "teacher") -> tuple[MugsViT, Config]:
+    """The ``network`` backbone of a loaded checkpoint, in eval mode, and the config it was trained with."""
+    if network not in ("teacher", "student"):
+        raise ValueError(f"network must be 'teacher' or 'student', got {network!r}")
+    trained = config_from_dict(checkpoint["config"])
+    state = {
+        name.removeprefix("backbone."): value
+        for name, value in checkpoint[network].items()
+        if name.startswith("backbone.")
+    }
+    # built on the meta device: the random initialisation would be overwritten anyway (and costs seconds)
+    with torch.device("meta"):
+        backbone = create_backbone(
+            trained.model.arch,
+            patch_size=trained.model.patch_size,
+            img_size=trained.augment.global_size,
+            relation_block=any(name.startswith("relation_blocks.") for name in state),
+        )
+    backbone.load_state_dict(state, strict=True, assign=True)
+    return backbone.eval(), trained
+
+
+def _cache_key(checkpoint_sha: str, split: str, network: str, layers: int, avgpool: bool, config: Config):
+    from mugs.data.datasets import read_stats
+
+    prepared = Path(config.data.prepared_dir)
+    summary = json.loads((prepared / "summary.json").read_text())
+    settings = {
+        "format": FORMAT,
+        "recipe": _RECIPE,
+        "checkpoint_sha256": checkpoint_sha,
+        "split": split,
+        "split_manifest_sha256": summary.get("manifest_sha256", {}).get(split),
+        "network": network,
+        "layers": layers,
+        "avgpool": avgpool,
+        "mean_std": [list(v) for v in read_stats(prepared)],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(), settings
+
+
+def feature_cache_path(
+    checkpoint: Path, split: str, config: Config, *, network: str, cache_dir: Path, layers: int, avgpool: bool
+) -> Path:
+    """Where :func:`extract_features` caches these features (the name carries the full key's digest)."""
+    checkpoint_sha = file_sha256(checkpoint)
+    key, _ = _cache_key(checkpoint_sha, split, network, layers, avgpool, config)
+    pool = "-avgpool" if avgpool else ""
+    return Path(cache_dir) / f"{checkpoint_sha[:16]}-{split}-{network}-last{layers}{pool}-{key[:12]}.pt"
+
+
+def load_feature_file(path: str | Path) -> FeatureSet:
+    """Open a cached feature file (memory-mapped, ``weights_only``)."""
+    payload = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a feature file of format {FORMAT!r}")
+    return FeatureSet(
+        features=payload["features"],
+        labels=payload["labels"],
+        coarse_labels=payload["coarse_labels"],
+        classes=payload["classes"],
+        coarse_classes=payload["coarse_classes"],
+        meta=payload["meta"],
+    )
+
+
+def progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def _features_of_batch(backbone: MugsViT, images: Tensor, layers: int, avgpool: bool) -> Tensor:
+    outputs = backbone.get_intermediate_layers(images, n=layers, return_prefix_tokens=True, norm=True)
+    parts = [prefix[:, 0] for _, prefix in outputs]
+    if avgpool:
+        parts.append(outputs[-1][0].mean(dim=1))
+    return torch.cat(parts, dim=1)
+
+
+@torch.inference_mode()
+def extract_features(
+    checkpoint: Path,
+    split: str,
+    config: Config,
+    *,
+    network: str = "teacher",
+    cache_dir: Path,
+    layers: int = 1,
+    avgpool: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of ``split`` (of ``config.data.prepared_dir``) under ``checkpoint``'s ``network`` backbone.
+
+    Returns the cached file when one with the same key exists (checkpoint SHA-256, split and its
+    manifest hash, network, layers, avgpool, normalisation, recipe version); otherwise extracts in
+    batches of ``config.evaluate.batch_size`` on ``device`` (default ``config.evaluate.device``) and
+    writes the cache atomically.
+    """
+    from mugs.data.datasets import open_split, read_stats
+    from mugs.training.checkpoint import load_checkpoint
+    from mugs.training.engine import resolve_device
+
+    if layers <= 0:
+        raise ValueError(f"layers must be positive, got {layers}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    path = feature_cache_path(
+        checkpoint, split, config, network=network, cache_dir=cache_dir, layers=layers, avgpool=avgpool
+    )
+    if path.is_file():
+        return load_feature_file(path)
+
+    device = torch.device(device) if device is not None else resolve_device(config.evaluate.device)
+    backbone, trained = load_backbone(load_checkpoint(checkpoint), network)
+    backbone.to(device)
+    prepared = config.data.prepared_dir
+    mean, std = read_stats(prepared)
+    dataset = open_split(prepared, split, eval_transform(trained.augment.global_size, mean, std))
+    loader = DataLoader(
+        dataset,
+        batch_size=config.evaluate.batch_size,
+        shuffle=False,
+        num_workers=config.evaluate.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    dim = backbone.embed_dim * (layers + int(avgpool))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, buffer_path = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".bin", dir=path.parent)
+    os.close(descriptor)
+    try:
+        features = torch.from_file(buffer_path, shared=True, size=len(dataset) * dim, dtype=torch.float32)
+        features = features.view(len(dataset), dim)
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"features {split} ({network})", total=len(dataset))
+            start = 0
+            for images, _labels in loader:
+                batch = _features_of_batch(backbone, images.to(device, non_blocking=True), layers, avgpool)
+                features[start : start + len(batch)] = batch.float().cpu()
+                start += len(batch)
+                bar.update(task, completed=start)
+        _key, settings = _cache_key(file_sha256(checkpoint), split, network, layers, avgpool, config)
+        payload = {
+            "format": FORMAT,
+            "meta": {**settings, "global_size": trained.augment.global_size, "arch": trained.model.arch},
+            "features": features,
+            "labels": torch.from_numpy(dataset.labels.copy()),
+            "coarse_labels": None
+            if dataset.coarse_labels is None
+            else torch.from_numpy(dataset.coarse_labels.copy()),
+            "classes": list(dataset.classes),
+            "coarse_classes": None if dataset.coarse_classes is None else list(dataset.coarse_classes),
+        }
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(payload, temporary)
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    finally:
+        Path(buffer_path).unlink(missing_ok=True)
+    return load_feature_file(path)

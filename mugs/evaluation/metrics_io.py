@@ -1,0 +1,149 @@
+"""Metrics files with provenance: what produced a number, so that it can be rebuilt exactly.
+
+Every metrics JSON carries a ``provenance`` block (git commit, config digest, data hash, checkpoint
+hash, package versions, container digest, timestamp). Wall-clock figures go under the single key
+``timing`` so that two runs can be compared with that key dropped.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mugs.config import Config
+
+__all__ = ["data_hash", "file_sha256", "git_commit", "package_versions", "provenance", "write_metrics"]
+
+_CHUNK = 1 << 22
+# (path, size, mtime_ns) -> digest: a multi-GB checkpoint is hashed once per process
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (memoised on path, size and modification time)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(_CHUNK):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def git_commit(directory: str | Path | None = None) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the git checkout holding ``directory`` (default: the package source).
+
+    ``None`` when it is not inside a git checkout or git is missing (e.g. an installed wheel).
+    """
+    directory = Path(directory) if directory is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def data_hash(config: Config, dvc_file: str | Path = "data.dvc") -> dict[str, str] | None:
+    """The dataset's identity: the ``md5`` that DVC recorded in ``dvc_file`` for the output holding
+    ``data.root`` (when that file exists and tracks it), and the SHA-256 of the prepared manifests
+    (``manifest-*.jsonl`` in name order, which also pins the splits); ``None`` when neither is found.
+    """
+    found: dict[str, str] = {}
+    dvc_file = Path(dvc_file)
+    if dvc_file.is_file():
+        root = Path(config.data.root).resolve()
+        for out in (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []:
+            tracked = (dvc_file.parent / str(out.get("path", ""))).resolve()
+            if "md5" in out and (root == tracked or tracked in root.parents):
+                found["dvc_md5"] = out["md5"]
+                found["dvc_file"] = str(dvc_file)
+    manifests = sorted(Path(config.data.prepared_dir).glob("manifest-*.jsonl"))
+    if manifests:
+        digest = hashlib.sha256()
+        for path in manifests:
+            digest.update(path.name.encode() + b"\0" + file_sha256(path).encode() + b"\n")
+        found["manifests_sha256"] = digest.hexdigest()
+    return found or None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name, distribution in (
+        ("torch", "torch"),
+        ("torchvision", "torchvision"),
+        ("timm", "timm"),
+        ("numpy", "numpy"),
+        ("scikit-learn", "scikit-learn"),
+        ("mugs", "mugs-pipeline"),
+    ):
+        try:
+            versions[name] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def provenance(config: Config, checkpoint: str | Path | None) -> dict[str, Any]:
+    """Everything that identifies how a metric was produced (see the module docstring)."""
+    return {
+        "git": git_commit(),
+        "config_sha256": config.digest(),
+        "data": data_hash(config),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "checkpoint_sha256": None if checkpoint is None else file_sha256(checkpoint),
+        "packages": package_versions(),
+        "container_digest": os.environ.get("MUGS_CONTAINER_DIGEST") or None,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_metrics(
+    path: str | Path,
+    metrics: dict[str, Any],
+    *,
+    config: Config,
+    checkpoint: str | Path | None,
+    timing: dict[str, float] | None = None,
+) -> Path:
+    """Write ``{**metrics, "provenance": ..., "timing": ...}`` as JSON, atomically (temp file + rename)."""
+    for reserved in ("provenance", "timing"):
+        if reserved in metrics:
+            raise ValueError(f"metrics must not contain the reserved key {reserved!r}")
+    payload = {**metrics, "provenance": provenance(config, checkpoint), "timing": dict(timing or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,557 @@
+"""SLURM launcher: the whole run as one checkpointable submitit job that survives preemption and time limits.
+
+``launch_slurm`` checks everything it can before submitting, records the job id in the run directory so
+that a second launcher reattaches instead of submitting again, and waits with a status line. The job
+(:class:`PretrainJob`) joins one process group over all its tasks and trains until SLURM's signal; then
+it finishes the iteration, writes ``latest.pt`` and requeues itself, and the restarted job resumes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import fcntl
+import json
+import os
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import submitit
+from rich.console import Console
+
+from mugs.config import Config, ConfigError, config_from_dict
+from mugs.launch.distributed_env import slurm_process_group
+from mugs.launch.local import backend_for
+from mugs.training import checkpoint as ckpt
+from mugs.training.engine import TrainResult
+from mugs.training.pretrain import run_pretraining
+
+# a job in one of these states may still run: a launcher reattaches to it rather than submitting another
+ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "CONFIGURING",
+        "RUNNING",
+        "COMPLETING",
+        "SUSPENDED",
+        "STOPPED",
+        "SIGNALING",
+        "STAGE_OUT",
+        "RESIZING",
+        "REQUEUED",
+        "REQUEUE_FED",
+        "REQUEUE_HOLD",
+        "SPECIAL_EXIT",
+        "RESV_DEL_HOLD",
+    }
+)
+RECORD_NAME = "job.json"
+# a preempted job that is requeued turns PENDING within seconds; one that stays PREEMPTED was cancelled
+PREEMPTED_SETTLE_S = 60.0
+
+
+class PreflightError(ValueError):
+    """The run cannot be submitted as configured; the message lists every problem. Nothing was submitted."""
+
+
+class SlurmJobError(RuntimeError):
+    """The SLURM job ended without finishing the run (failed, cancelled, out of time-outs, ...)."""
+
+
+# ---------------------------------------------------------------------------------------------- the job
+class PretrainJob:
+    """The submitit job: every task is one rank of ``run_pretraining``; checkpointable.
+
+    submitit's own handler of the preemption signal (USR2) would checkpoint and requeue at once, in the
+    middle of an iteration. This job takes the signal over: the handler only raises the stop flag, which
+    the engine checks after every iteration (agreed over all ranks), then writes ``latest.pt``. Only then
+    is submitit's handler called, on every rank: on rank 0 it calls :meth:`checkpoint`, requeues the job
+    and exits, counting time-outs against ``max_num_timeout``; on the other ranks it does nothing.
+    """
+
+    def __init__(self, config_values: dict[str, Any]) -> None:
+        self.config_values = config_values
+        self._signalled = False
+
+    def __call__(self) -> TrainResult:
+        env = submitit.JobEnvironment()
+        config = config_from_dict(self.config_values)
+        self._signalled = False
+        usr_signal = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+        requeue = signal.getsignal(usr_signal)  # installed by submitit before it called us
+        signal.signal(usr_signal, self._on_signal)
+        with slurm_process_group(env, backend_for(config.train.device)):
+            result = run_pretraining(config, stop_requested=self.stop_requested, progress=False)
+        if result.status == "interrupted" and callable(requeue):
+            requeue(usr_signal, None)
+        return result
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Resubmit this job unchanged: the engine resumes from ``latest.pt`` by itself."""
+        return submitit.helpers.DelayedSubmission(self)
+
+    def stop_requested(self) -> bool:
+        """Polled by the engine after every iteration."""
+        return self._signalled
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        self._signalled = True
+        # os.write, not print: a handler that prints can interrupt a print and raise "reentrant call"
+        os.write(2, f"mugs: got {signal.Signals(signum).name}: checkpoint after this iteration\n".encode())
+
+
+# ------------------------------------------------------------------------------------ SLURM commands
+def slurm_command(*command: str) -> str:
+    """Run a SLURM client command; its stdout, or :class:`SlurmJobError` naming the command."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SlurmJobError(f"{command[0]} not found: run this on a SLURM login node") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmJobError(f"{shlex.join(command)} did not answer within 60 s") from None
+    if done.returncode != 0:
+        raise SlurmJobError(f"{shlex.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+@dataclass
+class Partition:
+    name: str
+    nodes: int
+    max_gpus_per_node: int
+    default: bool = False
+
+
+def parse_gpu_count(gres: str) -> int:
+    """GPUs per node in a ``sinfo %G`` field.
+
+    ``gpu:2`` → 2, ``gpu:a100:4(S:0-1),shard:8`` → 4, ``(null)`` → 0.
+    """
+    count = 0
+    for entry in gres.split(","):
+        parts = entry.split("(")[0].split(":")
+        if parts[0] == "gpu" and len(parts) > 1 and parts[-1].isdigit():
+            count += int(parts[-1])
+    return count
+
+
+def parse_partitions(sinfo_output: str) -> dict[str, Partition]:
+    """Partitions from ``sinfo -h -o '%P|%D|%G'`` (one line per partition and node group)."""
+    partitions: dict[str, Partition] = {}
+    for line in sinfo_output.splitlines():
+        if not line.strip():
+            continue
+        name, nodes, gres = line.strip().split("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        part = partitions.setdefault(name, Partition(name, 0, 0, default))
+        part.nodes += int(nodes)
+        part.max_gpus_per_node = max(part.max_gpus_per_node, parse_gpu_count(gres))
+    return partitions
+
+
+def cluster_partitions() -> dict[str, Partition]:
+    return parse_partitions(slurm_command("sinfo", "-h", "-o", "%P|%D|%G"))
+
+
+@dataclass
+class JobStatus:
+    state: str  # SLURM's state name, "UNKNOWN" when neither squeue nor sacct knows the job
+    restarts: int = 0  # times the job was requeued
+    reason: str = ""  # why a pending job waits
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def describe(self) -> str:
+        if self.restarts and self.state in ("PENDING", "REQUEUED", "REQUEUE_HOLD"):
+            text = f"requeued ({self.restarts}×), pending"
+        else:
+            text = self.state.lower() + (f" (requeued {self.restarts}×)" if self.restarts else "")
+        return text + (f", {self.reason}" if self.state == "PENDING" and self.reason else "")
+
+
+def query_job(job_id: str) -> JobStatus:
+    """The job's state: squeue while the controller knows it (no lag), else the accounting's last record."""
+    try:
+        live = slurm_command("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T|%r").split("\n")
+    except SlurmJobError:  # squeue rejects ids that have left the controller
+        live = []
+    try:
+        runs = slurm_command("sacct", "-X", "-n", "-P", "--duplicates", "-j", job_id, "-o", "State").split(
+            "\n"
+        )
+    except SlurmJobError:
+        runs = []
+    live, runs = [line for line in live if line.strip()], [line for line in runs if line.strip()]
+    restarts = max(len(runs) - 1, 0)
+    if live:
+        state, _, reason = live[0].partition("|")
+        return JobStatus(state, restarts, "" if reason == "None" else reason)
+    if runs:
+        return JobStatus(runs[-1].split()[0], restarts)  # "CANCELLED by 0" → CANCELLED
+    return JobStatus("UNKNOWN")
+
+
+def settled_status(job_id: str, *, settle_s: float = PREEMPTED_SETTLE_S, poll_s: float = 2.0) -> JobStatus:
+    """``query_job``, but a job seen PREEMPTED is given ``settle_s`` to be requeued before that counts."""
+    status = query_job(job_id)
+    deadline = time.monotonic() + settle_s
+    while status.state == "PREEMPTED" and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        status = query_job(job_id)
+    return status
+
+
+# ------------------------------------------------------------------------------------- pre-flight
+def with_absolute_paths(config: Config) -> Config:
+    """A copy with the run's paths absolute, so that a job started elsewhere finds the same files.
+
+    It is not validated again here: the pre-flight checks report an invalid config with the rest.
+    """
+    config = copy.deepcopy(config)
+    config.train.output_dir = str(Path(config.train.output_dir).absolute())
+    config.data.prepared_dir = str(Path(config.data.prepared_dir).absolute())
+    config.data.root = str(Path(config.data.root).absolute())
+    for section, key in (("train", "init_from"), ("launch", "container")):
+        value = getattr(getattr(config, section), key)
+        if value is not None and "://" not in value and Path(value).exists():
+            setattr(getattr(config, section), key, str(Path(value).absolute()))
+    return config
+
+
+def _writable_problem(directory: Path) -> str | None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        return f"output directory {directory} (train.output_dir) is not writable: {error.strerror or error}"
+    return None
+
+
+def _data_problems(config: Config) -> list[str]:
+    prepared = Path(config.data.prepared_dir)
+    missing = [
+        name
+        for name in ("summary.json", "manifest-train.jsonl", "stats.json")
+        if not (prepared / name).is_file()
+    ]
+    if missing:
+        return [
+            f"prepared data missing in {prepared} (data.prepared_dir): no {', '.join(missing)}; "
+            "run `mugs prepare` first"
+        ]
+    root = Path(json.loads((prepared / "summary.json").read_text())["root"])
+    if not root.is_dir():
+        return [f"the dataset directory {root} that {prepared} was prepared from does not exist"]
+    return []
+
+
+def preflight_problems(config: Config, partitions: dict[str, Partition] | None) -> list[str]:
+    """Everything that would make the submitted job fail or wait forever; empty when it may be submitted.
+
+    ``partitions`` is the cluster's (``cluster_partitions()``); ``None`` when ``sinfo`` failed.
+    """
+    launch = config.launch
+    problems = []
+    try:
+        config_from_dict(config.to_dict())
+    except ConfigError as error:
+        problems.append(f"the configuration does not validate: {error}")
+    world_size = launch.nodes * launch.tasks_per_node
+    if config.optim.batch_size % world_size:
+        problems.append(
+            f"optim.batch_size={config.optim.batch_size} does not divide by the world size {world_size} "
+            f"(launch.nodes={launch.nodes} × launch.tasks_per_node={launch.tasks_per_node})"
+        )
+    if launch.gpus_per_node and launch.tasks_per_node != launch.gpus_per_node:
+        problems.append(
+            f"launch.tasks_per_node={launch.tasks_per_node} must equal launch.gpus_per_node="
+            f"{launch.gpus_per_node}: one rank per GPU"
+        )
+    problems += _data_problems(config)
+    if partitions is None:
+        problems.append("sinfo failed: cannot check the partition (is this a SLURM login node?)")
+    else:
+        problems += _partition_problems(launch, partitions)
+    container = launch.container
+    if container is not None and "://" not in container and not Path(container).is_file():
+        problems.append(f"container image {container} (launch.container) does not exist")
+    writable = _writable_problem(Path(config.train.output_dir))
+    if writable:
+        problems.append(writable)
+    return problems
+
+
+def _partition_problems(launch: Any, partitions: dict[str, Partition]) -> list[str]:
+    if launch.partition is None:
+        defaults = [p for p in partitions.values() if p.default]
+        if not defaults:
+            return ["launch.partition is not set and the cluster has no default partition"]
+        part = defaults[0]
+    elif launch.partition not in partitions:
+        return [
+            f"partition {launch.partition!r} (launch.partition) does not exist; "
+            f"partitions: {', '.join(sorted(partitions))}"
+        ]
+    else:
+        part = partitions[launch.partition]
+    problems = []
+    if launch.nodes > part.nodes:
+        problems.append(f"launch.nodes={launch.nodes} but partition {part.name!r} has {part.nodes} nodes")
+    if launch.gpus_per_node > part.max_gpus_per_node:
+        has = (
+            f"at most {part.max_gpus_per_node} GPUs per node" if part.max_gpus_per_node else "no GPUs (GRES)"
+        )
+        problems.append(f"launch.gpus_per_node={launch.gpus_per_node} but partition {part.name!r} has {has}")
+    return problems
+
+
+def check_before_submit(config: Config, partitions: dict[str, Partition] | None) -> None:
+    problems = preflight_problems(config, partitions)
+    if problems:
+        raise PreflightError(
+            "not submitted, the pre-flight checks found:\n" + "\n".join(f"- {p}" for p in problems)
+        )
+
+
+# ------------------------------------------------------------------------------------- submission
+def container_python(config: Config) -> str | None:
+    """submitit's ``python``: ``apptainer exec [--nv] --bind DIRS IMAGE python`` with ``launch.container``.
+
+    ``--nv`` (the host's NVIDIA driver) when the job asks for GPUs; the run's output, prepared data and
+    dataset directories are bound besides ``launch.container_bind``, so every node sees the same paths.
+    """
+    launch = config.launch
+    if launch.container is None:
+        return None
+    binds = list(launch.container_bind)
+    for directory in (config.train.output_dir, config.data.prepared_dir, config.data.root):
+        if not any(b.split(":")[0] == directory for b in binds):
+            binds.append(directory)
+    command = ["apptainer", "exec", *(["--nv"] if launch.gpus_per_node else []), "--bind", ",".join(binds)]
+    return shlex.join([*command, launch.container, "python"])
+
+
+def sbatch_parameters(config: Config) -> dict[str, Any]:
+    """``SlurmExecutor.update_parameters`` arguments for the run's job."""
+    launch = config.launch
+    parameters: dict[str, Any] = {
+        "job_name": f"mugs-{Path(config.train.output_dir).name}",
+        "nodes": launch.nodes,
+        "ntasks_per_node": launch.tasks_per_node,
+        "time": launch.timeout_min,
+        "signal_delay_s": launch.signal_delay_s,
+        # the job requeues itself on the signal; clusters with JobRequeue=0 allow that only with --requeue
+        "additional_parameters": {"requeue": True, **launch.sbatch_extra},
+    }
+    optional = {
+        "gpus_per_node": launch.gpus_per_node or None,
+        "cpus_per_task": launch.cpus_per_task,
+        "mem": f"{round(launch.mem_gb * 1024)}M" if launch.mem_gb else None,
+        "partition": launch.partition,
+        "account": launch.account,
+        "qos": launch.qos,
+        "constraint": launch.constraint,
+    }
+    parameters.update({key: value for key, value in optional.items() if value is not None})
+    return parameters
+
+
+@dataclass
+class JobRecord:
+    """What ``<output_dir>/slurm/job.json`` keeps of the run's job: enough to reattach to it."""
+
+    job_id: str
+    folder: str  # submitit's folder of this job (pickles, logs)
+    tasks: int
+    submitted_at: str
+    earlier_job_ids: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def load(slurm_dir: Path) -> JobRecord | None:
+        path = slurm_dir / RECORD_NAME
+        return JobRecord(**json.loads(path.read_text())) if path.exists() else None
+
+    def save(self, slurm_dir: Path) -> None:
+        temporary = slurm_dir / f".{RECORD_NAME}.tmp"
+        temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+        temporary.replace(slurm_dir / RECORD_NAME)
+
+
+def decide(status: JobStatus | None, finished: bool) -> Literal["attach", "finished", "submit"]:
+    """What a launcher does with a run directory whose recorded job has ``status`` (``None``: no record).
+
+    A job that may still run is reattached to, never submitted twice; a finished run returns at once;
+    anything else (no job yet, failed, cancelled, out of time-outs) is submitted and resumes from
+    ``latest.pt``.
+    """
+    if status is not None and status.active:
+        return "attach"
+    return "finished" if finished else "submit"
+
+
+def recorded_active_job(run_dir: Path) -> str | None:
+    """The id of the run's recorded SLURM job if it may still be running, else None (no SLURM call
+    is made when the run has no job record)."""
+    record = JobRecord.load(Path(run_dir) / "slurm")
+    if record is None:
+        return None
+    return record.job_id if settled_status(record.job_id).active else None
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    # two launchers started together must not both decide to submit
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _finished_result(run_dir: Path) -> TrainResult:
+    done = json.loads((run_dir / "DONE").read_text())
+    return TrainResult("finished", done["global_iteration"], run_dir / "checkpoints" / ckpt.LATEST)
+
+
+def launch_slurm(
+    config: Config,
+    *,
+    wait: bool = True,
+    progress: bool = True,
+    job_class: Callable[[dict[str, Any]], PretrainJob] = PretrainJob,
+) -> TrainResult | JobRecord:
+    """Run pretraining as one SLURM job, or reattach to the run's job; wait for it unless ``wait=False``.
+
+    Returns the job's :class:`TrainResult` (or, without waiting, the :class:`JobRecord`). Raises
+    :class:`PreflightError` before submitting anything that cannot run, and :class:`SlurmJobError` when
+    the job ends unfinished (starting the launcher again then resubmits and resumes). ``job_class``
+    builds the job from the config's plain values.
+    """
+    console = Console(stderr=True)
+    config = with_absolute_paths(config)
+    run_dir = Path(config.train.output_dir)
+    slurm_dir = run_dir / "slurm"
+    try:
+        slurm_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        check_before_submit(config, _partitions_or_none())  # names the unwritable directory, and more
+        raise
+    with _exclusive(slurm_dir / "launch.lock"):
+        record = JobRecord.load(slurm_dir)
+        status = settled_status(record.job_id) if record else None
+        action = decide(status, (run_dir / "DONE").exists())
+        if action == "finished":
+            console.print(f"{run_dir} has finished already")
+            return _finished_result(run_dir)
+        if action == "attach":
+            console.print(f"reattaching to SLURM job {record.job_id} ({status.describe()}) of {run_dir}")
+        else:
+            check_before_submit(config, _partitions_or_none())
+            if record is not None:
+                console.print(
+                    f"SLURM job {record.job_id} ended {status.state}: resubmitting, resuming from latest.pt"
+                )
+            record = _submit(config, slurm_dir, job_class, record)
+            console.print(f"submitted SLURM job {record.job_id} for {run_dir}")
+    if not wait:
+        return record
+    return wait_for_job(record, config, console if progress else None)
+
+
+def _partitions_or_none() -> dict[str, Partition] | None:
+    try:
+        return cluster_partitions()
+    except SlurmJobError:
+        return None
+
+
+def _submit(
+    config: Config,
+    slurm_dir: Path,
+    job_class: Callable[[dict[str, Any]], PretrainJob],
+    earlier: JobRecord | None,
+) -> JobRecord:
+    executor = submitit.SlurmExecutor(
+        folder=slurm_dir / "%j",
+        max_num_timeout=config.launch.max_num_timeout,
+        python=container_python(config),
+    )
+    executor.update_parameters(**sbatch_parameters(config))
+    job = executor.submit(job_class(config.to_dict()))
+    record = JobRecord(
+        job_id=str(job.job_id),
+        folder=str(job.paths.folder),
+        tasks=config.launch.nodes * config.launch.tasks_per_node,
+        submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        earlier_job_ids=[*earlier.earlier_job_ids, earlier.job_id] if earlier else [],
+    )
+    record.save(slurm_dir)
+    return record
+
+
+# ------------------------------------------------------------------------------------------ waiting
+def read_progress(log_file: Path) -> dict[str, Any] | None:
+    """The last ``iteration`` record of the run's ``log.jsonl`` (only its tail is read), or ``None``."""
+    try:
+        with log_file.open("rb") as handle:
+            handle.seek(max(handle.seek(0, os.SEEK_END) - 16384, 0))
+            lines = handle.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if record.get("type") == "iteration":
+                return record
+    return None
+
+
+def status_line(job_id: str, status: JobStatus, record: dict[str, Any] | None, epochs: int) -> str:
+    text = f"SLURM job {job_id}: {status.describe()}"
+    if record is not None:
+        text += (
+            f" · epoch {record['epoch'] + 1}/{epochs} · iteration {record['global_iteration']}"
+            f" · loss {record['loss']:.4f}"
+        )
+    return text
+
+
+def wait_for_job(record: JobRecord, config: Config, console: Console | None = None) -> TrainResult:
+    """Poll the job every ``launch.poll_seconds`` until it ends, showing its state on ``console``; its
+    rank 0 result."""
+    log_file = Path(config.train.output_dir) / "log.jsonl"
+    status = query_job(record.job_id)
+    first_line = status_line(record.job_id, status, None, config.optim.epochs)
+    with console.status(first_line) if console else contextlib.nullcontext() as display:
+        while status.active or status.state == "UNKNOWN":  # UNKNOWN: the controller does not answer
+            if display is not None:
+                progress = read_progress(log_file)
+                display.update(status_line(record.job_id, status, progress, config.optim.epochs))
+            time.sleep(config.launch.poll_seconds)
+            status = settled_status(record.job_id)
+    stderr = Path(record.folder) / f"{record.job_id}_0_log.err"
+    if status.state == "COMPLETED":
+        job = submitit.SlurmJob(folder=record.folder, job_id=record.job_id)
+        try:
+            return job.result()
+        except Exception as error:  # submitit re-raises the job's exception
+            raise SlurmJobError(f"SLURM job {record.job_id} completed without a result: {error}") from None
+    tail = stderr.read_text(errors="replace")[-3000:] if stderr.exists() else "(no log)"
+    raise SlurmJobError(
+        f"SLURM job {record.job_id} ended {status.state}; starting the launcher again resubmits it and "
+        f"resumes from the last checkpoint. End of {stderr}:\n{tail}"
+    )

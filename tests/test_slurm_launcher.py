@@ -1,0 +1,303 @@
+"""The SLURM launcher without a cluster: sinfo parsing, pre-flight checks, reattach decisions, the sbatch
+script and Apptainer command it builds, and the job's handling of the preemption signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import submitit
+
+from mugs.config import Config, config_from_dict
+from mugs.launch import slurm
+from mugs.launch.slurm import (
+    JobRecord,
+    JobStatus,
+    Partition,
+    PretrainJob,
+    container_python,
+    decide,
+    launch_slurm,
+    parse_gpu_count,
+    parse_partitions,
+    preflight_problems,
+    query_job,
+    read_progress,
+    sbatch_parameters,
+    status_line,
+)
+from mugs.training.engine import TrainResult
+
+PARTITIONS = {
+    "cpu": Partition("cpu", nodes=2, max_gpus_per_node=0, default=True),
+    "gpu": Partition("gpu", nodes=2, max_gpus_per_node=2),
+}
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    """A launchable config: fake prepared data (the files the checks look for) and a fresh run dir."""
+    root, prepared = tmp_path / "raw", tmp_path / "prepared"
+    root.mkdir()
+    prepared.mkdir()
+    (prepared / "summary.json").write_text(json.dumps({"root": str(root)}))
+    (prepared / "manifest-train.jsonl").write_text("")
+    (prepared / "stats.json").write_text("{}")
+    return config_from_dict(
+        {
+            "optim": {"batch_size": 8, "epochs": 2, "warmup_epochs": 1},
+            "data": {"root": str(root), "prepared_dir": str(prepared)},
+            "train": {"output_dir": str(tmp_path / "run")},
+            "launch": {"launcher": "slurm", "nodes": 2, "tasks_per_node": 2, "partition": "cpu"},
+        }
+    )
+
+
+def test_gpu_counts_from_sinfo_gres() -> None:
+    assert parse_gpu_count("gpu:2") == 2
+    assert parse_gpu_count("gpu:a100:4(S:0-1),shard:8") == 4
+    assert parse_gpu_count("gpu:a100:2,gpu:v100:1") == 3
+    assert parse_gpu_count("(null)") == 0
+
+
+def test_partitions_from_sinfo_merge_node_groups() -> None:
+    text = "cpu*|2|(null)\ngpu|1|gpu:a100:4(S:0-1)\ngpu|3|gpu:2\n"
+    assert parse_partitions(text) == {
+        "cpu": Partition("cpu", 2, 0, default=True),
+        "gpu": Partition("gpu", 4, 4, default=False),
+    }
+
+
+def test_a_sound_config_passes_the_checks(config: Config) -> None:
+    assert preflight_problems(config, PARTITIONS) == []
+    config.launch.partition = None  # the default partition, cpu
+    assert preflight_problems(config, PARTITIONS) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"launch.tasks_per_node": 3},
+            "optim.batch_size=8 does not divide by the world size 6 "
+            "(launch.nodes=2 × launch.tasks_per_node=3)",
+        ),
+        ({"optim.warmup_epochs": 3}, "does not validate: optim.warmup_epochs=3 exceeds optim.epochs=2"),
+        (
+            {"launch.partition": "big"},
+            "partition 'big' (launch.partition) does not exist; partitions: cpu, gpu",
+        ),
+        ({"launch.nodes": 4}, "launch.nodes=4 but partition 'cpu' has 2 nodes"),
+        (
+            {"launch.gpus_per_node": 2, "launch.tasks_per_node": 2},
+            "launch.gpus_per_node=2 but partition 'cpu' has no GPUs (GRES)",
+        ),
+        (
+            {"launch.gpus_per_node": 4, "launch.tasks_per_node": 4, "launch.partition": "gpu"},
+            "launch.gpus_per_node=4 but partition 'gpu' has at most 2 GPUs per node",
+        ),
+        (
+            {"launch.gpus_per_node": 2, "launch.tasks_per_node": 1, "launch.partition": "gpu"},
+            "launch.tasks_per_node=1 must equal launch.gpus_per_node=2: one rank per GPU",
+        ),
+        ({"launch.container": "/no/such/image.sif"}, "container image /no/such/image.sif"),
+    ],
+)
+def test_each_problem_is_named(config: Config, changes: dict, expected: str) -> None:
+    for dotted, value in changes.items():
+        section, key = dotted.split(".")
+        setattr(getattr(config, section), key, value)
+    problems = preflight_problems(config, PARTITIONS)
+    assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_missing_data_unwritable_output_and_no_sinfo_are_all_reported(config: Config, tmp_path: Path) -> None:
+    (tmp_path / "prepared" / "stats.json").unlink()
+    (tmp_path / "blocker").write_text("")
+    config.train.output_dir = str(tmp_path / "blocker" / "run")
+    problems = preflight_problems(config, None)
+    assert len(problems) == 3
+    assert "prepared data missing in" in problems[0] and "no stats.json; run `mugs prepare`" in problems[0]
+    assert problems[1].startswith("sinfo failed")
+    assert problems[2].startswith(
+        f"output directory {tmp_path}/blocker/run (train.output_dir) is not writable"
+    )
+
+
+def test_no_default_partition(config: Config) -> None:
+    config.launch.partition = None
+    assert preflight_problems(config, {"gpu": PARTITIONS["gpu"]}) == [
+        "launch.partition is not set and the cluster has no default partition"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("state", "finished", "action"),
+    [
+        (None, False, "submit"),  # never submitted
+        (None, True, "finished"),  # finished without SLURM, or the record is gone
+        ("PENDING", False, "attach"),
+        ("RUNNING", True, "attach"),  # DONE is written before the job ends
+        ("REQUEUED", False, "attach"),
+        ("PREEMPTED", False, "submit"),  # settled: not requeued, so cancelled by the preemption
+        ("COMPLETED", True, "finished"),
+        ("FAILED", False, "submit"),
+        ("CANCELLED", False, "submit"),
+        ("TIMEOUT", False, "submit"),  # out of time-outs: resume from latest.pt
+        ("UNKNOWN", False, "submit"),  # neither squeue nor sacct knows it any more
+    ],
+)
+def test_decisions_on_a_run_directory(state: str | None, finished: bool, action: str) -> None:
+    assert decide(None if state is None else JobStatus(state), finished) == action
+
+
+def test_job_state_from_squeue_then_sacct(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = {
+        "squeue": "PENDING|BeginTime\n",
+        "sacct": "REQUEUED\nPREEMPTED\nPENDING\n",
+    }
+
+    def fake(*command: str) -> str:
+        if answers[command[0]] is None:
+            raise slurm.SlurmJobError(f"{command[0]} failed")
+        return answers[command[0]]
+
+    monkeypatch.setattr(slurm, "slurm_command", fake)
+    status = query_job("7")
+    assert status == JobStatus("PENDING", restarts=2, reason="BeginTime")
+    assert status.active and status.describe() == "requeued (2×), pending, BeginTime"
+
+    answers.update(squeue=None, sacct="CANCELLED by 0\n")  # gone from the controller
+    assert query_job("7") == JobStatus("CANCELLED", restarts=0)
+    answers.update(sacct="")
+    assert query_job("7") == JobStatus("UNKNOWN")
+
+
+def test_a_preempted_job_is_given_time_to_be_requeued(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter(["PREEMPTED", "PREEMPTED", "PENDING"])
+    monkeypatch.setattr(slurm, "query_job", lambda job_id: JobStatus(next(answers)))
+    assert slurm.settled_status("7", poll_s=0.0).state == "PENDING"
+    monkeypatch.setattr(slurm, "query_job", lambda job_id: JobStatus("PREEMPTED"))
+    assert slurm.settled_status("7", settle_s=0.05, poll_s=0.01).state == "PREEMPTED"
+
+
+def test_status_line_reads_the_last_iteration_of_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    records = [
+        {"type": "iteration", "epoch": 0, "global_iteration": 6, "loss": 2.5},
+        {"type": "epoch", "epoch": 1, "global_iteration": 6},
+        {"type": "iteration", "epoch": 1, "global_iteration": 8, "loss": 1.23456},
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "iter')  # a line being written
+    assert read_progress(log)["global_iteration"] == 8
+    assert read_progress(tmp_path / "missing.jsonl") is None
+    line = status_line("42", JobStatus("RUNNING", restarts=1), read_progress(log), epochs=2)
+    assert line == "SLURM job 42: running (requeued 1×) · epoch 2/2 · iteration 8 · loss 1.2346"
+
+
+def test_apptainer_command_line(config: Config) -> None:
+    assert container_python(config) is None
+    config.launch.container = "/images/mugs.sif"
+    config.launch.container_bind = ["/scratch:/scratch:ro", config.data.root]
+    run, prepared, root = config.train.output_dir, config.data.prepared_dir, config.data.root
+    assert container_python(config) == (
+        f"apptainer exec --bind /scratch:/scratch:ro,{root},{run},{prepared} /images/mugs.sif python"
+    )
+    config.launch.gpus_per_node = 2
+    assert container_python(config).startswith("apptainer exec --nv --bind ")
+
+
+def test_sbatch_script(config: Config, tmp_path: Path) -> None:
+    launch = config.launch
+    launch.partition, launch.gpus_per_node, launch.mem_gb, launch.timeout_min = "gpu", 2, 16, 90
+    launch.signal_delay_s, launch.account, launch.sbatch_extra = 45, "proj", {"exclusive": True}
+    launch.container = "/images/mugs.sif"
+    executor = submitit.SlurmExecutor(folder=tmp_path / "%j", python=container_python(config))
+    executor.update_parameters(**sbatch_parameters(config))
+    script = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    lines = set(script.splitlines())
+    expected = {
+        "#SBATCH --job-name=mugs-run",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=2",
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --mem=16384M",
+        "#SBATCH --time=90",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --signal=USR2@45",
+        "#SBATCH --requeue",
+        "#SBATCH --exclusive",
+    }
+    assert expected <= lines
+    assert not any(line.startswith(("#SBATCH --qos", "#SBATCH --constraint")) for line in lines)
+    (srun,) = [line for line in lines if line.startswith("srun ")]
+    assert (
+        "apptainer exec --nv --bind " in srun
+        and " /images/mugs.sif python -u -m submitit.core._submit" in srun
+    )
+
+
+def test_a_finished_run_returns_at_once(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_slurm(*command: str) -> str:
+        raise AssertionError(f"ran {command}")
+
+    monkeypatch.setattr(slurm, "slurm_command", no_slurm)
+    run = Path(config.train.output_dir)
+    run.mkdir()
+    (run / "DONE").write_text('{"global_iteration": 12}\n')
+    result = launch_slurm(config, progress=False)
+    assert result == TrainResult("finished", 12, run / "checkpoints" / "latest.pt")
+
+
+def test_reattaches_to_a_live_job_and_resubmits_a_failed_one(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slurm_dir = Path(config.train.output_dir) / "slurm"
+    slurm_dir.mkdir(parents=True)
+    JobRecord("41", str(slurm_dir / "41"), 4, "then").save(slurm_dir)
+    states = {"41": "RUNNING"}
+    monkeypatch.setattr(slurm, "settled_status", lambda job_id: JobStatus(states[job_id]))
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    submitted = []
+
+    def fake_submit(config: Config, slurm_dir: Path, job_class: type, earlier: JobRecord | None) -> JobRecord:
+        submitted.append(earlier.job_id)
+        return JobRecord("42", str(slurm_dir / "42"), 4, "now", [earlier.job_id])
+
+    monkeypatch.setattr(slurm, "_submit", fake_submit)
+    assert launch_slurm(config, wait=False, progress=False).job_id == "41"
+    assert submitted == []
+
+    states["41"] = "FAILED"
+    assert launch_slurm(config, wait=False, progress=False).job_id == "42"
+    assert submitted == ["41"]
+
+
+def test_the_job_checkpoints_after_the_iteration_then_requeues(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """USR2 only raises the stop flag; submitit's handler (requeue) runs after the engine has returned."""
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "5", "SLURM_NTASKS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    events = []
+    usr2 = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+    previous = signal.signal(usr2, lambda signum, frame: events.append("requeue"))  # submitit's stand-in
+    try:
+        job = PretrainJob(config.to_dict())
+
+        def fake_training(config: Config, *, stop_requested, progress: bool) -> TrainResult:
+            assert not stop_requested()
+            os.kill(os.getpid(), usr2)
+            events.append(f"iteration done, stop={stop_requested()}")
+            return TrainResult("interrupted", 3, None)
+
+        monkeypatch.setattr(slurm, "run_pretraining", fake_training)
+        assert job() == TrainResult("interrupted", 3, None)
+        assert events == ["iteration done, stop=True", "requeue"]
+        assert job.checkpoint().function is job
+    finally:
+        signal.signal(usr2, previous)
