@@ -49,8 +49,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         job = recorded_active_job(Path(config.train.output_dir))
         if job is not None:
             console.print(
-                f"[bold red]error:[/] SLURM job {job} of {config.train.output_dir} is still pending or running; "
-                f"wait for it, or cancel it (scancel {job}) before restarting with other settings"
+                f"[bold red]error:[/] SLURM job {job} of {config.train.output_dir} is still pending or "
+                f"running: wait for it, or cancel it (scancel {job}) before restarting with other settings"
             )
             return 2
         moved = set_aside_if_changed(config)
