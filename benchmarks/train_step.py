@@ -127,9 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
         trainer = build_trainer(args, Path(scratch))
         device = trainer.device
         crops, weak = random_crops(args, device)
+        # count FLOPs on the eager modules (a compiled graph hides its operations from the counter)
+        compiled = trainer.student_ddp, trainer.teacher_forward
+        trainer.student_ddp, trainer.teacher_forward = trainer.student, trainer.teacher
         with FlopCounterMode(display=False) as counter:
             trainer.train_step(crops, weak)
         flops = counter.get_total_flops()
+        trainer.student_ddp, trainer.teacher_forward = compiled
         for _ in range(args.warmup):
             trainer.train_step(crops, weak)
         synchronize(device)

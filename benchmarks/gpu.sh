@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU figure in one go, well under 8 minutes on one H100 or H200:
+#   CUDA check; the training step of vit_small and vit_base at the paper's crops (2 x 224 + 10 x 96,
+#   batch 64, queues and memories of 65536, 65536 prototypes) in fp32 and bf16, with and without
+#   torch.compile; kNN (100,000 x 384 bank, 10,000 queries).
+# Writes one JSON per measurement and a log under $OUT (default: benchmark-results/).
+#   bash benchmarks/gpu.sh          # on a GPU machine
+#   bash benchmarks/gpu.sh --cpu    # the same steps, tiny, on CPU (CI runs this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmark-results}
+mkdir -p "$OUT"
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+if [ "${1:-}" = "--cpu" ]; then
+  device=cpu
+  step=(--device cpu --arch vit_tiny --depth 1 --patch-size 8 --batch 2 --global-size 32 --local-size 16
+    --n-local 2 --queue 64 --group-out-dim 64 --warmup 0 --iters 1 --threads 2)
+  knn=(--device cpu --bank 2000 --queries 200 --dim 64 --classes 10)
+  archs=(vit_tiny)
+  precisions=(fp32)
+  compiles=("")  # compiling on a CPU takes minutes of C++ builds; the GPU run measures it
+else
+  device=cuda
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  step=(--device cuda --batch 64 --global-size 224 --local-size 96 --n-local 10 --queue 65536
+    --group-out-dim 65536 --warmup 3 --iters 10)
+  knn=(--device cuda)
+  archs=(vit_small vit_base)
+  precisions=(fp32 bf16)
+  compiles=("" --compile)
+fi
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee "$OUT/torch.txt"
+
+for arch in "${archs[@]}"; do
+  for precision in "${precisions[@]}"; do
+    for compile in "${compiles[@]}"; do
+      [ "$precision" = fp32 ] && [ -n "$compile" ] && continue  # compile is measured where it matters
+      name="step-$arch-$precision${compile:+-compile}"
+      echo "== $name"
+      if [ "$device" = cpu ]; then arch_args=(); else arch_args=(--arch "$arch"); fi
+      "$PYTHON" benchmarks/train_step.py "${step[@]}" "${arch_args[@]}" --precision "$precision" $compile \
+        --json "$OUT/$name.json" || echo "$name failed" | tee -a "$OUT/failures.txt"
+    done
+  done
+done
+echo "== knn"
+"$PYTHON" benchmarks/knn.py "${knn[@]}" | tee "$OUT/knn.txt"
+echo "results in $OUT"
