@@ -254,7 +254,12 @@ def cmd_select(args: argparse.Namespace) -> int:
     from mugs.selection import select_checkpoint
 
     result = select_checkpoint(
-        args.run_dir, _load(args), policy=args.policy, device=args.device, progress=not args.no_progress
+        args.run_dir,
+        _load(args),
+        policy=args.policy,
+        device=args.device,
+        progress=not args.no_progress,
+        out_dir=args.out_dir,
     )
     console.print(f"selected {result['selected']['path']}: {result['reason']}")
     return 0
@@ -369,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     select = commands.add_parser("select", help="score a run's kept checkpoints on val and pick one")
     select.add_argument("run_dir", type=Path, help="the pretraining run (train.output_dir)")
     select.add_argument("--policy", choices=("best_knn", "last"), help="default: evaluate.selection_policy")
+    select.add_argument(
+        "--out-dir", type=Path, help="where selection.json and selected.pt go (default: RUN_DIR)"
+    )
     _add_evaluation_arguments(select)
 
     for sub, handler in (

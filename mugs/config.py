@@ -301,7 +301,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "model": {
             "arch": "vit_tiny",
-            "patch_size": 4,
+            "depth": 6,
+            "patch_size": 7,
             "drop_path_rate": 0.0,
             "hidden_dim": 512,
             "out_dim": 128,
@@ -309,9 +310,11 @@ PRESETS: dict[str, dict[str, Any]] = {
             "group_out_dim": 1024,
         },
         "loss": {"instance_queue_size": 4096, "local_group_queue_size": 4096},
-        "augment": {"global_size": 32, "local_size": 16, "n_local": 2, "global_scale": [0.4, 1.0]},
-        "optim": {"epochs": 2, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 1},
-        "train": {"num_workers": 2, "log_every": 10, "checkpoint_every": 100, "keep_every_epochs": 1},
+        "augment": {"global_size": 28, "local_size": 14, "n_local": 2, "global_scale": [0.4, 1.0]},
+        "optim": {"epochs": 3, "batch_size": 64, "lr": 5e-4, "warmup_epochs": 1},
+        "data": {"train_subset": 6400},
+        # on 2 cores, augmenting in the training process beats a loader process fighting for the cores
+        "train": {"num_workers": 0, "log_every": 10, "checkpoint_every": 50, "keep_every_epochs": 2},
         "evaluate": {"num_workers": 2, "linear_epochs": 10, "linear_batch_size": 256},
         "finetune": {"epochs": 2, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 1},
     },

@@ -3,9 +3,10 @@
 Each Snakemake job of target ``all`` becomes one DVC stage (``rule`` or ``rule-run``) whose command is
 the job's own ``mugs`` command, whose deps are the job's inputs, whose params are the dotted keys
 the rule declares in its ``settings`` parameter (plus the run's own ``runs.<run>`` overrides), and
-whose outs are the job's outputs. Metrics files are declared as ``metrics`` (not cached, so ``dvc
-metrics diff`` compares them across commits), the report's curves as ``plots``, and a pretraining
-run directory as a persistent output, so ``dvc repro`` resumes it instead of deleting it.
+whose outs are the job's outputs. Metrics files are declared as ``metrics`` and the report's curves as
+``plots``, both cached: ``results/`` is ignored by git, so the DVC cache and remote are what keep earlier
+commits' values for ``dvc metrics diff``/``dvc plots diff`` and what ``dvc pull`` restores. A pretraining
+run directory is a persistent output, so ``dvc repro`` resumes it instead of deleting it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ SKIPPED_RULES = frozenset({"all", "demo_data"})
 PERSISTENT_RULES = frozenset({"pretrain"})
 # Rules whose JSON outputs are metrics.
 METRICS_RULES = frozenset({"select", "knn", "linear", "fewshot", "finetune"})
-# Outputs that DVC draws as plots: (rule, file name) → plot properties.
-PLOTS = {("report", "curves.csv"): {"x": "global_iteration"}}
+# CSV outputs that DVC draws as plots: (rule, folder name) → plot properties (columns of the CSV).
+PLOTS = {("report", "curves"): {"x": "step", "y": "loss"}}
 _LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")
 
 
@@ -113,10 +114,10 @@ def build_stage(job: JobView, params_file: str, params_values: dict[str, Any]) -
         name = Path(output).name
         if job.rule in PERSISTENT_RULES:
             outs.append({str(Path(output).parent): {"persist": True}})
-        elif (job.rule, name) in PLOTS:
-            plots.append({output: {"cache": False, **PLOTS[(job.rule, name)]}})
+        elif name.endswith(".csv") and (job.rule, Path(output).parent.name) in PLOTS:
+            plots.append({output: PLOTS[(job.rule, Path(output).parent.name)]})
         elif job.rule in METRICS_RULES and name.endswith(".json"):
-            metrics.append({output: {"cache": False}})
+            metrics.append(output)
         else:
             outs.append(output)
     for key, value in (("outs", outs), ("metrics", metrics), ("plots", plots)):

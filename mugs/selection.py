@@ -57,9 +57,11 @@ def select_checkpoint(
     policy: Literal["best_knn", "last"] | None = None,
     device: str | None = None,
     progress: bool = False,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Score the run's checkpoints on val, choose one by ``policy`` (default ``evaluate.selection_policy``),
-    write ``selection.json`` and ``selected.pt`` into ``run_dir``, and return what was written.
+    write ``selection.json`` and ``selected.pt`` into ``out_dir`` (default ``run_dir``), and return what
+    was written.
     """
     from mugs.evaluation.features import extract_features
     from mugs.evaluation.knn import knn_evaluate
@@ -115,7 +117,9 @@ def select_checkpoint(
             f"policy 'best_knn': highest val kNN top-1 ({chosen['val_top1']:.4f}, k={settings.selection_k}, "
             f"T={settings.knn_temperature}) among {len(scores)} checkpoints; ties go to the later epoch"
         )
-    selected = run_dir / SELECTED
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    selected = out_dir / SELECTED
     _publish(Path(chosen["path"]), selected)
     result = {
         "policy": policy,
@@ -128,7 +132,7 @@ def select_checkpoint(
         "scores": scores,
     }
     write_metrics(
-        run_dir / SELECTION_JSON,
+        out_dir / SELECTION_JSON,
         result,
         config=config,
         checkpoint=selected,

@@ -106,6 +106,7 @@ def load_backbone(checkpoint: dict[str, Any], network: str = "teacher") -> tuple
             patch_size=trained.model.patch_size,
             img_size=trained.augment.global_size,
             relation_block=any(name.startswith("relation_blocks.") for name in state),
+            depth=trained.model.depth,
         )
     backbone.load_state_dict(state, strict=True, assign=True)
     return backbone.eval(), trained

@@ -104,6 +104,7 @@ def build_finetune_model(
     img_size: int,
     num_classes: int,
     drop_path_rate: float,
+    depth: int | None = None,
 ) -> MugsViT:
     """A backbone without relation block, loaded from ``backbone_state`` (timm names), with a new head.
 
@@ -111,7 +112,12 @@ def build_finetune_model(
     tear up the pretrained features through large random logits.
     """
     model = create_backbone(
-        arch, patch_size=patch_size, img_size=img_size, drop_path_rate=drop_path_rate, relation_block=False
+        arch,
+        patch_size=patch_size,
+        img_size=img_size,
+        drop_path_rate=drop_path_rate,
+        relation_block=False,
+        depth=depth,
     )
     state = {k: v for k, v in backbone_state.items() if not k.startswith("relation_blocks.")}
     model.load_state_dict(state, strict=True)
@@ -256,6 +262,7 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
         img_size=size,
         num_classes=num_classes,
         drop_path_rate=tune.drop_path_rate,
+        depth=model_config.get("depth"),
     ).to(device)
     del payload
 

@@ -1,0 +1,48 @@
+# Data: the demo copies Debian's Fashion-MNIST files into data.root; `prepare` validates, hashes
+# and indexes whatever data.root holds.
+
+
+if DATA.source == "fashion-mnist":
+
+    rule demo_data:
+        output:
+            directory(DATA.root),
+        log:
+            "results/logs/demo_data.log",
+        localrule: True
+        conda:
+            "../../envs/mugs.yaml"
+        params:
+            config_file=PARAMS,
+            run=RUNS[0],
+        shell:
+            "mugs demo-data --config {params.config_file} --run {params.run} > {log} 2>&1"
+
+
+rule prepare:
+    input:
+        DATA.root,
+    output:
+        directory(PREPARED),
+    log:
+        "results/logs/prepare.log",
+    conda:
+        "../../envs/mugs.yaml"
+    threads: rule_threads("prepare")
+    resources:
+        **rule_resources("prepare"),
+    params:
+        config_file=PARAMS,
+        run=RUNS[0],
+        settings=settings(
+            None,
+            "data.source",
+            "data.root",
+            "data.classes",
+            "data.max_per_class",
+            "data.val_fraction",
+            "data.split_seed",
+            "data.on_bad_image",
+        ),
+    shell:
+        "mugs prepare --config {params.config_file} --run {params.run} --no-progress > {log} 2>&1"

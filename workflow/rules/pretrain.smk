@@ -1,0 +1,33 @@
+# Pretraining runs on the submitting host (a local rule): with `launch.launcher: slurm` it submits
+# one multi-node job through submitit and waits for it without holding an allocation itself.
+# The checkpoint directory is not an output, so a rerun resumes instead of starting over; a
+# parameter change sets the earlier run aside (`--restart-if-changed`) and trains afresh.
+
+
+rule pretrain:
+    input:
+        PREPARED,
+    output:
+        "results/{run}/pretrain/DONE",
+    log:
+        "results/logs/pretrain-{run}.log",
+    localrule: True
+    conda:
+        "../../envs/mugs.yaml"
+    threads: rule_threads("pretrain")
+    params:
+        config_file=PARAMS,
+        settings=lambda w: settings(
+            w.run,
+            "model",
+            "loss",
+            "augment",
+            "optim",
+            "data.train_subset",
+            "train.seed",
+            "train.init_from",
+        ),
+        launcher=LAUNCHER,
+    shell:
+        "mugs pretrain --config {params.config_file} --run {wildcards.run} --launcher {params.launcher}"
+        " --restart-if-changed --no-progress > {log} 2>&1"

@@ -1,0 +1,55 @@
+# The report: training curves, kNN per kept checkpoint, every run's accuracies side by side, a t-SNE
+# of test features and last-block attention maps; a summary table in markdown and JSON.
+
+REPORT = "results/report"
+
+
+rule report:
+    input:
+        done=expand("results/{run}/pretrain/DONE", run=RUNS),
+        selections=expand("results/{run}/eval/selection.json", run=RUNS),
+        metrics=[path for run in RUNS for path in evaluation_outputs(run)],
+    output:
+        summary=f"{REPORT}/summary.md",
+        table=f"{REPORT}/summary.json",
+        curves=report(
+            f"{REPORT}/curves.png",
+            caption="../report/curves.rst",
+            category="Training",
+        ),
+        knn=report(
+            f"{REPORT}/knn_checkpoints.png",
+            caption="../report/knn_checkpoints.rst",
+            category="Selection",
+        ),
+        accuracy=report(
+            f"{REPORT}/accuracy.png",
+            caption="../report/accuracy.rst",
+            category="Evaluation",
+        ),
+        tsne=report(
+            f"{REPORT}/tsne.png", caption="../report/tsne.rst", category="Features"
+        ),
+        attention=report(
+            expand(f"{REPORT}/attention-{{run}}.png", run=RUNS),
+            caption="../report/attention.rst",
+            category="Features",
+        ),
+        plots=expand(f"{REPORT}/curves/{{run}}.csv", run=RUNS),
+    log:
+        "results/logs/report.log",
+    conda:
+        "../../envs/mugs.yaml"
+    threads: rule_threads("report")
+    resources:
+        **rule_resources("report"),
+    params:
+        runs=lambda w, input: " ".join(os.path.dirname(done) for done in input.done),
+        names=" ".join(RUNS),
+        eval_dirs=lambda w, input: " ".join(
+            os.path.dirname(s) for s in input.selections
+        ),
+        out=lambda w, output: os.path.dirname(output.summary),
+    shell:
+        "mugs report --runs {params.runs} --names {params.names} --eval-dirs {params.eval_dirs}"
+        " --out {params.out} --no-progress > {log} 2>&1"
