@@ -23,7 +23,13 @@ def tiny_config(output_dir: Path, *overrides: str) -> Config:
     return config_from_dict(
         {
             "preset": "demo",
-            "model": {"hidden_dim": 64, "out_dim": 32, "predictor_hidden_dim": 64, "group_out_dim": 64},
+            "model": {
+                "patch_size": 4,
+                "hidden_dim": 64,
+                "out_dim": 32,
+                "predictor_hidden_dim": 64,
+                "group_out_dim": 64,
+            },
             "loss": {"instance_queue_size": 40, "local_group_queue_size": 40, "local_group_knn_top_n": 4},
             "augment": {"global_size": 16, "local_size": 8, "n_local": 2},
             "optim": {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "lr": 5e-3},

@@ -41,7 +41,13 @@ def demo_config(tmp: Path, cache: str = "features") -> Config:
             "optim": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
             "data": {"root": str(tmp / "fm"), "prepared_dir": str(tmp / "prepared"), "max_per_class": 23},
             # one intra-op thread: on a busy 2-core machine, two spinning OpenMP threads ran 2-8x slower
-            "train": {"output_dir": str(tmp / "run"), "num_workers": 0, "checkpoint_every": 0, "threads": 1},
+            "train": {
+                "output_dir": str(tmp / "run"),
+                "num_workers": 0,
+                "checkpoint_every": 0,
+                "keep_every_epochs": 1,
+                "threads": 1,
+            },
             "evaluate": {
                 "device": "cpu",
                 "num_workers": 0,
