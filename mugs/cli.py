@@ -183,23 +183,15 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from mugs.evaluation.features import extract_features
+    from mugs.evaluation.features import evaluation_features
 
     config = _load(args)
-    settings = config.evaluate
-    for split in args.split:
-        features = extract_features(
-            args.checkpoint,
-            split,
-            config,
-            network=settings.network,
-            cache_dir=Path(settings.cache_dir),
-            layers=settings.linear_n_last_blocks if args.linear else 1,
-            avgpool=settings.linear_avgpool if args.linear else False,
-            device=args.device,
-            progress=not args.no_progress,
-        )
-        console.print(f"{split}: {tuple(features.features.shape)} features in {settings.cache_dir}")
+    progress = not args.no_progress
+    sets = evaluation_features(
+        args.checkpoint, config, args.split, linear=args.linear, device=args.device, progress=progress
+    )
+    for split, features in zip(args.split, sets, strict=True):
+        console.print(f"{split}: {tuple(features.features.shape)} features in {config.evaluate.cache_dir}")
     return 0
 
 

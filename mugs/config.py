@@ -515,7 +515,7 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] = ()) -> Confi
 # Keys of a pipeline parameter file that are not part of one run's Config: the named runs (each a
 # set of overrides on top of the shared values), the evaluations the workflow runs, and its per-rule
 # cluster resources.
-PIPELINE_KEYS = ("runs", "protocols", "resources")
+PIPELINE_KEYS = ("runs", "protocols", "resources", "container_image")
 
 
 def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:

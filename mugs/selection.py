@@ -63,7 +63,7 @@ def select_checkpoint(
     write ``selection.json`` and ``selected.pt`` into ``out_dir`` (default ``run_dir``), and return what
     was written.
     """
-    from mugs.evaluation.features import extract_features
+    from mugs.evaluation.features import evaluation_features
     from mugs.evaluation.knn import knn_evaluate
     from mugs.training.engine import resolve_device
 
@@ -76,21 +76,10 @@ def select_checkpoint(
     started = time.perf_counter()
     scores = []
     for epoch, path in candidate_checkpoints(run_dir):
-        features = {
-            split: extract_features(
-                path,
-                split,
-                config,
-                network=settings.network,
-                cache_dir=Path(settings.cache_dir),
-                device=resolved,
-                progress=progress,
-            )
-            for split in ("train", "val")
-        }
+        train, val = evaluation_features(path, config, ("train", "val"), device=resolved, progress=progress)
         knn = knn_evaluate(
-            features["train"],
-            features["val"],
+            train,
+            val,
             ks=[settings.selection_k],
             temperature=settings.knn_temperature,
             chunk_size=settings.knn_chunk_size,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from mugs.model.backbone import MugsViT, create_backbone
 __all__ = [
     "FeatureSet",
     "eval_transform",
+    "evaluation_features",
     "extract_features",
     "feature_cache_path",
     "load_backbone",
@@ -260,3 +262,32 @@ def extract_features(
     finally:
         Path(buffer_path).unlink(missing_ok=True)
     return load_feature_file(path)
+
+
+def evaluation_features(
+    checkpoint: str | Path,
+    config: Config,
+    splits: Sequence[str],
+    *,
+    linear: bool = False,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[FeatureSet]:
+    """The features ``config.evaluate`` asks for, one :class:`FeatureSet` per split: kNN's (the last
+    block's CLS) or, with ``linear``, the linear probe's (last ``linear_n_last_blocks`` CLS tokens and
+    optionally the pooled patch tokens)."""
+    settings = config.evaluate
+    return [
+        extract_features(
+            Path(checkpoint),
+            split,
+            config,
+            network=settings.network,
+            cache_dir=Path(settings.cache_dir),
+            layers=settings.linear_n_last_blocks if linear else 1,
+            avgpool=settings.linear_avgpool if linear else False,
+            device=device,
+            progress=progress,
+        )
+        for split in splits
+    ]

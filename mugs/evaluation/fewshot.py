@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mugs.config import Config
-from mugs.evaluation.features import FeatureSet, extract_features
+from mugs.evaluation.features import FeatureSet, evaluation_features
 from mugs.evaluation.metrics_io import write_metrics
 
 __all__ = ["fewshot_evaluate", "logistic_regression", "run_fewshot", "stratified_subset"]
@@ -124,17 +124,8 @@ def run_fewshot(
     """
     settings = config.evaluate
     started = time.perf_counter()
-    train, val, test = (
-        extract_features(
-            Path(checkpoint),
-            split,
-            config,
-            network=settings.network,
-            cache_dir=Path(settings.cache_dir),
-            device=device,
-            progress=progress,
-        )
-        for split in ("train", "val", "test")
+    train, val, test = evaluation_features(
+        checkpoint, config, ("train", "val", "test"), device=device, progress=progress
     )
     extracted = time.perf_counter()
     metrics = {

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from mugs.config import Config
-from mugs.evaluation.features import FeatureSet, extract_features
+from mugs.evaluation.features import FeatureSet, evaluation_features
 from mugs.evaluation.metrics_io import write_metrics
 
 __all__ = [
@@ -215,17 +215,8 @@ def run_knn(
     split = split or settings.knn_split
     resolved = torch.device(device) if device else resolve_device(settings.device)
     started = time.perf_counter()
-    train, queries = (
-        extract_features(
-            Path(checkpoint),
-            name,
-            config,
-            network=settings.network,
-            cache_dir=Path(settings.cache_dir),
-            device=resolved,
-            progress=progress,
-        )
-        for name in ("train", split)
+    train, queries = evaluation_features(
+        checkpoint, config, ("train", split), device=resolved, progress=progress
     )
     extracted = time.perf_counter()
     metrics = {

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mugs.config import Config
-from mugs.evaluation.features import FeatureSet, extract_features, progress_bar
+from mugs.evaluation.features import FeatureSet, evaluation_features, progress_bar
 from mugs.evaluation.metrics_io import write_metrics
 
 __all__ = [
@@ -250,19 +250,8 @@ def run_linear(
     settings = config.evaluate
     resolved = torch.device(device) if device else resolve_device(settings.device)
     started = time.perf_counter()
-    train, val, test = (
-        extract_features(
-            Path(checkpoint),
-            split,
-            config,
-            network=settings.network,
-            cache_dir=Path(settings.cache_dir),
-            layers=settings.linear_n_last_blocks,
-            avgpool=settings.linear_avgpool,
-            device=resolved,
-            progress=progress,
-        )
-        for split in ("train", "val", "test")
+    train, val, test = evaluation_features(
+        checkpoint, config, ("train", "val", "test"), linear=True, device=resolved, progress=progress
     )
     extracted = time.perf_counter()
     metrics = {
