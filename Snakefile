@@ -10,6 +10,13 @@ configfile: "params.yaml"
 
 validate(config, "workflow/schemas/config.schema.yaml")
 
+# The image every rule runs in with `--sdm apptainer` (build it: apptainer build mugs.sif envs/mugs.def);
+# `--config container_image=docker://...` or a path picks another. Without --sdm apptainer it is unused.
+CONTAINER_IMAGE = config.get("container_image", "mugs.sif")
+
+
+container: CONTAINER_IMAGE
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/prepare.smk"

@@ -14,6 +14,10 @@ rule pretrain:
     localrule: True
     conda:
         "../../envs/mugs.yaml"
+    # with the SLURM launcher it runs on the host, which has sbatch (the image has not); the job itself
+    # runs in launch.container
+    container:
+        None if LAUNCHER == "slurm" else CONTAINER_IMAGE
     threads: rule_threads("pretrain")
     params:
         config_file=PARAMS,
