@@ -477,6 +477,12 @@ def _check_ranges(config: Config) -> None:
             raise ConfigError(
                 f"augment.{key}={size} is not a multiple of model.patch_size={config.model.patch_size}"
             )
+    depth = config.model.depth or (24 if config.model.arch == "vit_large" else 12)
+    if config.evaluate.linear_n_last_blocks > depth:
+        raise ConfigError(
+            f"evaluate.linear_n_last_blocks={config.evaluate.linear_n_last_blocks} exceeds the model's "
+            f"{depth} blocks (model.arch={config.model.arch}, model.depth={config.model.depth})"
+        )
     if config.data.max_per_class is not None and config.data.max_per_class <= 0:
         raise ConfigError(f"data.max_per_class must be positive or null, got {config.data.max_per_class}")
     if not 0.0 <= config.data.val_fraction < 1.0:

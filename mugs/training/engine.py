@@ -7,6 +7,7 @@ SLURM.  :meth:`Trainer.train_step` is one iteration of METHOD §1, top to bottom
 from __future__ import annotations
 
 import json
+import random
 import time
 import warnings
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -188,7 +190,11 @@ class Trainer:
         torch.manual_seed(config.train.seed)
         self.student, self.teacher = build_networks(config)
         self.losses = build_losses(config)
-        torch.manual_seed(config.train.seed + 1 + self.rank)
+        # every RNG a checkpoint records is seeded, so equal runs write byte-identical files
+        rank_seed = config.train.seed + 1 + self.rank
+        torch.manual_seed(rank_seed)
+        random.seed(rank_seed)
+        np.random.seed(rank_seed)
         for module in (self.student, self.teacher, *self.losses.values()):
             module.to(self.device)
         self.student_ddp: nn.Module = self.student

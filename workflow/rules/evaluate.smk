@@ -1,5 +1,5 @@
 # Downstream evaluations of each run's selected checkpoint, one rule per protocol; each writes a
-# metrics JSON with its provenance. `evaluate.protocols` chooses which ones `all` asks for.
+# metrics JSON with its provenance. The top-level `protocols:` list chooses which ones `all` asks for.
 
 
 rule knn:

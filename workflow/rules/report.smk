@@ -36,6 +36,7 @@ rule report:
             category="Features",
         ),
         plots=expand(f"{REPORT}/curves/{{run}}.csv", run=RUNS),
+        curves_json=expand(f"{REPORT}/curves/{{run}}.json", run=RUNS),
     log:
         "results/logs/report.log",
     conda:

@@ -1,0 +1,349 @@
+"""The workflow (Snakefile, workflow/rules, the DVC stages generated from it) on this machine.
+
+Fast checks run in a copy of the working tree: the committed dvc.yaml is what ``mugs dvc-yaml`` generates,
+``snakemake --lint`` and snakefmt are clean, and a bad parameter file stops Snakemake at parse time with
+a message that names the key. The slow ones run the whole tiny pipeline (4 s of pretraining) twice, in
+two fresh clones of one test repository, at the same time: once with ``snakemake --profile
+profiles/local all`` and once with ``dvc repro``; then they check what reruns after a parameter change,
+DVC push/pull into a third clone, and that both tools produced the same metrics.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from workflow_helpers import (
+    PROTOCOLS,
+    REPO,
+    RUN,
+    assert_outputs,
+    clone,
+    comparable_metrics,
+    copy_worktree,
+    git_commit,
+    planned_jobs,
+    read_params,
+    sh,
+    tiny_params,
+    tool_env,
+    tree_hashes,
+    update_params,
+    write_params,
+)
+
+PIPELINE_TIMEOUT_S = 600
+ALL_AFTER_PRETRAIN = {"pretrain", "select", *PROTOCOLS, "report", "all"}
+
+
+# --- fast checks -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def worktree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untouched copy of the working tree (Snakemake writes .snakemake/ wherever it runs)."""
+    return copy_worktree(tmp_path_factory.mktemp("worktree") / "repo")
+
+
+@pytest.fixture
+def params_file(worktree: Path) -> Iterator[Path]:
+    """The copy's params.yaml, restored after the test."""
+    original = (worktree / "params.yaml").read_text()
+    yield worktree / "params.yaml"
+    (worktree / "params.yaml").write_text(original)
+
+
+def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> None:
+    committed = REPO / "dvc.yaml"
+    if not committed.is_file():
+        pytest.fail("dvc.yaml is not in the repository: run `mugs dvc-yaml` and commit it")
+    sh("mugs", "dvc-yaml", cwd=worktree)
+    generated = (worktree / "dvc.yaml").read_text()
+    diff = "".join(
+        difflib.unified_diff(
+            committed.read_text().splitlines(True), generated.splitlines(True), "committed", "generated"
+        )
+    )
+    assert not diff, f"dvc.yaml differs from `mugs dvc-yaml`; run it and commit the result:\n{diff}"
+    # machine-independent: a clone elsewhere must generate the same file
+    assert str(worktree) not in generated and str(REPO) not in generated
+
+    stages = yaml.safe_load(generated)["stages"]
+    runs = list(read_params(worktree)["runs"])
+    protocols = read_params(worktree)["protocols"]
+    expected = {"prepare", "report"} | {
+        f"{rule}-{run}" for run in runs for rule in ("pretrain", "select", *protocols)
+    }
+    assert set(stages) == expected
+    for run in runs:
+        # a resumable run directory survives `dvc repro`; its parameters are every pretraining key
+        assert stages[f"pretrain-{run}"]["outs"] == [{f"results/{run}/pretrain": {"persist": True}}]
+        pretrain_params = set(stages[f"pretrain-{run}"]["params"])
+        assert {"model", "loss", "augment", "optim", f"runs.{run}"} <= pretrain_params
+        for protocol in protocols:
+            stage = stages[f"{protocol}-{run}"]
+            assert stage["metrics"] == [f"results/{run}/eval/{protocol}.json"]
+            assert stage["deps"] == [f"results/{run}/eval/selected.pt"]
+            assert all(key.startswith(("evaluate.", "finetune", "runs.")) for key in stage["params"])
+        assert stages[f"select-{run}"]["metrics"] == [f"results/{run}/eval/selection.json"]
+    assert stages["prepare"]["deps"] == [read_params(worktree)["data"]["root"]]
+    plots = [next(iter(plot)) for plot in stages["report"]["plots"]]
+    assert plots == [f"results/report/curves/{run}.csv" for run in runs]
+
+
+def test_snakemake_lint_reports_nothing(worktree: Path) -> None:
+    done = sh("snakemake", "--lint", cwd=worktree)
+    output = done.stdout + done.stderr
+    assert "Lints for" not in output, output
+    assert "Congratulations, your workflow is in a good condition!" in output
+
+
+def test_snakefmt_is_clean() -> None:
+    done = sh("snakefmt", "--check", "Snakefile", "workflow", cwd=REPO, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _dry_run_fails(worktree: Path, params_file: Path, values: dict) -> str:
+    write_params(worktree, values)
+    done = sh("snakemake", "-n", "all", cwd=worktree, check=False)
+    assert done.returncode != 0, f"snakemake accepted {params_file.read_text()}"
+    assert not (worktree / "results").exists()
+    return done.stdout + done.stderr
+
+
+def test_schema_rejects_an_unknown_top_level_key(worktree: Path, params_file: Path) -> None:
+    output = _dry_run_fails(worktree, params_file, {**read_params(worktree), "evalute": {"knn_k": [10]}})
+    assert "Error validating config file" in output
+    assert "'evalute' was unexpected" in output
+
+
+def test_schema_rejects_an_output_dir_without_run(worktree: Path, params_file: Path) -> None:
+    values = read_params(worktree)
+    values["train"]["output_dir"] = "results/pretrain"
+    output = _dry_run_fails(worktree, params_file, values)
+    assert "'results/pretrain' does not match" in output
+    assert "['train']['output_dir']" in output
+
+
+def test_schema_rejects_an_unknown_protocol(worktree: Path, params_file: Path) -> None:
+    output = _dry_run_fails(worktree, params_file, {**read_params(worktree), "protocols": ["knn", "kmeans"]})
+    assert "'kmeans' is not one of" in output
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("optim", "lr", "abc", "optim.lr: expected float, got 'abc'"),
+        ("optim", "lrate", 0.1, "optim.lrate"),
+        ("evaluate", "knn_k", "ten", "evaluate.knn_k"),
+    ],
+)
+def test_a_bad_value_fails_at_parse_time_naming_the_key(
+    worktree: Path, params_file: Path, section: str, key: str, value: object, message: str
+) -> None:
+    values = read_params(worktree)
+    values[section][key] = value
+    output = _dry_run_fails(worktree, params_file, values)
+    assert "params.yaml" in output
+    assert message in output
+
+
+def test_a_bad_value_in_a_named_run_is_named(worktree: Path, params_file: Path) -> None:
+    values = read_params(worktree)
+    values["runs"]["group-only"] = {"loss": {"instance_weight": "none"}}
+    output = _dry_run_fails(worktree, params_file, values)
+    assert "loss.instance_weight" in output
+
+
+# --- the tiny pipeline under Snakemake and DVC ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A test repository with the tiny params (and its dvc.yaml) committed, and a DVC remote holding
+    the demo data; returns (repository, remote)."""
+    base = tmp_path_factory.mktemp("workflow")
+    repo = copy_worktree(base / "origin")
+    remote = base / "dvc-remote"
+    tiny_params(repo)
+    sh("mugs", "dvc-yaml", cwd=repo)
+    sh("mugs", "demo-data", "--config", "params.yaml", "--run", RUN, cwd=repo)
+    # the tracked hash stays as committed when the demo files are the same; `dvc add` caches them
+    sh("dvc", "add", "-q", "data", cwd=repo)
+    git_commit(repo, "tiny pipeline")
+    sh("dvc", "remote", "add", "--local", "-d", "-f", "tests", remote, cwd=repo)
+    sh("dvc", "push", "-q", "data.dvc", cwd=repo)
+    return repo, remote
+
+
+def _start(command: list[str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(process: subprocess.Popen[str], what: str) -> str:
+    try:
+        output, _ = process.communicate(timeout=PIPELINE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"{what} took over {PIPELINE_TIMEOUT_S} s:\n{output[-6000:]}")
+    assert process.returncode == 0, f"{what} failed ({process.returncode}):\n{output[-8000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def pipelines(origin: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two fresh clones of ``origin``, one run by Snakemake and one by DVC, side by side (each job is
+    single-threaded, so together they use the 2 cores)."""
+    repo, remote = origin
+    base = tmp_path_factory.mktemp("clones")
+    snakemake_clone = clone(repo, base / "snakemake")
+    dvc_clone = clone(repo, base / "dvc", dvc_remote=remote)
+    sh("dvc", "pull", "-q", "data.dvc", cwd=dvc_clone)
+    snakemake = _start(["snakemake", "--profile", "profiles/local", "all"], snakemake_clone)
+    dvc = _start(["dvc", "repro"], dvc_clone)
+    snakemake_log = _finish(snakemake, "snakemake --profile profiles/local all")
+    dvc_log = _finish(dvc, "dvc repro")
+    (base / "snakemake.log").write_text(snakemake_log)
+    (base / "dvc.log").write_text(dvc_log)
+    return {"snakemake": snakemake_clone, "dvc": dvc_clone, "snakemake_log": base / "snakemake.log"}
+
+
+def _plan(repo: Path) -> dict[str, int]:
+    done = sh("snakemake", "--profile", "profiles/local", "-n", "all", cwd=repo)
+    return planned_jobs(done.stdout + done.stderr)
+
+
+def _dvc_status(repo: Path) -> dict:
+    return json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+
+
+def _stages_run(dvc_output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", dvc_output)
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_whole_pipeline(pipelines: dict[str, Path]) -> None:
+    repo = pipelines["snakemake"]
+    assert_outputs(repo)
+    log = pipelines["snakemake_log"].read_text()
+    # the demo data come from the workflow itself on a fresh clone
+    assert re.search(r"rule demo_data:", log)
+    assert (repo / "data/fashion-mnist").is_dir()
+
+
+@pytest.mark.slow
+def test_snakemake_second_run_has_nothing_to_do(pipelines: dict[str, Path]) -> None:
+    assert _plan(pipelines["snakemake"]) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("protocol", "section", "update"),
+    [
+        ("knn", "evaluate", {"knn_k": [5, 20]}),
+        ("linear", "evaluate", {"linear_epochs": 3}),
+        ("fewshot", "evaluate", {"fewshot_c": [0.5]}),
+    ],
+)
+def test_snakemake_reruns_only_the_evaluation_whose_parameter_changed(
+    pipelines: dict[str, Path], protocol: str, section: str, update: dict
+) -> None:
+    repo = pipelines["snakemake"]
+    before = update_params(repo, {section: update})
+    try:
+        assert _plan(repo) == {protocol: 1, "report": 1, "all": 1}
+    finally:
+        write_params(repo, before)
+
+
+@pytest.mark.slow
+def test_snakemake_reruns_pretraining_and_everything_after_it(pipelines: dict[str, Path]) -> None:
+    repo = pipelines["snakemake"]
+    before = update_params(repo, {"optim": {"lr": 0.001}})
+    try:
+        assert _plan(repo) == dict.fromkeys(ALL_AFTER_PRETRAIN, 1)
+    finally:
+        write_params(repo, before)
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_whole_pipeline(pipelines: dict[str, Path]) -> None:
+    repo = pipelines["dvc"]
+    assert_outputs(repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+
+
+@pytest.mark.slow
+def test_dvc_second_repro_runs_nothing(pipelines: dict[str, Path]) -> None:
+    repo = pipelines["dvc"]
+    output = sh("dvc", "repro", cwd=repo).stdout
+    assert _stages_run(output) == []
+    assert "Data and pipelines are up to date" in output
+    assert _dvc_status(repo) == {}
+
+
+@pytest.mark.slow
+def test_dvc_metrics_show_reads_every_metrics_file(pipelines: dict[str, Path]) -> None:
+    repo = pipelines["dvc"]
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    metrics = next(iter(shown.values()))["data"]
+    eval_dir = f"results/{RUN}/eval"
+    assert set(metrics) == {f"{eval_dir}/{name}.json" for name in ("selection", *PROTOCOLS)}
+    knn = json.loads((repo / eval_dir / "knn.json").read_text())
+    assert metrics[f"{eval_dir}/knn.json"]["data"]["fine"]["10"]["top1"] == knn["fine"]["10"]["top1"]
+
+
+@pytest.mark.slow
+def test_snakemake_and_dvc_write_the_same_metrics(pipelines: dict[str, Path]) -> None:
+    eval_dir = Path("results", RUN, "eval")
+    for name in ("selection", *PROTOCOLS):
+        by_snakemake = comparable_metrics(pipelines["snakemake"] / eval_dir / f"{name}.json")
+        by_dvc = comparable_metrics(pipelines["dvc"] / eval_dir / f"{name}.json")
+        assert by_snakemake == by_dvc, f"{name}.json differs between the Snakemake and the DVC run"
+
+
+@pytest.mark.slow
+def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(
+    pipelines: dict[str, Path], origin: tuple[Path, Path], tmp_path: Path
+) -> None:
+    repo, (_, remote) = pipelines["dvc"], origin
+    git_commit(repo, "dvc repro")
+    sh("dvc", "push", "-q", cwd=repo)
+    fresh = clone(repo, tmp_path / "fresh", dvc_remote=remote)
+    sh("dvc", "pull", "-q", cwd=fresh)
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    outs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    assert len(outs) == 1 + 1 + 2 + len(PROTOCOLS) + 8  # prepare, pretrain, select, evaluations, report
+    for path in outs:
+        assert (fresh / path).exists(), f"dvc pull did not restore {path}"
+        assert tree_hashes(fresh / path) == tree_hashes(repo / path), f"{path} differs after dvc pull"
+    assert _dvc_status(fresh) == {}
+
+
+@pytest.mark.slow
+def test_dvc_reruns_only_the_evaluation_whose_parameter_changed(pipelines: dict[str, Path]) -> None:
+    repo = pipelines["dvc"]
+    before = update_params(repo, {"optim": {"lr": 0.001}})
+    # pretraining is the only stage whose own inputs changed; everything after it follows from its outs
+    assert set(_dvc_status(repo)) == {f"pretrain-{RUN}"}
+    write_params(repo, before)
+    assert _dvc_status(repo) == {}
+
+    update_params(repo, {"evaluate": {"knn_k": [5, 20]}})
+    assert set(_dvc_status(repo)) == {f"knn-{RUN}"}
+    output = sh("dvc", "repro", cwd=repo).stdout
+    assert _stages_run(output) == [f"knn-{RUN}", "report"]
+    knn = json.loads((repo / "results" / RUN / "eval" / "knn.json").read_text())
+    assert set(knn["fine"]) == {"5", "20"}
+    assert _dvc_status(repo) == {}
