@@ -48,3 +48,7 @@ done
 echo "== knn"
 "$PYTHON" benchmarks/knn.py "${knn[@]}" | tee "$OUT/knn.txt"
 echo "results in $OUT"
+if [ -s "$OUT/failures.txt" ]; then
+  echo "failed:" && cat "$OUT/failures.txt"
+  exit 1
+fi

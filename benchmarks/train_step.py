@@ -82,6 +82,8 @@ def build_trainer(args: argparse.Namespace, output_dir: Path) -> Trainer:
                 "n_local": args.n_local,
             },
             "optim": {"batch_size": args.batch, "epochs": 1, "warmup_epochs": 0, "precision": args.precision},
+            # only the training step runs here; keep the linear-probe setting valid for shallow models
+            "evaluate": {"linear_n_last_blocks": 1},
             "train": {
                 "output_dir": str(output_dir),
                 "device": args.device,

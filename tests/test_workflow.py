@@ -324,7 +324,8 @@ def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
-    assert len(outs) == 1 + 1 + 2 + len(PROTOCOLS) + 8  # prepare, pretrain, select, evaluations, report
+    # prepare, pretrain, select (checkpoint + selection), evaluations, report (7 files + 2 per run)
+    assert len(outs) == 1 + 1 + 2 + len(PROTOCOLS) + 9
     for path in outs:
         assert (fresh / path).exists(), f"dvc pull did not restore {path}"
         assert tree_hashes(fresh / path) == tree_hashes(repo / path), f"{path} differs after dvc pull"
