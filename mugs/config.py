@@ -410,11 +410,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated recursively with ``update`` (nested mappings merged, anything else replaced)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_values(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -510,9 +511,9 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] = ()) -> Confi
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
         base = PRESETS[preset]
-    merged = _merge(base, values)
+    merged = merge_values(base, values)
     for text in overrides:
-        merged = _merge(merged, parse_override(text))
+        merged = merge_values(merged, parse_override(text))
     config = _build(Config, merged, "")
     _check_ranges(config)
     return config
@@ -540,7 +541,7 @@ def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
     if not runs or run not in runs:
         known = ", ".join(runs) if runs else "none"
         raise ConfigError(f"unknown run {run!r}; runs defined under 'runs:': {known}")
-    merged = _merge(values, runs[run] or {})
+    merged = merge_values(values, runs[run] or {})
     for section, key in (("train", "output_dir"), ("evaluate", "cache_dir")):
         text = merged.get(section, {}).get(key)
         if isinstance(text, str) and "{run}" in text:

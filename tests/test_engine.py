@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mugs.config import Config, config_from_dict
+from mugs.config import Config
 from mugs.launch.local import launch_local
+from mugs.testing.configs import tiny_training_config
 from mugs.testing.synthetic import SyntheticImages
 from mugs.training import checkpoint as ckpt
 from mugs.training.engine import NonFiniteLossError, Trainer, incompatible_keys
@@ -20,30 +21,7 @@ DATASET = SyntheticImages(size=24, side=20)  # 3 iterations per epoch at batch 8
 
 
 def tiny_config(output_dir: Path, *overrides: str) -> Config:
-    return config_from_dict(
-        {
-            "preset": "demo",
-            "model": {
-                "patch_size": 4,
-                "hidden_dim": 64,
-                "out_dim": 32,
-                "predictor_hidden_dim": 64,
-                "group_out_dim": 64,
-            },
-            "loss": {"instance_queue_size": 40, "local_group_queue_size": 40, "local_group_knn_top_n": 4},
-            "augment": {"global_size": 16, "local_size": 8, "n_local": 2},
-            "optim": {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "lr": 5e-3},
-            "train": {
-                "output_dir": str(output_dir),
-                "num_workers": 0,
-                "log_every": 1,
-                "checkpoint_every": 0,
-                "keep_every_epochs": 1,
-                "threads": 1,
-            },
-        },
-        list(overrides),
-    )
+    return tiny_training_config(output_dir, None, *overrides)
 
 
 def train(output_dir: Path, *overrides: str):

@@ -7,7 +7,6 @@ too), committed in a fresh ``git init``; clones of it stand for "a fresh clone o
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mugs.config import merge_values
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = "mugs"
@@ -123,16 +124,6 @@ def clone(source: Path, dest: Path, dvc_remote: Path | None = None) -> Path:
     return dest
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def read_params(repo: Path) -> dict[str, Any]:
     return yaml.safe_load((repo / "params.yaml").read_text())
 
@@ -144,15 +135,15 @@ def write_params(repo: Path, values: dict[str, Any]) -> None:
 def update_params(repo: Path, update: dict[str, Any]) -> dict[str, Any]:
     """Merge ``update`` into ``repo``'s params.yaml; returns the values before the change."""
     before = read_params(repo)
-    write_params(repo, _merge(before, update))
+    write_params(repo, merge_values(before, update))
     return before
 
 
 def tiny_params(repo: Path, **extra: dict[str, Any]) -> None:
     """Turn ``repo``'s params.yaml into the tiny test pipeline (one run, knn + linear + fewshot)."""
-    values = _merge(read_params(repo), {**TINY, "protocols": list(PROTOCOLS), "runs": {RUN: {}}})
+    values = merge_values(read_params(repo), {**TINY, "protocols": list(PROTOCOLS), "runs": {RUN: {}}})
     values["resources"] = {"default": {**values["resources"].get("default", {}), **TINY_RESOURCES}}
-    write_params(repo, _merge(values, extra))
+    write_params(repo, merge_values(values, extra))
 
 
 def expected_outputs(run: str = RUN, protocols: tuple[str, ...] = PROTOCOLS) -> list[str]:

@@ -22,11 +22,12 @@ import pytest
 import torch
 import yaml
 
-from mugs.config import Config, DataConfig, config_from_dict
+from mugs.config import Config, DataConfig
 from mugs.data.prepare import run_prepare
 from mugs.data.sources import install_demo_data
 from mugs.launch.local import launch_local
 from mugs.launch.slurm import JobRecord, PreflightError, launch_slurm, query_job, wait_for_job
+from mugs.testing.configs import tiny_training_config
 from mugs.testing.slurm_jobs import PacedPretrainJob
 from mugs.training import checkpoint as ckpt
 
@@ -60,28 +61,11 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
 
 
 def tiny_config(data: DataConfig, output_dir: Path, **launch: object) -> Config:
-    return config_from_dict(
+    return tiny_training_config(
+        output_dir,
         {
-            "preset": "demo",
-            "model": {
-                "patch_size": 4,
-                "hidden_dim": 64,
-                "out_dim": 32,
-                "predictor_hidden_dim": 64,
-                "group_out_dim": 64,
-            },
-            "loss": {"instance_queue_size": 40, "local_group_queue_size": 40, "local_group_knn_top_n": 4},
-            "augment": {"global_size": 16, "local_size": 8, "n_local": 2},
-            "optim": {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "lr": 5e-3},
             "data": {"root": data.root, "prepared_dir": data.prepared_dir, "train_subset": 48},
-            "train": {
-                "output_dir": str(output_dir),
-                "num_workers": 0,
-                "log_every": 1,
-                "checkpoint_every": 0,
-                "keep_every_epochs": 0,
-                "threads": 1,
-            },
+            "train": {"keep_every_epochs": 0},
             "launch": {
                 "launcher": "slurm",
                 "partition": "cpu",
@@ -94,7 +78,7 @@ def tiny_config(data: DataConfig, output_dir: Path, **launch: object) -> Config:
                 "poll_seconds": 0.5,
                 **launch,
             },
-        }
+        },
     )
 
 
