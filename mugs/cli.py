@@ -13,7 +13,15 @@ console = Console(stderr=True)
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", type=Path, help="YAML config (a `preset:` key selects a preset)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        nargs="+",
+        action="extend",
+        help="YAML config (a `preset:` key selects a preset); with several, later files are merged over "
+        "earlier ones",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -28,7 +28,6 @@ from workflow_helpers import (
     comparable_metrics,
     copy_worktree,
     git_commit,
-    planned_jobs,
     read_params,
     sh,
     tiny_params,
@@ -37,6 +36,9 @@ from workflow_helpers import (
     update_params,
     write_params,
 )
+
+from mugs.config import load_config
+from mugs.testing.workflow import planned_jobs
 
 PIPELINE_TIMEOUT_S = 600
 ALL_AFTER_PRETRAIN = {"pretrain", "select", *PROTOCOLS, "report", "all"}
@@ -161,6 +163,29 @@ def test_a_bad_value_in_a_named_run_is_named(worktree: Path, params_file: Path) 
     assert "loss.instance_weight" in output
 
 
+def test_the_long_demo_file_adds_one_run_that_every_command_reads(worktree: Path) -> None:
+    done = sh("snakemake", "-n", "-p", "all", "--configfile", "configs/demo-long.yaml", cwd=worktree)
+    output = done.stdout + done.stderr
+    layered = "--config params.yaml configs/demo-long.yaml"
+    assert f"mugs pretrain {layered} --run mugs_long" in output
+    # the demo run's commands are as before: the file adds a run and changes nothing of the others
+    assert "mugs pretrain --config params.yaml --run mugs " in output
+    knn_output = "results/mugs_long/eval/knn.json"
+    assert f"mugs knn results/mugs_long/eval/selected.pt --out {knn_output} {layered}" in output
+    assert planned_jobs(output)["pretrain"] == 2  # the demo run and the long one
+    long_run = load_config(["params.yaml", "configs/demo-long.yaml"], run="mugs_long")
+    demo_run = load_config("params.yaml", run="mugs")
+    assert (long_run.optim.epochs, long_run.data.train_subset) == (6, None)
+    assert long_run.model == demo_run.model and long_run.loss == demo_run.loss
+
+
+def test_a_bad_value_in_an_added_configfile_is_named(worktree: Path) -> None:
+    (worktree / "extra.yaml").write_text("runs:\n  other:\n    optim: {lr: fast}\n")
+    done = sh("snakemake", "-n", "all", "--configfile", "extra.yaml", cwd=worktree, check=False)
+    assert done.returncode != 0
+    assert "params.yaml + extra.yaml: optim.lr: expected float, got 'fast'" in done.stdout + done.stderr
+
+
 # --- the tiny pipeline under Snakemake and DVC ---------------------------------------------------------
 
 
@@ -273,6 +298,22 @@ def test_snakemake_reruns_pretraining_and_everything_after_it(pipelines: dict[st
         assert _plan(repo) == dict.fromkeys(ALL_AFTER_PRETRAIN, 1)
     finally:
         write_params(repo, before)
+
+
+@pytest.mark.slow
+def test_a_configfile_that_adds_a_run_leaves_the_finished_run_alone(pipelines: dict[str, Path]) -> None:
+    repo = pipelines["snakemake"]
+    (repo / "second.yaml").write_text("runs:\n  second: {optim: {lr: 0.001}}\n")
+    try:
+        done = sh(
+            "snakemake", "--profile", "profiles/local", "-n", "all", "--configfile", "second.yaml", cwd=repo
+        )
+        planned = planned_jobs(done.stdout + done.stderr)
+    finally:
+        (repo / "second.yaml").unlink()
+    # only the new run's jobs and the report that compares the two: nothing of the finished run
+    assert planned == dict.fromkeys(ALL_AFTER_PRETRAIN, 1)
+    assert "--run second" in done.stdout and f"--run {RUN}" not in done.stdout
 
 
 @pytest.mark.slow

@@ -210,17 +210,3 @@ def tree_hashes(root: Path) -> dict[str, str]:
     """SHA-256 of every file under ``root`` (a file or a folder), keyed by path below ``root``'s parent."""
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     return {str(path.relative_to(root.parent)): file_sha256(path) for path in files}
-
-
-def planned_jobs(snakemake_output: str) -> dict[str, int]:
-    """Rule → job count from the "Job stats" table of a ``snakemake -n`` run ({} when nothing to do)."""
-    jobs: dict[str, int] = {}
-    lines = snakemake_output.splitlines()
-    if "Job stats:" not in lines:
-        return jobs
-    for line in lines[lines.index("Job stats:") + 3 :]:
-        fields = line.split()
-        if len(fields) != 2 or fields[0] == "total":
-            break
-        jobs[fields[0]] = int(fields[1])
-    return jobs

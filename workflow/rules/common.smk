@@ -2,19 +2,40 @@
 import json
 import os
 
-from mugs.config import load_config
+from mugs.config import files_shaping_run, load_config, read_yaml
 
-# relative, so that commands (and the dvc.yaml generated from them) do not depend on where the
-# checkout lives: Snakemake makes configfiles given on its command line absolute
-PARAMS = (
-    os.path.relpath(workflow.configfiles[0]) if workflow.configfiles else "params.yaml"
+# The parameter files in the order Snakemake merges them (params.yaml, then each --configfile on
+# top), relative so that commands (and the dvc.yaml generated from them) do not depend on where the
+# checkout lives: Snakemake makes configfiles given on its command line absolute. The `mugs`
+# commands read them too, so a --configfile that adds a run or changes a value reaches the jobs.
+_COMMAND_LINE_FILES = [os.path.relpath(p) for p in workflow.config_settings.configfiles]
+_WORKFLOW_FILES = (
+    []
+    if getattr(workflow.config_settings, "replace_workflow_config", False)
+    else [os.path.relpath(p) for p in workflow.configfiles]
 )
+PARAMS = [
+    p for p in _WORKFLOW_FILES if p not in _COMMAND_LINE_FILES
+] + _COMMAND_LINE_FILES
 RUNS = list(config["runs"])
 LAUNCHER = config.get("launcher", config.get("launch", {}).get("launcher", "local"))
 
 # Validate every run's settings before anything is scheduled: errors name the file and the key.
 RUN_CONFIGS = {run: load_config(PARAMS, run=run) for run in RUNS}
-DATA = next(iter(RUN_CONFIGS.values())).data
+# what each run's commands read (`--config {params.config_files}`): the files that shape it
+RUN_FILES = {run: files_shaping_run(PARAMS, run) for run in RUNS}
+# the run whose settings the data rules read (data.* is shared by all): the first run of the first
+# file, so that a file adding a run leaves the data jobs as they were
+DATA_RUN = next(
+    (
+        run
+        for path in PARAMS
+        for run in read_yaml(path).get("runs") or {}
+        if run in RUNS
+    ),
+    RUNS[0],
+)
+DATA = RUN_CONFIGS[DATA_RUN].data
 PREPARED = DATA.prepared_dir
 
 
@@ -27,12 +48,9 @@ def pretrain_dir(run):
 
 
 def settings(run, *keys):
-    """The resolved values of dotted ``keys`` for ``run``: a rule reruns when one of them changes."""
-    values = (
-        RUN_CONFIGS[run].to_dict()
-        if run
-        else next(iter(RUN_CONFIGS.values())).to_dict()
-    )
+    """The resolved values of dotted ``keys`` for ``run`` (None: the data rules' run); a rule reruns
+    when one of them changes."""
+    values = RUN_CONFIGS[run or DATA_RUN].to_dict()
     picked = {}
     for key in keys:
         value = values
@@ -88,6 +106,6 @@ def evaluation_outputs(run):
 for _run, _config in RUN_CONFIGS.items():
     if _config.train.output_dir != f"results/{_run}/pretrain":
         raise ValueError(
-            f"{PARAMS}: run {_run!r} has train.output_dir={_config.train.output_dir!r}; the workflow "
+            f"{' + '.join(PARAMS)}: run {_run!r} has train.output_dir={_config.train.output_dir!r}; the workflow "
             "expects results/{run}/pretrain (write `output_dir: results/{run}/pretrain` under train:)"
         )

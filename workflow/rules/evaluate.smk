@@ -15,10 +15,10 @@ rule knn:
     resources:
         **rule_resources("knn"),
     params:
-        config_file=PARAMS,
+        config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["knn"]),
     shell:
-        "mugs knn {input} --out {output} --config {params.config_file} --run {wildcards.run} --no-progress > {log} 2>&1"
+        "mugs knn {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress > {log} 2>&1"
 
 
 rule linear:
@@ -34,10 +34,10 @@ rule linear:
     resources:
         **rule_resources("linear"),
     params:
-        config_file=PARAMS,
+        config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["linear"]),
     shell:
-        "mugs linear {input} --out {output} --config {params.config_file} --run {wildcards.run} --no-progress"
+        "mugs linear {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress"
         " > {log} 2>&1"
 
 
@@ -54,10 +54,10 @@ rule fewshot:
     resources:
         **rule_resources("fewshot"),
     params:
-        config_file=PARAMS,
+        config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["fewshot"]),
     shell:
-        "mugs fewshot {input} --out {output} --config {params.config_file} --run {wildcards.run} --no-progress"
+        "mugs fewshot {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress"
         " > {log} 2>&1"
 
 
@@ -74,8 +74,8 @@ rule finetune:
     resources:
         **rule_resources("finetune"),
     params:
-        config_file=PARAMS,
+        config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["finetune"]),
     shell:
-        "mugs finetune {input} --out {output} --config {params.config_file} --run {wildcards.run} --no-progress"
+        "mugs finetune {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress"
         " > {log} 2>&1"

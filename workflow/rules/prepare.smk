@@ -13,10 +13,10 @@ if DATA.source == "fashion-mnist":
         conda:
             "../../envs/mugs.yaml"
         params:
-            config_file=PARAMS,
-            run=RUNS[0],
+            config_files=RUN_FILES[DATA_RUN],
+            run=DATA_RUN,
         shell:
-            "mugs demo-data --config {params.config_file} --run {params.run} > {log} 2>&1"
+            "mugs demo-data --config {params.config_files} --run {params.run} > {log} 2>&1"
 
 
 rule prepare:
@@ -32,8 +32,8 @@ rule prepare:
     resources:
         **rule_resources("prepare"),
     params:
-        config_file=PARAMS,
-        run=RUNS[0],
+        config_files=RUN_FILES[DATA_RUN],
+        run=DATA_RUN,
         settings=settings(
             None,
             "data.source",
@@ -45,4 +45,4 @@ rule prepare:
             "data.on_bad_image",
         ),
     shell:
-        "mugs prepare --config {params.config_file} --run {params.run} --no-progress > {log} 2>&1"
+        "mugs prepare --config {params.config_files} --run {params.run} --no-progress > {log} 2>&1"

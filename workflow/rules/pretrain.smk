@@ -20,7 +20,7 @@ rule pretrain:
         None if LAUNCHER == "slurm" else CONTAINER_IMAGE
     threads: rule_threads("pretrain")
     params:
-        config_file=PARAMS,
+        config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(
             w.run,
             "model",
@@ -33,5 +33,5 @@ rule pretrain:
         ),
         launcher=LAUNCHER,
     shell:
-        "mugs pretrain --config {params.config_file} --run {wildcards.run} --launcher {params.launcher}"
+        "mugs pretrain --config {params.config_files} --run {wildcards.run} --launcher {params.launcher}"
         " --restart-if-changed --no-progress > {log} 2>&1"

@@ -15,7 +15,7 @@ rule select:
     resources:
         **rule_resources("select"),
     params:
-        config_file=PARAMS,
+        config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(
             w.run,
             "evaluate.network",
@@ -25,4 +25,4 @@ rule select:
         ),
     shell:
         "mugs select results/{wildcards.run}/pretrain --out-dir results/{wildcards.run}/eval"
-        " --config {params.config_file} --run {wildcards.run} --no-progress > {log} 2>&1"
+        " --config {params.config_files} --run {wildcards.run} --no-progress > {log} 2>&1"
