@@ -12,25 +12,13 @@ resident set size above its size before the search (bank and queries already all
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import time
-from pathlib import Path
 
 import torch
+from _common import peak_resident_bytes, resident_bytes
 
 from mugs.evaluation.features import FeatureSet
 from mugs.evaluation.knn import knn_evaluate
-
-
-def resident_bytes() -> int:
-    """Current resident set size (Linux ``/proc/self/statm``)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def main() -> None:

@@ -15,26 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from _common import make_tree
 
 from mugs.config import DataConfig
 from mugs.data.prepare import run_prepare
-
-
-def make_tree(root: Path, images: int, classes: int, size: int = 64) -> int:
-    """``root/train/class_XXX/YYYYY.jpg``; returns the total bytes written."""
-    ramp = np.linspace(0, 1, size)[None, :, None]
-    total = 0
-    for i in range(images):
-        rng = np.random.default_rng(i)
-        low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        pixels = low + (high - low) * ramp + rng.normal(0, 12, (size, size, 3))
-        path = root / "train" / f"class_{i % classes:03d}" / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        total += path.stat().st_size
-    return total
 
 
 def main() -> None:

@@ -10,9 +10,6 @@ figure is the model's cost without the data loader (see ``benchmarks/augment.py`
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -20,8 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from _common import device_name, machine_info, peak_memory_mib, report, synchronize
 from torch.utils.flop_counter import FlopCounterMode
 
 from mugs.config import config_from_dict
@@ -105,23 +101,6 @@ def random_crops(args: argparse.Namespace, device: torch.device) -> tuple[list[t
     return crops, weak
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -163,7 +142,6 @@ def main(argv: list[str] | None = None) -> dict:
         "group_out_dim": args.group_out_dim,
         "precision": args.precision,
         "compile": args.compile,
-        "device": name,
         "seconds_per_iteration": seconds,
         "seconds_min": min(times),
         "images_per_second": args.batch / seconds,
@@ -171,17 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         "tflop_per_iteration": flops / 1e12,
         "achieved_tflops": achieved,
         "mfu": achieved / peak if peak else None,
-        "torch": torch.__version__,
+        **machine_info(device),
     }
-    table = Table(title="Mugs training step")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console().print(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    report("Mugs training step", result, args.json)
     return result
 
 

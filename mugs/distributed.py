@@ -26,13 +26,23 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def host_group() -> dist.ProcessGroup | None:
+    """A group over all ranks for collectives on CPU tensors (host values such as flags), which then
+    never wait for a GPU: the default group when it is gloo, else a new gloo group. None when not
+    distributed. Every rank must call it at the same point, as any group creation.
+    """
+    if not is_distributed() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
 @torch.no_grad()
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_cat(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0 (rank order); no gradient flows back."""
     if not is_distributed():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=0)
 
 
@@ -47,12 +57,12 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum of ``tensor`` over ranks (a new tensor; the input is left untouched)."""
     if not is_distributed():
         return tensor
     reduced = tensor.clone()
-    dist.all_reduce(reduced)
+    dist.all_reduce(reduced, group=group)
     return reduced
 
 

@@ -14,24 +14,18 @@ from torch import Tensor, nn
 from mugs.distributed import all_gather_cat, all_reduce_mean
 
 
-def _pair_mask(n_crops: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Masks [2, n_crops] of the (teacher t, student p) pairs with p != t, split into global and local."""
-    teacher = torch.arange(2, device=device)[:, None]
-    student = torch.arange(n_crops, device=device)[None, :]
-    valid = student != teacher
-    return valid & (student < 2), valid & (student >= 2)
-
-
 def _average_pairs(pair_losses: Tensor, n_crops: int) -> Tensor:
     """0.5·(mean over global pairs + mean over local pairs) of a [2, n_crops] table of pair losses.
 
-    Without local crops the global mean alone is the loss (the public code divides by zero there).
+    The pairs are picked by fixed positions, not a boolean mask, whose data-dependent result size would
+    cost a host synchronisation on a GPU. Without local crops the global mean alone is the loss (the
+    public code divides by zero there).
     """
-    global_mask, local_mask = _pair_mask(n_crops, pair_losses.device)
-    global_mean = pair_losses[global_mask].mean()
+    # (teacher 0, student 1) and (teacher 1, student 0); every local student crop pairs with both teachers
+    global_mean = torch.stack((pair_losses[0, 1], pair_losses[1, 0])).mean()
     if n_crops == 2:
         return global_mean
-    return 0.5 * (global_mean + pair_losses[local_mask].mean())
+    return 0.5 * (global_mean + pair_losses[:, 2:].reshape(-1).mean())
 
 
 def _full_precision(reference: Tensor) -> torch.autocast:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mugs.config import Config
 from mugs.launch.local import launch_local
@@ -126,7 +128,12 @@ def test_resume_refuses_a_changed_configuration(straight_run: Path, tmp_path: Pa
     ]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, monkeypatch) -> None:
+# the bad step is found by the next log line, or (with no log line due) by the epoch-end checkpoint;
+# the log keeps the lines of the good steps only (global_iteration counts finished steps)
+@pytest.mark.parametrize(("log_every", "found_after", "last_line"), [(1, 5, 4), (10, 6, 3)])
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch, log_every: int, found_after: int, last_line: int
+) -> None:
     train(tmp_path, "train.max_iterations=3")
     latest = tmp_path / "checkpoints" / ckpt.LATEST
     before = latest.read_bytes()
@@ -134,13 +141,141 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path: Path, mon
     original = Trainer.train_step
 
     def poisoned(self, crops, weak_flags):
+        # only iteration 4's input is poisoned; the NaN weights it leaves make iteration 5 bad too,
+        # and the error must still name 4
         crops = [torch.full_like(c, float("nan")) for c in crops] if self.global_iteration == 4 else crops
         return original(self, crops, weak_flags)
 
     monkeypatch.setattr(Trainer, "train_step", poisoned)
-    with pytest.raises(NonFiniteLossError, match="global iteration 4"):
-        train(tmp_path)
+    with pytest.raises(
+        NonFiniteLossError, match=rf"global iteration 4 .*found after {found_after} "
+    ) as error:
+        train(tmp_path, f"train.log_every={log_every}")
+    assert error.value.iteration == 4 and error.value.epoch == 1
+    assert set(error.value.losses) == {"loss", "instance", "local_group", "group"}
+    assert math.isnan(error.value.losses["loss"])
     assert latest.read_bytes() == before
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["global_iteration"] for line in lines]
+    assert max(logged) == last_line
+    assert not (tmp_path / "DONE").exists()
+
+
+# Operations that read a tensor's value on the host, or whose result size depends on the data: on a
+# GPU each makes the host wait for the device. On CPU nothing waits, so the test looks for the
+# operations themselves.
+_HOST_READS = {
+    torch.ops.aten._local_scalar_dense.default,  # item(), bool(), float(), int()
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten._unique2.default,
+    torch.ops.aten.unique_dim.default,
+    torch.ops.aten.unique_consecutive.default,
+    torch.ops.aten.repeat_interleave.Tensor,
+}
+_INDEXING = {
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+}
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any host read of a tensor other than ``host_tensors`` (data that lives on the host)."""
+
+    def __init__(self, host_tensors: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.host_tensors = host_tensors
+        self.paused = False
+
+    def _tensors(self, args) -> list[torch.Tensor]:
+        flat = []
+        for arg in args:
+            flat.extend(arg if isinstance(arg, (list, tuple)) else [arg])
+        return [a for a in flat if isinstance(a, torch.Tensor)]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = self._tensors(args)
+        reads = func in _HOST_READS or (
+            func in _INDEXING and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:])
+        )
+        if reads and not self.paused and not any(t is h for t in tensors for h in self.host_tensors):
+            raise AssertionError(f"{func} reads the device on the host")
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse(name: str):
+    def refuse(self, *args, **kwargs):
+        raise AssertionError(f"Tensor.{name} reads the device on the host")
+
+    return refuse
+
+
+@pytest.mark.parametrize("pointer", ["fixed", "official"])
+def test_train_step_never_waits_for_the_device(tmp_path: Path, monkeypatch, pointer: str) -> None:
+    trainer = Trainer(tiny_config(tmp_path, f"loss.memory_pointer={pointer}"), DATASET, mean_std=MEAN_STD)
+    batches = iter(trainer.loader)
+    crops, weak, _ = next(batches)
+    assert weak.any() and not weak.all()  # both kinds of rows, so the memory update is exercised
+    guard = _NoHostReads(host_tensors=[weak])  # the loader's flags are host data by construction
+    with guard, pytest.raises(AssertionError, match="_local_scalar_dense"):
+        bool(torch.ones(()))  # the guard is armed
+
+    # AdamW (foreach) reads its step counters, which it keeps on the host; fused AdamW, used on
+    # CUDA, keeps them on the device and reads nothing
+    step = trainer.optimizer.step
+
+    def optimizer_step():
+        guard.paused = True
+        try:
+            return step()
+        finally:
+            guard.paused = False
+
+    monkeypatch.setattr(trainer.optimizer, "step", optimizer_step)
+    for _ in range(2):  # the second step reads the memories and queues the first one wrote
+        with monkeypatch.context() as patches:
+            for name in ("tolist", "numpy", "__array__"):
+                patches.setattr(torch.Tensor, name, _refuse(name))
+            with guard:
+                losses = trainer.train_step(crops, weak)
+        trainer.global_iteration += 1
+        assert torch.isfinite(losses["loss"])
+    assert int(trainer.student.memory.pointer) != 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_train_step_never_waits_for_the_gpu(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path, "train.device=cuda"), DATASET, mean_std=MEAN_STD)
+    crops, weak, _ = next(iter(trainer.loader))
+    crops = [c.to(trainer.device) for c in crops]
+    trainer.train_step(crops, weak)  # the first step creates AdamW's state, copying from the host
+    trainer.global_iteration += 1
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        for _ in range(2):
+            trainer.train_step(crops, weak)
+            trainer.global_iteration += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    trainer.check_finite()
+
+
+def test_weak_flagged_rows_fill_the_student_memory_in_order(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_config(tmp_path), DATASET, mean_std=MEAN_STD)
+    dim = trainer.student.memory.dim
+    student = torch.arange(8 * dim, dtype=torch.float32).view(8, dim)
+    weak = torch.tensor([True, False, True, True, False, False, False, True])
+    trainer._update_memories(student, -student, weak)
+    trainer._update_memories(student + 1000, -student, torch.zeros(8, dtype=torch.bool))
+    memory = trainer.student.memory
+    assert int(memory.pointer) == 4
+    assert torch.equal(memory.values[:4], student[[0, 2, 3, 7]])
+    assert torch.equal(memory.search_keys[:4], student[[0, 2, 3, 7]])
+    assert int(trainer.teacher.memory.pointer) == 16
+    assert torch.equal(trainer.teacher.memory.values[:16], torch.cat([-student, -student]))
 
 
 def test_two_gloo_processes_match_one_process(straight_run: Path, tmp_path: Path) -> None:

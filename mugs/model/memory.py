@@ -51,35 +51,35 @@ class NeighbourMemory(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, rows: torch.Tensor) -> None:
-        """Write ``rows`` ``[n, D]`` (already gathered over ranks) at the pointer; n == 0 is a no-op."""
+        """Write ``rows`` ``[n, D]`` (already gathered over ranks) at the pointer; n == 0 is a no-op.
+
+        The pointer is only ever read on the device (slots and the new pointer are tensor arithmetic),
+        so a write costs the training step no host synchronisation.
+        """
         n = rows.shape[0]
         if n == 0:
             return
         rows = rows.detach().to(device=self.values.device, dtype=self.values.dtype)
-        ptr = int(self.pointer)
+        offsets = torch.arange(n, device=rows.device)
         if self.pointer_mode == "official":
             if n > self.size:
                 raise ValueError(f"cannot write {n} rows into a memory of {self.size} (official pointer)")
-            end = ptr + n
-            if end <= self.size:
-                self._write(torch.arange(ptr, end, device=rows.device), rows)
-                self.pointer[0] = (end + n) % self.size
-            else:
-                self._write(torch.arange(ptr, end, device=rows.device) % self.size, rows)
-                self.pointer[0] = end - self.size
+            self._write((self.pointer + offsets) % self.size, rows)
+            # a write that fits leaves the pointer at (ptr + 2n) % size, one that wraps at ptr + n - size
+            end = self.pointer + n
+            self.pointer.copy_(torch.where(end <= self.size, (end + n) % self.size, end - self.size))
             return
         if n > self.size:
             # Only the newest `size` rows survive a full lap; drop the rest up front so that no
             # slot is written twice in one call.
-            ptr = (ptr + n - self.size) % self.size
-            rows = rows[-self.size :]
-            n = self.size
-        self._write((ptr + torch.arange(n, device=rows.device)) % self.size, rows)
-        self.pointer[0] = (ptr + n) % self.size
+            offsets = offsets[n - self.size :]
+            rows = rows[n - self.size :]
+        self._write((self.pointer + offsets) % self.size, rows)
+        self.pointer.add_(n).remainder_(self.size)
 
     def _write(self, index: torch.Tensor, rows: torch.Tensor) -> None:
-        self.search_keys[index] = rows
-        self.values[index] = rows
+        self.search_keys.index_copy_(0, index, rows)
+        self.values.index_copy_(0, index, rows)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, top_n={self.top_n}, pointer_mode={self.pointer_mode!r}"

@@ -40,13 +40,20 @@ from mugs.training.schedules import cosine_schedule
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing was written after the last good checkpoint."""
+    """The loss became NaN or infinite; nothing was written after the last good checkpoint.
 
-    def __init__(self, epoch: int, iteration: int, losses: dict[str, float]) -> None:
+    ``iteration`` is the first bad one (0-based, as ``Trainer.global_iteration`` before that step),
+    ``losses`` its values; ``checked_after`` the number of iterations run when the check found it.
+    """
+
+    def __init__(
+        self, epoch: int, iteration: int, losses: dict[str, float], checked_after: int | None = None
+    ) -> None:
         self.epoch, self.iteration, self.losses = epoch, iteration, losses
+        found = f"; found after {checked_after} iterations" if checked_after is not None else ""
         super().__init__(
-            f"non-finite loss at global iteration {iteration} (epoch {epoch}): {losses}; "
-            "the last good checkpoint is left untouched"
+            f"non-finite loss at global iteration {iteration} (epoch {epoch}): {losses}{found}; "
+            "the last good checkpoint is left untouched and no log line follows it"
         )
 
 
@@ -144,6 +151,30 @@ def build_transform(config: Config, mean: tuple[float, ...], std: tuple[float, .
     )
 
 
+def build_loader(
+    config: Config,
+    dataset: Dataset,
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]],
+    sampler: GlobalBatchSampler,
+    *,
+    pin_memory: bool,
+) -> DataLoader:
+    """The pretraining input: seeded multi-crop views of ``dataset`` in the sampler's batches, augmented
+    by ``train.num_workers`` persistent processes (or in this process when it is 0).
+    """
+    augmented = SeededAugmentedDataset(dataset, build_transform(config, *mean_std), config.train.seed)
+    workers = config.train.num_workers
+    return DataLoader(
+        augmented,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_multicrop,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
 # What a pretraining run's result depends on: every key under these prefixes (the evaluation,
 # fine-tuning, launch and bookkeeping settings can change between a run and its resumption).
 _RESULT_PREFIXES = ("model.", "loss.", "augment.", "optim.", "data.", "train.seed")
@@ -222,16 +253,8 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
-        augmented = SeededAugmentedDataset(dataset, build_transform(config, *mean_std), config.train.seed)
-        workers = config.train.num_workers
-        self.loader = DataLoader(
-            augmented,
-            batch_sampler=self.sampler,
-            num_workers=workers,
-            collate_fn=collate_multicrop,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+        self.loader = build_loader(
+            config, dataset, mean_std, self.sampler, pin_memory=self.device.type == "cuda"
         )
 
         optim = config.optim
@@ -265,6 +288,9 @@ class Trainer:
         self.iteration_in_epoch = 0
         self.global_iteration = 0
         self._last_teacher = None
+        self._non_finite = _NonFiniteWatch(["loss", *self.losses], self.device)
+        # host values (weak flags, the stop flag) travel over gloo, never through the GPU
+        self.host_group = distributed.host_group()
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, crops: list[torch.Tensor], weak_flags: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -294,8 +320,10 @@ class Trainer:
         )
 
         self._update_memories(student_out.memory_feature, teacher_out.memory_feature, weak_flags)
-        if not torch.isfinite(total):
-            raise NonFiniteLossError(epoch, it, {n: float(v.detach()) for n, v in losses.items()})
+        step_losses = {"loss": total.detach(), **{n: v.detach() for n, v in losses.items()}}
+        # noted on the device; check_finite reads it at log intervals and before every checkpoint, so
+        # a bad step still updates the weights in memory, but they never reach the disk or the log
+        self._non_finite.observe(it, step_losses)
 
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -314,7 +342,7 @@ class Trainer:
 
         ema_update(self.teacher, self.student, float(self.momentum_schedule[it]))
         self._last_teacher = teacher_out
-        return {"loss": total.detach(), **{n: v.detach() for n, v in losses.items()}}
+        return step_losses
 
     def _clip_value(self, epoch: int) -> float:
         optim = self.config.optim
@@ -326,13 +354,36 @@ class Trainer:
     def _update_memories(
         self, student_feature: torch.Tensor, teacher_feature: torch.Tensor, weak: torch.Tensor
     ) -> None:
-        """Student memory: weak-flagged first student global crops; teacher memory: all first teacher ones."""
+        """Student memory: weak-flagged first student global crops; teacher memory: all first teacher ones.
+
+        ``weak`` is the loader's flags, on the host: the rows to keep are numbered there, so the device
+        never has to report how many there are (``rows[mask]`` on a GPU would wait for it).
+        """
         if self.student.memory is None:
             return
+        flags = distributed.all_gather_cat(weak, self.host_group)
+        keep = flags.nonzero().squeeze(1).to(self.device, non_blocking=True)
         student_rows = distributed.all_gather_cat(student_feature.float())
-        flags = distributed.all_gather_cat(weak.to(self.device, torch.uint8)).bool()
-        self.student.memory.enqueue(student_rows[flags])
+        self.student.memory.enqueue(student_rows.index_select(0, keep))
         self.teacher.memory.enqueue(distributed.all_gather_cat(teacher_feature.float()))
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` naming the first iteration, over all ranks, with a
+        non-finite loss. It reads the device (and gathers over ranks), so it runs only at log
+        intervals and before every checkpoint write, the last one included.
+        """
+        rows = distributed.all_gather_cat(self._non_finite.summary()[None]).tolist()
+        bad = [row for row in rows if row[0]]
+        if not bad:
+            return
+        _, iteration, *values = min(bad, key=lambda row: row[1])
+        iteration = int(iteration)
+        raise NonFiniteLossError(
+            iteration // self.iterations_per_epoch,
+            iteration,
+            dict(zip(self._non_finite.names, values, strict=True)),
+            checked_after=self.global_iteration,
+        )
 
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()
@@ -374,7 +425,11 @@ class Trainer:
         return gathered
 
     def save(self) -> Path | None:
-        """Write ``latest.pt`` atomically (rank 0); every rank takes part in gathering the RNG states."""
+        """Write ``latest.pt`` atomically (rank 0); every rank takes part in gathering the RNG states.
+
+        Refuses (:class:`NonFiniteLossError`) once any step since the start had a non-finite loss.
+        """
+        self.check_finite()
         payload = self.state_dict()
         path = None
         if self.rank == 0:
@@ -476,7 +531,7 @@ class Trainer:
                         )
                     if self.global_iteration >= end:
                         break
-                    if _any_rank(stop_requested(), self.device):
+                    if _any_rank(stop_requested(), self.host_group):
                         status = "interrupted"
                         break
                     if (
@@ -499,6 +554,8 @@ class Trainer:
                             ckpt.keep_checkpoint(self.checkpoint_dir, self.epoch)
         if self.global_iteration < total_iterations and status == "finished":
             status = "stopped"
+        # the last step is always followed by a save(), here or at the epoch end just above, and its
+        # finiteness check guards DONE as well
         path = self.save() if self.iteration_in_epoch or status != "finished" else latest
         if self.rank == 0 and status == "finished":
             (self.output_dir / "DONE").write_text(
@@ -507,6 +564,7 @@ class Trainer:
         return TrainResult(status, self.global_iteration, path)
 
     def _log_record(self, window: _Window, log: MetricsLog) -> dict[str, Any]:
+        self.check_finite()
         means = window.mean_losses()
         it = self.global_iteration - 1
         record: dict[str, Any] = {
@@ -544,11 +602,39 @@ class Trainer:
         return record
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when any rank's flag is set, so all ranks stop at the same iteration."""
+def _any_rank(flag: bool, host_group: torch.distributed.ProcessGroup | None) -> bool:
+    """True on every rank when any rank's flag is set, so all ranks stop at the same iteration.
+
+    Asked every iteration, so it goes over the host group: through a GPU it would wait for the device.
+    """
     if not distributed.is_distributed():
         return flag
-    return bool(distributed.all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+    return bool(distributed.all_reduce_sum(torch.tensor([float(flag)]), host_group).item() > 0)
+
+
+class _NonFiniteWatch:
+    """The first iteration whose losses were not all finite, and those losses, kept on the device.
+
+    :meth:`observe` runs every iteration with ``torch.where`` alone, so it costs no host
+    synchronisation; :meth:`Trainer.check_finite` reads :meth:`summary` when a sync is due anyway.
+    """
+
+    def __init__(self, names: list[str], device: torch.device) -> None:
+        self.names = names
+        self.seen = torch.zeros((), dtype=torch.bool, device=device)
+        self.iteration = torch.zeros((), dtype=torch.long, device=device)
+        self.losses = torch.zeros(len(names), device=device)
+
+    def observe(self, iteration: int, losses: dict[str, torch.Tensor]) -> None:
+        values = torch.stack([losses[name].float() for name in self.names])
+        first = ~(self.seen | torch.isfinite(values).all())
+        self.iteration = torch.where(first, iteration, self.iteration)
+        self.losses = torch.where(first, values, self.losses)
+        self.seen = self.seen | first
+
+    def summary(self) -> torch.Tensor:
+        """``[seen, iteration, *losses]`` as float64 (exact for any iteration count), to gather over ranks."""
+        return torch.cat((torch.stack((self.seen.double(), self.iteration.double())), self.losses.double()))
 
 
 class _Window:

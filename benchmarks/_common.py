@@ -1,0 +1,102 @@
+"""What the benchmark scripts share: the machine's description, peak memory, synthetic JPEG trees, and
+the figures printed as a table and written as JSON.
+
+The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+
+def cpu_model() -> str:
+    # platform.processor() is empty or just the architecture on most Linux systems
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Device, CPU model, the cores this process may use, and torch's version."""
+    return {
+        "device": device_name(device),
+        "cpu_model": cpu_model(),
+        "cores": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def resident_bytes() -> int:
+    """Current resident set size (Linux ``/proc/self/statm``)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak CUDA memory allocated by torch, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_resident_bytes() / 2**20
+
+
+def textured_pixels(seed: int, width: int, height: int) -> np.ndarray:
+    """``[height, width, 3]`` uint8: a seeded colour gradient plus noise, so JPEGs get a realistic size."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, width)[None, :, None]
+    low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    pixels = low + (high - low) * ramp + rng.normal(0, 12, (height, width, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def make_tree(root: Path, images: int, classes: int, size: tuple[int, int] = (64, 64)) -> int:
+    """``root/train/class_XXX/YYYYY.jpg`` of ``size`` (width, height); returns the total bytes written."""
+    total = 0
+    for i in range(images):
+        path = root / "train" / f"class_{i % classes:03d}" / f"{i:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(textured_pixels(i, *size)).save(path, quality=90)
+        total += path.stat().st_size
+    return total
+
+
+def report(title: str, figures: dict[str, Any], json_path: Path | None) -> None:
+    """Print ``figures`` as a two-column table; with ``json_path``, also write them there."""
+    table = Table(title=title)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in figures.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(figures, indent=1) + "\n")
