@@ -1,9 +1,15 @@
-"""The benchmark scripts run (tiny, on CPU) and report their figures, so they cannot rot unnoticed."""
+"""The benchmark scripts run (tiny, on CPU) and report their figures, so they cannot rot unnoticed.
+
+The pipeline benchmark runs on a two-job workflow made here: the project's own dry run takes longer
+and would plan against whatever results/ holds.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +30,109 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     assert step["seconds_per_iteration"] > 0 and step["tflop_per_iteration"] > 0
     assert step["images_per_second"] == pytest.approx(step["batch"] / step["seconds_per_iteration"])
     assert "queries/s" in (tmp_path / "knn.txt").read_text()
+
+
+def run_benchmark(script: str, args: str, json_path: Path) -> dict:
+    """Run ``benchmarks/script`` with the command-line ``args``; its figures from ``--json``."""
+    done = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", *shlex.split(args), "--json", str(json_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(json_path.read_text())
+
+
+def assert_machine(figures: dict) -> None:
+    assert figures["cores"] >= 1 and figures["cpu_model"] and figures["torch"] and figures["device"]
+
+
+def test_augment_demo_rates_and_workers_for_a_step(tmp_path: Path) -> None:
+    step = tmp_path / "step.json"
+    step.write_text(json.dumps({"seconds_per_iteration": 0.5, "batch": 4}))
+    args = (
+        f"--setting demo --images 12 --batches 2 --repeats 2 --workers 1 --step-json {shlex.quote(str(step))}"
+    )
+    figures = run_benchmark("augment.py", args, tmp_path / "augment.json")
+    assert figures["crops"] == "4x28 (2 teacher, 2 student) + 2x14"
+    assert figures["source"] == "12 grayscale 28x28 images from an IDX array"
+    assert figures["batch"] == 4 and figures["loader_workers"] == 1
+    rate = figures["per_process_images_per_second"]
+    assert rate > 0 and figures["loader_images_per_second"] > 0
+    assert figures["per_process_ms_per_image"] == pytest.approx(1000 / rate)
+    assert figures["images_per_second_needed"] == pytest.approx(8.0)  # 4 images in 0.5 s
+    assert figures["workers_needed"] == math.ceil(8.0 / rate)
+    assert figures["loader_keeps_up"] == (figures["loader_images_per_second"] >= 8.0)
+    assert_machine(figures)
+
+
+def test_augment_paper_reads_prepared_jpegs(tmp_path: Path) -> None:
+    args = "--setting paper --images 3 --batch 1 --batches 2 --repeats 1"
+    figures = run_benchmark("augment.py", args, tmp_path / "augment.json")
+    assert figures["crops"] == "4x224 (2 teacher, 2 student) + 10x96"
+    assert figures["source"].startswith("3 JPEGs 500x375 (")
+    assert figures["per_process_images_per_second"] > 0
+    assert figures["loader_images_per_second"] is None and "workers_needed" not in figures
+
+
+def test_memory_times_every_call_at_the_given_sizes(tmp_path: Path) -> None:
+    args = "--size 256 --batch 8 --memory-dim 32 --queue-dim 16 --n-local 3 --warmup 1 --iters 2"
+    figures = run_benchmark("memory.py", args, tmp_path / "memory.json")
+    for key in ("retrieve_batch_ms", "retrieve_step_ms", "memory_enqueue_ms", "queue_enqueue_ms"):
+        assert figures[key] > 0, key
+    assert figures["retrieve_step_queries"] == (2 + 4 + 3) * 8
+    # search keys and values 256 x 32, queue 16 x 256, two int64 pointers
+    assert figures["buffers_mib"] * 2**20 == 2 * 256 * 32 * 4 + 16 * 256 * 4 + 2 * 8
+    assert figures["peak_memory_mib"] > figures["buffers_mib"]
+    assert figures["peak_memory_kind"] == "process RSS"
+    assert_machine(figures)
+
+
+@pytest.fixture
+def tiny_workflow(tmp_path: Path) -> Path:
+    """A two-job Snakemake workflow with a local profile, and a DVC project whose one stage never ran."""
+    root = tmp_path / "workflow"
+    (root / "profiles/local").mkdir(parents=True)
+    (root / "profiles/local/config.yaml").write_text("cores: 1\n")
+    (root / "Snakefile").write_text(
+        'rule all:\n    input: "b.txt"\n\n\nrule make:\n    output: "b.txt"\n    shell: "echo b > {output}"\n'
+    )
+    (root / "dvc.yaml").write_text("stages:\n  make:\n    cmd: echo b > b.txt\n    outs:\n    - b.txt\n")
+    dvc = Path(sys.executable).parent / "dvc"
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=root, check=True, timeout=60)
+    return root
+
+
+def test_pipeline_counts_jobs_and_changed_stages_without_running_them(
+    tiny_workflow: Path, tmp_path: Path
+) -> None:
+    args = f"--root {shlex.quote(str(tiny_workflow))} --repeats 1"
+    figures = run_benchmark("pipeline.py", args, tmp_path / "pipeline.json")
+    assert figures["snakemake_jobs"] == 2 and figures["snakemake_jobs_by_rule"] == "make 1, all 1"
+    assert figures["dvc_lock"] is False and figures["dvc_clean"] is False
+    assert figures["dvc_changed_stages"] == 1
+    assert figures["snakemake_dry_run_seconds"] > 0 and figures["dvc_status_seconds"] > 0
+    assert not (tiny_workflow / "b.txt").exists()
+    assert_machine(figures)
+
+
+@pytest.mark.slow
+def test_cpu_script_quick_runs_every_benchmark(tiny_workflow: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "PIPELINE_ROOT": str(tiny_workflow)}
+    done = subprocess.run(
+        ["bash", "benchmarks/cpu.sh", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for name in ("step-cpu", "augment-paper", "augment-demo", "memory-cpu", "pipeline"):
+        assert json.loads((out / f"{name}.json").read_text())["torch"], name
+    assert "queries/s" in (out / "knn.txt").read_text()
+    assert "files/s" in (out / "prepare.txt").read_text()
+    assert not (out / "failures.txt").exists()
