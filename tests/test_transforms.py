@@ -3,15 +3,15 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from timm.data import auto_augment
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from mugs.data.transforms import (
     MultiCropAugmentation,
+    RandomGaussianBlur,
     SeededRandAugment,
-    blur_kernel_size,
     collate_multicrop,
     posterize_or_black,
     strong_transform,
@@ -220,16 +220,30 @@ def test_weak_global2_solarizes_and_global1_does_not():
     assert T.RandomSolarize not in kinds[0] and T.RandomSolarize in kinds[1]
 
 
-@pytest.mark.parametrize(("size", "kernel"), [(224, 23), (96, 9), (32, 3), (16, 3), (60, 7)])
-def test_blur_kernel_size(size, kernel):
-    assert blur_kernel_size(size) == kernel
+def test_blur_draws_its_radius_from_python_random_and_matches_pil() -> None:
+    img = _rgb(20)
+    _seed(3)
+    blurred = RandomGaussianBlur(1.0)(img)
+    random.seed(3)
+    random.random()  # the apply draw
+    expected = img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+    assert np.array_equal(np.asarray(blurred), np.asarray(expected))
+    assert not np.array_equal(np.asarray(blurred), np.asarray(img))
+    assert RandomGaussianBlur(0.0)(img) is img
+
+
+def test_blur_probability_is_respected() -> None:
+    random.seed(0)
+    blur = RandomGaussianBlur(0.1)
+    img = _rgb(8)
+    applied = sum(blur(img) is not img for _ in range(2000))
+    assert 150 < applied < 250
 
 
 def test_blur_on_16px_crop():
     t = weak_transform(16, (0.05, 0.25), blur_prob=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
-    applied = [b for a in t.transforms if isinstance(a, T.RandomApply) for b in a.transforms]
-    (blur,) = [b for b in applied if isinstance(b, T.GaussianBlur)]
-    assert blur.kernel_size == (3, 3)
+    (blur,) = [b for b in t.transforms if isinstance(b, RandomGaussianBlur)]
+    assert blur.prob == 1.0 and blur.sigma == (0.1, 2.0)
     _seed(0)
     assert t(_rgb(20)).shape == (3, 16, 16)
 
