@@ -1,15 +1,17 @@
-"""What the benchmark scripts share: the machine's description, peak memory, synthetic JPEG trees, and
-the figures printed as a table and written as JSON.
+"""What the benchmark scripts share: the machine's description, peak memory, synthetic JPEG trees (and
+their prepared splits), and the figures printed as a table and written as JSON.
 
 The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import resource
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,11 @@ import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
+
+from mugs.config import DataConfig
+from mugs.data.prepare import run_prepare
+
+JPEG_SIZE = (500, 375)  # width, height: about ImageNet's average
 
 
 def cpu_model() -> str:
@@ -62,6 +69,13 @@ def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def reset_peak_resident() -> None:
+    """Restart the peak resident set at the current size, where the kernel allows it (Linux >= 4.0)."""
+    # where it refuses, the peak also covers what ran before
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak CUDA memory allocated by torch, or the process's peak resident set on CPU."""
     if device.type == "cuda":
@@ -78,15 +92,38 @@ def textured_pixels(seed: int, width: int, height: int) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def make_tree(root: Path, images: int, classes: int, size: tuple[int, int] = (64, 64)) -> int:
-    """``root/train/class_XXX/YYYYY.jpg`` of ``size`` (width, height); returns the total bytes written."""
-    total = 0
-    for i in range(images):
-        path = root / "train" / f"class_{i % classes:03d}" / f"{i:05d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(textured_pixels(i, *size)).save(path, quality=90)
-        total += path.stat().st_size
-    return total
+def _write_jpeg(path: Path, seed: int, size: tuple[int, int]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(textured_pixels(seed, *size)).save(path, quality=90)
+    return path.stat().st_size
+
+
+def make_tree(
+    root: Path, images: int, classes: int, size: tuple[int, int] = (64, 64), workers: int = 1
+) -> int:
+    """``root/train/class_XXX/YYYYY.jpg`` of ``size`` (width, height), written by ``workers`` processes;
+    returns the total bytes written."""
+    paths = [root / "train" / f"class_{i % classes:03d}" / f"{i:05d}.jpg" for i in range(images)]
+    jobs = (paths, range(images), [size] * images)
+    if workers <= 1:
+        return sum(map(_write_jpeg, *jobs))
+    with ProcessPoolExecutor(workers) as pool:
+        return sum(pool.map(_write_jpeg, *jobs, chunksize=16))
+
+
+def prepared_jpegs(scratch: Path, images: int, workers: int = 1) -> tuple[Path, str]:
+    """``images`` training JPEGs of ``JPEG_SIZE`` (one class) prepared by ``mugs prepare`` under
+    ``scratch``, and their description; one image more is made, as ``mugs prepare`` holds at least one
+    out for validation. ``workers`` processes generate and prepare them."""
+    root, prepared = scratch / "images", scratch / "prepared"
+    size = make_tree(root, images + 1, classes=1, size=JPEG_SIZE, workers=workers)
+    config = DataConfig(
+        source="imagefolder", root=str(root), prepared_dir=str(prepared), val_fraction=1e-6, workers=workers
+    )
+    run_prepare(config, progress=False)
+    width, height = JPEG_SIZE
+    kib = size / (images + 1) / 1024
+    return prepared, f"{images} JPEGs {width}x{height} ({kib:.0f} KiB each) via mugs prepare"
 
 
 def report(title: str, figures: dict[str, Any], json_path: Path | None) -> None:

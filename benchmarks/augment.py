@@ -37,17 +37,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import machine_info, make_tree, report, textured_pixels
+from _common import machine_info, prepared_jpegs, report, textured_pixels
 from torch.utils.data import DataLoader, Dataset
 
-from mugs.config import Config, DataConfig, config_from_dict
+from mugs.config import Config, config_from_dict
 from mugs.data.datasets import ArrayManifestDataset, open_split, read_stats
 from mugs.data.loader import GlobalBatchSampler
-from mugs.data.prepare import run_prepare
 from mugs.training.engine import build_loader
 
 PRESETS = {"paper": "vit_small_100ep", "demo": "demo"}
-JPEG_SIZE = (500, 375)  # width, height: about ImageNet's average
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
 
 
@@ -99,18 +97,8 @@ def pretrain_config(setting: str, batch: int, workers: int) -> Config:
 
 def jpeg_dataset(scratch: Path, images: int) -> tuple[Dataset, MeanStd, str]:
     """A prepared ImageFolder split of synthetic JPEGs, its channel statistics and a description."""
-    root, prepared = scratch / "images", scratch / "prepared"
-    # one class, and one image more: `mugs prepare` holds at least one image out for validation
-    size = make_tree(root, images + 1, classes=1, size=JPEG_SIZE)
-    config = DataConfig(
-        source="imagefolder", root=str(root), prepared_dir=str(prepared), val_fraction=1e-6, workers=1
-    )
-    run_prepare(config, progress=False)
-    train = open_split(prepared, "train")
-    width, height = JPEG_SIZE
-    kib = size / (images + 1) / 1024
-    source = f"{len(train)} JPEGs {width}x{height} ({kib:.0f} KiB each) via mugs prepare"
-    return train, read_stats(prepared), source
+    prepared, source = prepared_jpegs(scratch, images)
+    return open_split(prepared, "train"), read_stats(prepared), source
 
 
 def idx_dataset(scratch: Path, images: int) -> tuple[Dataset, MeanStd, str]:

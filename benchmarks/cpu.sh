@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every CPU figure at its reference setting (the settings docs/benchmarks.md reports; long on 2 cores):
-#   the training step (vit_small, batch 4, 2 x 224 + 2 x 96); multi-crop augmentation, paper crops
-#   (2 x 224 + 10 x 96 of 256 JPEGs, 2 loader workers) and demo crops, with the loader processes the
-#   GPU step needs; neighbour memory and InfoNCE queue at 65,536 entries; kNN (100,000 x 384 bank,
-#   10,000 queries); `mugs prepare` on 20,000 JPEGs; `snakemake -n` and `dvc status` on PIPELINE_ROOT.
-# Writes each measurement's output (NAME.txt) and, but for knn.py and prepare.py, its figures (NAME.json)
-# under $OUT (default: benchmark-results/).
+#   the training step (vit_small, batch 4, 2 x 224 + 2 x 96); where the training loop's wall time goes,
+#   at that target setting and for the demo preset; multi-crop augmentation, paper crops (2 x 224 +
+#   10 x 96 of 256 JPEGs, 2 loader workers) and demo crops, with the loader processes the GPU step
+#   needs; neighbour memory and InfoNCE queue at 65,536 entries; kNN (100,000 x 384 bank, 10,000
+#   queries); the evaluation's feature extraction (vit_small at 224 px, 256 JPEGs); `mugs prepare` on
+#   20,000 JPEGs; `snakemake -n` and `dvc status` on PIPELINE_ROOT.
+# Writes each measurement's output (NAME.txt) and its figures (NAME.json) under $OUT (default:
+# benchmark-results/).
 #   bash benchmarks/cpu.sh            # full size
 #   bash benchmarks/cpu.sh --quick    # the same steps, tiny (the test suite runs this)
 # STEP_JSON: a train_step.py JSON (e.g. gpu.sh's step-vit_base-bf16-compile.json) whose step time the
@@ -31,7 +33,12 @@ if [ "${1:-}" = "--quick" ]; then
     --queue 64 --group-out-dim 64 --warmup 0 --iters 1 --threads 2)
   paper=(--images 4 --batches 1 --repeats 1 --workers 1 --step-seconds 1 --batch 2)
   demo=(--images 16 --batches 1 --repeats 1 --workers 1 --step-seconds 1 --batch 4)
+  loop=(--iters 1 --warmup 1 --image-side 40 --threads 2 --set model.arch=vit_tiny --set model.depth=1
+    --set augment.global_size=32 --set augment.local_size=16)
+  loop_demo=(--iters 1 --warmup 1 --threads 2 --set model.depth=1 --set optim.batch_size=8)
   memory=(--size 1024 --batch 8 --warmup 1 --iters 2)
+  features=(--arch vit_tiny --depth 1 --patch-size 8 --image-size 32 --images 16 --batch-size 8
+    --workers 1 --threads 2)
   knn=(--bank 2000 --queries 200 --dim 64 --classes 10)
   prepare=(--images 50 --classes 5 --workers 1)
   pipeline=(--repeats 1)
@@ -40,7 +47,10 @@ else
     --group-out-dim 4096 --threads 2)
   paper=(--images 256 --batches 2 --repeats 3 --workers 2 "${gpu_step[@]}")
   demo=(--images 1024 --batches 4 --repeats 3 --workers 1 "${demo_step[@]}")
+  loop=()
+  loop_demo=()
   memory=()
+  features=(--arch vit_small --image-size 224 --images 256 --batch-size 64 --workers 2 --threads 2)
   knn=()
   prepare=(--images 20000 --workers 2)
   pipeline=(--repeats 3)
@@ -57,11 +67,14 @@ run() {
   "$PYTHON" "benchmarks/$script" "$@" 2>&1 | tee "$OUT/$name.txt" || echo "$name failed" | tee -a "$OUT/failures.txt"
 }
 run step-cpu train_step.py "${step[@]}" --json "$OUT/step-cpu.json"
+run loop-target loop.py --no-progress "${loop[@]}" --json "$OUT/loop-target.json"
+run loop-demo loop.py --demo --no-progress "${loop_demo[@]}" --json "$OUT/loop-demo.json"
 run augment-paper augment.py --setting paper "${paper[@]}" --json "$OUT/augment-paper.json"
 run augment-demo augment.py --setting demo "${demo[@]}" --json "$OUT/augment-demo.json"
 run memory-cpu memory.py --device cpu "${memory[@]}" --json "$OUT/memory-cpu.json"
-run knn knn.py --device cpu "${knn[@]}"
-run prepare prepare.py "${prepare[@]}"
+run knn knn.py --device cpu "${knn[@]}" --json "$OUT/knn.json"
+run features-cpu features.py --device cpu "${features[@]}" --json "$OUT/features-cpu.json"
+run prepare prepare.py "${prepare[@]}" --json "$OUT/prepare.json"
 run pipeline pipeline.py --root "$PIPELINE_ROOT" "${pipeline[@]}" --json "$OUT/pipeline.json"
 echo "results in $OUT"
 if [ -s "$OUT/failures.txt" ]; then

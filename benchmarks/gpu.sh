@@ -2,7 +2,8 @@
 # Every GPU figure in one go, well under 8 minutes on one H100 or H200:
 #   CUDA check; the training step of vit_small and vit_base at the paper's crops (2 x 224 + 10 x 96,
 #   batch 64, queues and memories of 65536, 65536 prototypes) in fp32 and bf16, with and without
-#   torch.compile; kNN (100,000 x 384 bank, 10,000 queries).
+#   torch.compile; kNN (100,000 x 384 bank, 10,000 queries); the evaluation's feature extraction of
+#   vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers).
 # Writes one JSON per measurement and a log under $OUT (default: benchmark-results/).
 #   bash benchmarks/gpu.sh          # on a GPU machine
 #   bash benchmarks/gpu.sh --cpu    # the same steps, tiny, on CPU (CI runs this)
@@ -18,6 +19,8 @@ if [ "${1:-}" = "--cpu" ]; then
   step=(--device cpu --arch vit_tiny --depth 1 --patch-size 8 --batch 2 --global-size 32 --local-size 16
     --n-local 2 --queue 64 --group-out-dim 64 --warmup 0 --iters 1 --threads 2)
   knn=(--device cpu --bank 2000 --queries 200 --dim 64 --classes 10)
+  features=(--device cpu --depth 1 --patch-size 8 --image-size 32 --images 16 --batch-size 8 --workers 1
+    --threads 2)
   archs=(vit_tiny)
   precisions=(fp32)
   compiles=("")  # compiling on a CPU takes minutes of C++ builds; the GPU run measures it
@@ -27,6 +30,7 @@ else
   step=(--device cuda --batch 64 --global-size 224 --local-size 96 --n-local 10 --queue 65536
     --group-out-dim 65536 --warmup 3 --iters 10)
   knn=(--device cuda)
+  features=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 8)
   archs=(vit_small vit_base)
   precisions=(fp32 bf16)
   compiles=("" --compile)
@@ -46,7 +50,14 @@ for arch in "${archs[@]}"; do
   done
 done
 echo "== knn"
-"$PYTHON" benchmarks/knn.py "${knn[@]}" | tee "$OUT/knn.txt"
+"$PYTHON" benchmarks/knn.py "${knn[@]}" --json "$OUT/knn.json" | tee "$OUT/knn.txt" \
+  || echo "knn failed" | tee -a "$OUT/failures.txt"
+for arch in "${archs[@]}"; do
+  name="features-$arch"
+  echo "== $name"
+  "$PYTHON" benchmarks/features.py "${features[@]}" --arch "$arch" --json "$OUT/$name.json" \
+    || echo "$name failed" | tee -a "$OUT/failures.txt"
+done
 echo "results in $OUT"
 if [ -s "$OUT/failures.txt" ]; then
   echo "failed:" && cat "$OUT/failures.txt"

@@ -1,6 +1,7 @@
 """kNN throughput (queries per second) and peak memory on random features.
 
-    python benchmarks/knn.py [--bank 100000] [--queries 10000] [--dim 384] [--device cpu]
+    python benchmarks/knn.py [--bank 100000] [--queries 10000] [--dim 384] [--classes 1000] \\
+        [--device cpu|cuda] [--threads N] [--json PATH]
 
 Builds a seeded random bank (``--bank`` × ``--dim`` float32, ``--classes`` labels) and query set, then
 times :func:`mugs.evaluation.knn.knn_evaluate` with k ∈ {10, 20, 100, 200} (one neighbour search at
@@ -13,75 +14,92 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
-from _common import peak_resident_bytes, resident_bytes
+from _common import machine_info, peak_resident_bytes, report, resident_bytes, synchronize
 
 from mugs.evaluation.features import FeatureSet
 from mugs.evaluation.knn import knn_evaluate
 
+KS = [10, 20, 100, 200]
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bank", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
     parser.add_argument("--bank-chunk-size", type=int, default=262144, help="bank rows per block")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    return parser.parse_args(argv)
+
+
+def random_features(rows: int, dim: int, classes: list[str], generator: torch.Generator) -> FeatureSet:
+    labels = torch.randint(0, len(classes), (rows,), generator=generator)
+    return FeatureSet(torch.randn(rows, dim, generator=generator), labels, None, classes, None)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     generator = torch.Generator().manual_seed(0)
-    bank = FeatureSet(
-        torch.randn(args.bank, args.dim, generator=generator),
-        torch.randint(0, args.classes, (args.bank,), generator=generator),
-        None,
-        [str(c) for c in range(args.classes)],
-        None,
-    )
-    queries = FeatureSet(
-        torch.randn(args.queries, args.dim, generator=generator),
-        torch.randint(0, args.classes, (args.queries,), generator=generator),
-        None,
-        bank.classes,
-        None,
-    )
-    ks = [10, 20, 100, 200]
-    settings = dict(chunk_size=args.chunk_size, bank_chunk_size=args.bank_chunk_size, device=device)
-    # warm-up: kernel selection and allocator pools, outside the timed run
-    knn_evaluate(
-        bank,
-        FeatureSet(queries.features[:64], queries.labels[:64], None, bank.classes, None),
-        ks=ks,
+    classes = [str(c) for c in range(args.classes)]
+    bank = random_features(args.bank, args.dim, classes, generator)
+    queries = random_features(args.queries, args.dim, classes, generator)
+    settings = dict(
+        ks=KS,
         temperature=0.07,
-        **settings,
+        chunk_size=args.chunk_size,
+        bank_chunk_size=args.bank_chunk_size,
+        device=device,
     )
+    # warm-up: kernel selection and allocator pools, outside the timed run
+    warmup = FeatureSet(queries.features[:64], queries.labels[:64], None, classes, None)
+    knn_evaluate(bank, warmup, **settings)
 
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     baseline = resident_bytes()
     start = time.perf_counter()
-    result = knn_evaluate(bank, queries, ks=ks, temperature=0.07, **settings)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    accuracy = knn_evaluate(bank, queries, **settings)
+    synchronize(device)
     seconds = time.perf_counter() - start
     if device.type == "cuda":
-        memory = f"peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB"
+        peak, kind = torch.cuda.max_memory_allocated(device), "CUDA allocated"
     else:
-        memory = f"peak RSS above baseline {max(0, peak_resident_bytes() - baseline) / 2**20:,.0f} MiB"
-    print(
-        f"bank {args.bank:,} x {args.dim}, {args.queries:,} queries, k {ks}, {args.classes} classes, "
-        f"chunks {args.chunk_size} x {args.bank_chunk_size}, {device}, {torch.get_num_threads()} threads"
-    )
-    bank_mib = bank.features.numel() * 4 / 2**20
-    print(f"{seconds:.2f} s, {args.queries / seconds:,.0f} queries/s, {memory} (bank {bank_mib:,.0f} MiB)")
-    print(f"top-1 at k=20: {result['fine']['20']['top1']:.4f} (chance {1 / args.classes:.4f})")
+        peak, kind = max(0, peak_resident_bytes() - baseline), "process RSS above baseline"
+    figures: dict[str, Any] = {
+        "bank": args.bank,
+        "dim": args.dim,
+        "queries": args.queries,
+        "ks": KS,
+        "classes": args.classes,
+        "chunk_size": args.chunk_size,
+        "bank_chunk_size": args.bank_chunk_size,
+        "threads": torch.get_num_threads(),
+        "seconds": seconds,
+        "queries_per_second": args.queries / seconds,
+        "peak_memory_mib": peak / 2**20,
+        "peak_memory_kind": kind,
+        "bank_mib": bank.features.numel() * bank.features.element_size() / 2**20,
+        "top1_at_20": accuracy["fine"]["20"]["top1"],
+        "chance_top1": 1 / args.classes,
+        **machine_info(device),
+    }
+    report("kNN evaluation", figures, args.json)
+    return figures
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     step = json.loads((tmp_path / "step-vit_tiny-fp32.json").read_text())
     assert step["seconds_per_iteration"] > 0 and step["tflop_per_iteration"] > 0
     assert step["images_per_second"] == pytest.approx(step["batch"] / step["seconds_per_iteration"])
-    assert "queries/s" in (tmp_path / "knn.txt").read_text()
+    knn = json.loads((tmp_path / "knn.json").read_text())
+    assert (knn["bank"], knn["queries"], knn["dim"]) == (2000, 200, 64)
+    assert "queries_per_second" in (tmp_path / "knn.txt").read_text()
+    features = json.loads((tmp_path / "features-vit_tiny.json").read_text())
+    assert (features["images"], features["image_size"], features["feature_dim"]) == (16, 32, 192)
 
 
 def run_benchmark(script: str, args: str, json_path: Path) -> dict:
@@ -118,6 +122,56 @@ def test_pipeline_counts_jobs_and_changed_stages_without_running_them(
     assert_machine(figures)
 
 
+def test_knn_reports_the_search_it_timed(tmp_path: Path) -> None:
+    args = "--bank 500 --queries 50 --dim 16 --classes 5 --chunk-size 16 --bank-chunk-size 128 --threads 1"
+    figures = run_benchmark("knn.py", args, tmp_path / "knn.json")
+    assert (figures["bank"], figures["queries"], figures["dim"], figures["classes"]) == (500, 50, 16, 5)
+    assert figures["ks"] == [10, 20, 100, 200] and figures["threads"] == 1
+    assert (figures["chunk_size"], figures["bank_chunk_size"]) == (16, 128)
+    assert figures["queries_per_second"] == pytest.approx(50 / figures["seconds"])
+    assert figures["bank_mib"] * 2**20 == 500 * 16 * 4
+    assert figures["top1_at_20"] * 50 == pytest.approx(round(figures["top1_at_20"] * 50))  # of 50 queries
+    assert figures["chance_top1"] == 0.2
+    assert figures["peak_memory_mib"] >= 0 and figures["peak_memory_kind"] == "process RSS above baseline"
+    assert_machine(figures)
+
+
+def test_prepare_decodes_every_file_cold_and_none_warm(tmp_path: Path) -> None:
+    figures = run_benchmark("prepare.py", "--images 20 --classes 2 --workers 1", tmp_path / "prepare.json")
+    assert (figures["images"], figures["classes"], figures["workers"]) == (20, 2, 1)
+    assert (figures["cold_decoded"], figures["cold_cached"]) == (20, 0)
+    assert (figures["warm_decoded"], figures["warm_cached"]) == (0, 20)
+    assert figures["cold_files_per_second"] == pytest.approx(20 / figures["cold_seconds"])
+    assert figures["warm_files_per_second"] == pytest.approx(20 / figures["warm_seconds"])
+    assert 1 < figures["kib_per_image"] < 10  # 64x64 JPEGs at quality 90
+    assert_machine(figures)
+
+
+def test_features_extracts_every_image_without_a_cache(tmp_path: Path) -> None:
+    args = (
+        "--arch vit_tiny --depth 1 --patch-size 8 --image-size 32 --images 16 --batch-size 8 "
+        "--workers 1 --threads 1"
+    )
+    figures = run_benchmark("features.py", args, tmp_path / "features.json")
+    assert (figures["arch"], figures["depth"], figures["patch_size"], figures["image_size"]) == (
+        "vit_tiny",
+        1,
+        8,
+        32,
+    )
+    assert figures["source"].startswith("16 JPEGs 500x375 (")
+    assert (figures["images"], figures["batch_size"], figures["loader_workers"]) == (16, 8, 1)
+    assert figures["feature_dim"] == 192 and figures["features_mib"] * 2**20 == 16 * 192 * 4
+    assert figures["images_per_second"] == pytest.approx(16 / figures["seconds"])
+    before = figures["first_batch_seconds"] + figures["after_last_batch_seconds"]
+    assert 0 < before < figures["seconds"]
+    # the second batch of 8 images came after the first, within the rest of the call
+    rest = figures["seconds"] - before
+    assert figures["after_first_batch_images_per_second"] == pytest.approx(8 / rest)
+    assert figures["peak_memory_mib"] >= 0 and figures["peak_memory_kind"] == "process RSS above baseline"
+    assert_machine(figures)
+
+
 @pytest.mark.slow
 def test_cpu_script_quick_runs_every_benchmark(tiny_workflow: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -131,8 +185,12 @@ def test_cpu_script_quick_runs_every_benchmark(tiny_workflow: Path, tmp_path: Pa
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for name in ("step-cpu", "augment-paper", "augment-demo", "memory-cpu", "pipeline"):
+    names = ("step-cpu", "loop-target", "loop-demo", "augment-paper", "augment-demo", "memory-cpu")
+    names += ("knn", "features-cpu", "prepare", "pipeline")
+    for name in names:
         assert json.loads((out / f"{name}.json").read_text())["torch"], name
-    assert "queries/s" in (out / "knn.txt").read_text()
-    assert "files/s" in (out / "prepare.txt").read_text()
+        assert (out / f"{name}.txt").read_text().strip(), name
+    loop_demo = json.loads((out / "loop-demo.json").read_text())
+    assert (loop_demo["setting"], loop_demo["depth"], loop_demo["batch"]) == ("demo", 1, 8)
+    assert json.loads((out / "prepare.json").read_text())["cold_decoded"] == 50
     assert not (out / "failures.txt").exists()
