@@ -85,6 +85,18 @@ def test_kept_checkpoints_and_plain_data(straight_run: Path) -> None:
     assert (straight_run / "DONE").exists()
 
 
+def test_rerunning_a_finished_run_restores_its_marker_and_trains_nothing(tmp_path: Path) -> None:
+    train(tmp_path)
+    latest = (tmp_path / "checkpoints" / ckpt.LATEST).read_bytes()
+    log = (tmp_path / "log.jsonl").read_text()
+    (tmp_path / "DONE").unlink()  # Snakemake removes a job's outputs before it reruns the job
+    result = train(tmp_path)
+    assert (result.status, result.global_iteration) == ("finished", 6)
+    assert json.loads((tmp_path / "DONE").read_text()) == {"global_iteration": 6}
+    assert (tmp_path / "checkpoints" / ckpt.LATEST).read_bytes() == latest
+    assert (tmp_path / "log.jsonl").read_text() == log
+
+
 def test_same_seed_gives_bit_identical_checkpoints(straight_run: Path, tmp_path: Path) -> None:
     train(tmp_path)
     assert_states_identical(final_state(straight_run), final_state(tmp_path))

@@ -503,6 +503,9 @@ class Trainer:
         total_iterations = config.optim.epochs * self.iterations_per_epoch
         end = min(total_iterations, config.train.max_iterations or total_iterations)
         if self.global_iteration >= end:
+            if end == total_iterations:
+                # a workflow rerun of a finished run (Snakemake deletes the marker first) must get it back
+                self._mark_done()
             return TrainResult(
                 "finished" if end == total_iterations else "stopped",
                 self.global_iteration,
@@ -557,11 +560,16 @@ class Trainer:
         # the last step is always followed by a save(), here or at the epoch end just above, and its
         # finiteness check guards DONE as well
         path = self.save() if self.iteration_in_epoch or status != "finished" else latest
-        if self.rank == 0 and status == "finished":
+        if status == "finished":
+            self._mark_done()
+        return TrainResult(status, self.global_iteration, path)
+
+    def _mark_done(self) -> None:
+        """Write the ``DONE`` marker the workflow waits for (rank 0)."""
+        if self.rank == 0:
             (self.output_dir / "DONE").write_text(
                 json.dumps({"global_iteration": self.global_iteration}) + "\n"
             )
-        return TrainResult(status, self.global_iteration, path)
 
     def _log_record(self, window: _Window, log: MetricsLog) -> dict[str, Any]:
         self.check_finite()
