@@ -1,6 +1,7 @@
 """Pipeline overhead: seconds of ``snakemake -n all`` and ``dvc status`` on a project, and what they say.
 
-    python benchmarks/pipeline.py [--root .] [--profile profiles/local] [--repeats 3] [--json PATH]
+    python benchmarks/pipeline.py [--root .] [--profile profiles/local] [--configfile FILE ...]
+        [--repeats 3] [--json PATH]
 
 Both commands only read the workflow's state: the dry run plans the jobs of target ``all``, ``dvc status``
 compares the stages with ``dvc.lock``. On a finished run both should have nothing to do; the figures
@@ -34,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--profile", default="profiles/local", help="Snakemake profile, relative to --root")
+    parser.add_argument(
+        "--configfile", nargs="+", default=[], help="more parameter files, as the run was made with"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the figures here")
     return parser.parse_args(argv)
@@ -60,7 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     root = args.root.resolve()
     snakemake_times, dry_run = timed_runs(
-        ["snakemake", "--profile", args.profile, "-n", "all"], root, args.repeats
+        ["snakemake", "--profile", args.profile, "-n", "all"]
+        + (["--configfile", *args.configfile] if args.configfile else []),
+        root,
+        args.repeats,
     )
     jobs = planned_jobs(dry_run.stdout + dry_run.stderr)
     dvc_times, status = timed_runs(["dvc", "status", "--json"], root, args.repeats)
