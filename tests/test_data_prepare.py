@@ -266,6 +266,20 @@ def test_cache_decodes_only_changed_files_and_output_is_identical(tmp_path):
     assert snapshot(tmp_path / "out")["stats.json"] != before["stats.json"]
 
 
+def test_a_warm_rerun_starts_no_worker_process(tmp_path, monkeypatch):
+    root = tree(tmp_path / "data", {"train": {"cat": 3, "dog": 3}})
+    first = run_prepare(config(tmp_path, root, workers=2), progress=False)
+    before = snapshot(tmp_path / "out")
+
+    def no_processes(*args, **kwargs):
+        raise AssertionError("a process pool was started although every file was cached")
+
+    monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", no_processes)
+    again = run_prepare(config(tmp_path, root, workers=2), progress=False)
+    assert (first.decoded, again.decoded, again.cached) == (6, 0, 6)
+    assert snapshot(tmp_path / "out") == before
+
+
 def test_held_out_val_split_and_cap(tmp_path):
     root = tree(tmp_path / "data", {"train": {"a": 10, "b": 10, "c": 10}, "test": {"a": 1, "b": 1, "c": 1}})
     summary = run_prepare(config(tmp_path, root, val_fraction=0.2), progress=False)

@@ -33,7 +33,7 @@ import stat
 import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -437,46 +437,48 @@ def _prepare_imagefolder(config: DataConfig, bar: Progress, out: Path) -> dict[s
     class_dirs = [d for split in layout.values() for d in split]
     bad: list[dict[str, str]] = []
     ignored = 0
-    with _executor(config.workers) as pool:
-        # 1. list every class directory (in parallel: on network file systems the stat calls dominate)
-        task = bar.add_task("scanning", total=len(class_dirs))
-        listings = {}
-        for class_dir, listing in _map(pool, _scan_class_dir, [(d,) for d in class_dirs]):
+    # 1. list every class directory, in threads: on network file systems the stat calls dominate,
+    # and they release the GIL, so no worker process has to start (a warm rerun starts none)
+    task = bar.add_task("scanning", total=len(class_dirs))
+    listings = {}
+    with ThreadPoolExecutor(max_workers=max(config.workers, 1)) as threads:
+        for class_dir, listing in _map(threads, _scan_class_dir, [(d,) for d in class_dirs]):
             listings[class_dir] = listing
             bar.advance(task)
-        candidates: list[tuple[ClassDir, str, int, int]] = []
-        for class_dir in class_dirs:
-            files, problems, n_ignored = listings[class_dir]
-            ignored += n_ignored
-            bad.extend({"path": p, "split": class_dir.split, "reason": r} for p, r in problems)
-            if not files and not problems:
-                raise DataError(f"class directory {class_dir.path} contains no images")
-            if config.max_per_class is not None:
-                files = files[: config.max_per_class]
-            candidates.extend((class_dir, *f) for f in files)
+    candidates: list[tuple[ClassDir, str, int, int]] = []
+    for class_dir in class_dirs:
+        files, problems, n_ignored = listings[class_dir]
+        ignored += n_ignored
+        bad.extend({"path": p, "split": class_dir.split, "reason": r} for p, r in problems)
+        if not files and not problems:
+            raise DataError(f"class directory {class_dir.path} contains no images")
+        if config.max_per_class is not None:
+            files = files[: config.max_per_class]
+        candidates.extend((class_dir, *f) for f in files)
 
-        # 2. decode every file not already verified with the same size and mtime
-        records: list[tuple | None] = [None] * len(candidates)
-        cache = _Cache(Path(f"{out}.cache") / "files.sqlite")
-        keys = [str((root / rel).absolute()) for _, rel, _, _ in candidates]
-        for i, record in cache.lookup(keys, [(size, mtime) for _, _, size, mtime in candidates]):
-            records[i] = record
-        todo = [i for i, r in enumerate(records) if r is None]
-        cached = len(candidates) - len(todo)
-        task = bar.add_task("decoding", total=len(candidates), completed=cached)
-        chunk = max(8, min(256, len(todo) // (8 * max(config.workers, 1)) or 8))
-        jobs = [
-            (str(root), [candidates[i][1] for i in todo[s : s + chunk]], todo[s : s + chunk])
-            for s in range(0, len(todo), chunk)
-        ]
-        try:
+    # 2. decode every file not already verified with the same size and mtime
+    records: list[tuple | None] = [None] * len(candidates)
+    cache = _Cache(Path(f"{out}.cache") / "files.sqlite")
+    keys = [str((root / rel).absolute()) for _, rel, _, _ in candidates]
+    for i, record in cache.lookup(keys, [(size, mtime) for _, _, size, mtime in candidates]):
+        records[i] = record
+    todo = [i for i, r in enumerate(records) if r is None]
+    cached = len(candidates) - len(todo)
+    task = bar.add_task("decoding", total=len(candidates), completed=cached)
+    chunk = max(8, min(256, len(todo) // (8 * max(config.workers, 1)) or 8))
+    jobs = [
+        (str(root), [candidates[i][1] for i in todo[s : s + chunk]], todo[s : s + chunk])
+        for s in range(0, len(todo), chunk)
+    ]
+    try:
+        with _executor(config.workers if todo else 0) as pool:
             for (_, _, index), results in _map(pool, _verify_chunk, jobs):
                 for i, record in zip(index, results, strict=True):
                     records[i] = record
                 cache.store([(keys[i], candidates[i][2], candidates[i][3], records[i]) for i in index])
                 bar.advance(task, len(index))
-        finally:
-            cache.close()
+    finally:
+        cache.close()
 
     per_split: dict[str, list[tuple[str, int, int, str, tuple]]] = {}
     modes: dict[str, int] = {}
