@@ -1,16 +1,19 @@
-"""What the benchmark scripts share: the machine's description, peak memory, synthetic JPEG trees (and
-their prepared splits), and the figures printed as a table and written as JSON.
+"""What the benchmark scripts share: their device options, the machine's description, peak memory,
+synthetic JPEG trees (and their prepared splits), and the figures printed as a table and written as
+JSON.
 
 The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import platform
 import resource
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,24 @@ from mugs.config import DataConfig
 from mugs.data.prepare import run_prepare
 
 JPEG_SIZE = (500, 375)  # width, height: about ImageNet's average
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, *, threads: int | None = None) -> None:
+    """``--device`` (cpu or cuda), ``--threads`` (torch intra-op threads; default ``threads``, None
+    leaving torch's choice) and ``--json`` (where the figures go)."""
+    default = threads or "torch's choice"
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--threads", type=int, default=threads, help=f"torch intra-op threads (default: {default})"
+    )
+    parser.add_argument("--json", type=Path, help="write the figures here")
+
+
+def chosen_device(args: argparse.Namespace) -> torch.device:
+    """The ``--device`` of ``args``, after setting torch's thread count to ``--threads`` if given."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device)
 
 
 def cpu_model() -> str:
@@ -81,6 +102,34 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_resident_bytes() / 2**20
+
+
+class TimedPeak:
+    """Times a ``with`` block and the peak memory it adds: CUDA memory allocated by torch, or on CPU
+    the process's peak resident set above its size on entry (the peak restarted there where Linux
+    allows). After the block: ``start`` (``time.perf_counter``), ``seconds``, ``peak_mib``, ``kind``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> TimedPeak:
+        synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        reset_peak_resident()
+        self.baseline = resident_bytes()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self.start
+        if self.device.type == "cuda":
+            peak, self.kind = torch.cuda.max_memory_allocated(self.device), "CUDA allocated"
+        else:
+            peak, self.kind = max(0, peak_resident_bytes() - self.baseline), "process RSS above baseline"
+        self.peak_mib = peak / 2**20
 
 
 def textured_pixels(seed: int, width: int, height: int) -> np.ndarray:

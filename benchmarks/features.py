@@ -43,12 +43,12 @@ from unittest import mock
 
 import torch
 from _common import (
+    TimedPeak,
+    add_device_arguments,
+    chosen_device,
     machine_info,
-    peak_resident_bytes,
     prepared_jpegs,
     report,
-    reset_peak_resident,
-    resident_bytes,
     synchronize,
 )
 
@@ -70,9 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=256, help="images in the extracted split")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=4, help="loader processes (evaluate.num_workers)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    add_device_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -121,9 +119,7 @@ class BatchClock:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(args)
     with tempfile.TemporaryDirectory(prefix="mugs-features-bench-") as scratch:
         scratch = Path(scratch)
         # setup only, not timed: a process per 64 images, up to the cores this process may use
@@ -137,21 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if any(cache.glob("*-train-*")):
             raise RuntimeError(f"{cache} already holds train features: the timed call would read them")
 
-        synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        reset_peak_resident()  # generating the JPEGs and the checkpoint may have peaked higher
-        baseline = resident_bytes()
         clock = BatchClock(extraction._features_of_batch, device)
-        start = time.perf_counter()
-        with mock.patch.object(extraction, "_features_of_batch", clock):
+        # TimedPeak restarts the peak: generating the JPEGs and the checkpoint may have peaked higher
+        with TimedPeak(device) as timed, mock.patch.object(extraction, "_features_of_batch", clock):
             (train,) = evaluation_features(checkpoint, config, ["train"], device=device, progress=False)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        if device.type == "cuda":
-            peak, kind = torch.cuda.max_memory_allocated(device), "CUDA allocated"
-        else:
-            peak, kind = max(0, peak_resident_bytes() - baseline), "process RSS above baseline"
         rows, dim = train.features.shape
         if rows != args.images or sum(images for _, images in clock.done) != rows:
             raise RuntimeError(f"extracted {rows} feature rows, expected {args.images}")
@@ -171,13 +156,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision": "fp32",
         "threads": torch.get_num_threads(),
         "feature_dim": dim,
-        "seconds": seconds,
-        "images_per_second": args.images / seconds,
-        "first_batch_seconds": first_done - start,
+        "seconds": timed.seconds,
+        "images_per_second": args.images / timed.seconds,
+        "first_batch_seconds": first_done - timed.start,
         "after_first_batch_images_per_second": after_first,
-        "after_last_batch_seconds": start + seconds - last_done,
-        "peak_memory_mib": peak / 2**20,
-        "peak_memory_kind": kind,
+        "after_last_batch_seconds": timed.start + timed.seconds - last_done,
+        "peak_memory_mib": timed.peak_mib,
+        "peak_memory_kind": timed.kind,
         "features_mib": rows * dim * 4 / 2**20,
         **machine_info(device),
     }

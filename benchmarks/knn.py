@@ -6,19 +6,23 @@
 Builds a seeded random bank (``--bank`` × ``--dim`` float32, ``--classes`` labels) and query set, then
 times :func:`mugs.evaluation.knn.knn_evaluate` with k ∈ {10, 20, 100, 200} (one neighbour search at
 k = 200, every k voted from it), the evaluation ``mugs knn`` runs. Peak memory is the process's peak
-resident set size above its size before the search (bank and queries already allocated), from
-``getrusage``; on CUDA, the peak of ``torch.cuda.max_memory_allocated`` instead.
+resident set size during the search above its size before it (bank and queries already allocated),
+from ``getrusage``; on CUDA, the peak of ``torch.cuda.max_memory_allocated`` instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine_info, peak_resident_bytes, report, resident_bytes, synchronize
+from _common import (
+    TimedPeak,
+    add_device_arguments,
+    chosen_device,
+    machine_info,
+    report,
+)
 
 from mugs.evaluation.features import FeatureSet
 from mugs.evaluation.knn import knn_evaluate
@@ -36,9 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
     parser.add_argument("--bank-chunk-size", type=int, default=262144, help="bank rows per block")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    add_device_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -49,9 +51,7 @@ def random_features(rows: int, dim: int, classes: list[str], generator: torch.Ge
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(args)
 
     generator = torch.Generator().manual_seed(0)
     classes = [str(c) for c in range(args.classes)]
@@ -68,18 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warmup = FeatureSet(queries.features[:64], queries.labels[:64], None, classes, None)
     knn_evaluate(bank, warmup, **settings)
 
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    baseline = resident_bytes()
-    start = time.perf_counter()
-    accuracy = knn_evaluate(bank, queries, **settings)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    if device.type == "cuda":
-        peak, kind = torch.cuda.max_memory_allocated(device), "CUDA allocated"
-    else:
-        peak, kind = max(0, peak_resident_bytes() - baseline), "process RSS above baseline"
+    with TimedPeak(device) as timed:
+        accuracy = knn_evaluate(bank, queries, **settings)
     figures: dict[str, Any] = {
         "bank": args.bank,
         "dim": args.dim,
@@ -89,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "chunk_size": args.chunk_size,
         "bank_chunk_size": args.bank_chunk_size,
         "threads": torch.get_num_threads(),
-        "seconds": seconds,
-        "queries_per_second": args.queries / seconds,
-        "peak_memory_mib": peak / 2**20,
-        "peak_memory_kind": kind,
+        "seconds": timed.seconds,
+        "queries_per_second": args.queries / timed.seconds,
+        "peak_memory_mib": timed.peak_mib,
+        "peak_memory_kind": timed.kind,
         "bank_mib": bank.features.numel() * bank.features.element_size() / 2**20,
         "top1_at_20": accuracy["fine"]["20"]["top1"],
         "chance_top1": 1 / args.classes,

@@ -44,7 +44,7 @@ from typing import Any
 from unittest import mock
 
 import torch
-from _common import machine_info, report, synchronize
+from _common import add_device_arguments, machine_info, report, synchronize
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -79,8 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--demo", action="store_true", help="the demo preset instead of the target setting")
     parser.add_argument("--num-workers", type=int, default=0, help="loader processes (train.num_workers)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (train.threads)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--iters", type=int, default=20, help="timed iterations")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (at least 1)")
     parser.add_argument("--log-every", type=int, default=10, help="iterations between log lines")
@@ -91,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    add_device_arguments(parser, threads=2)
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.iters < 1:
         parser.error("--warmup and --iters must be at least 1 (the first batch starts the loader)")

@@ -26,11 +26,10 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine_info, peak_memory_mib, report, synchronize
+from _common import add_device_arguments, chosen_device, machine_info, peak_memory_mib, report, synchronize
 
 from mugs.losses import InfoNCEQueueLoss
 from mugs.model import NeighbourMemory
@@ -46,11 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-dim", type=int, default=384, help="memory row width (backbone width)")
     parser.add_argument("--queue-dim", type=int, default=256, help="queue row width (model.out_dim)")
     parser.add_argument("--n-local", type=int, default=10, help="local crops per image")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    add_device_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -69,9 +66,7 @@ def median_ms(call: Callable[[], Any], device: torch.device, warmup: int, iters:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(args)
     memory = NeighbourMemory(args.size, args.memory_dim, args.top_n).to(device)
     queue = InfoNCEQueueLoss(args.queue_dim, args.size, n_crops=2 + args.n_local).to(device)
     generator = torch.Generator().manual_seed(0)

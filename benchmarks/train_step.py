@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import device_name, machine_info, peak_memory_mib, report, synchronize
+from _common import add_device_arguments, device_name, machine_info, peak_memory_mib, report, synchronize
 from torch.utils.flop_counter import FlopCounterMode
 
 from mugs.config import config_from_dict
@@ -51,14 +51,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-local", type=int, default=2)
     parser.add_argument("--queue", type=int, default=1024, help="InfoNCE queues and neighbour memories")
     parser.add_argument("--group-out-dim", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
-    parser.add_argument("--json", type=Path, help="write the figures here")
+    add_device_arguments(parser, threads=2)
     return parser.parse_args(argv)
 
 
