@@ -17,25 +17,27 @@ _WORKFLOW_FILES = (
 PARAMS = [
     p for p in _WORKFLOW_FILES if p not in _COMMAND_LINE_FILES
 ] + _COMMAND_LINE_FILES
-RUNS = list(config["runs"])
+# the runs in the order the files define them (Snakemake's merged config puts a --configfile's runs
+# first), so that the first run, whose settings the data rules read, stays the first when a file
+# adds a run; then any run given only with --config, which load_config below rejects by name
+RUNS = list(
+    dict.fromkeys(
+        [
+            run
+            for path in PARAMS
+            for run in read_yaml(path).get("runs") or {}
+            if run in config["runs"]
+        ]
+        + list(config["runs"])
+    )
+)
 LAUNCHER = config.get("launcher", config.get("launch", {}).get("launcher", "local"))
 
 # Validate every run's settings before anything is scheduled: errors name the file and the key.
 RUN_CONFIGS = {run: load_config(PARAMS, run=run) for run in RUNS}
 # what each run's commands read (`--config {params.config_files}`): the files that shape it
 RUN_FILES = {run: files_shaping_run(PARAMS, run) for run in RUNS}
-# the run whose settings the data rules read (data.* is shared by all): the first run of the first
-# file, so that a file adding a run leaves the data jobs as they were
-DATA_RUN = next(
-    (
-        run
-        for path in PARAMS
-        for run in read_yaml(path).get("runs") or {}
-        if run in RUNS
-    ),
-    RUNS[0],
-)
-DATA = RUN_CONFIGS[DATA_RUN].data
+DATA = RUN_CONFIGS[RUNS[0]].data  # data.* is shared by every run
 PREPARED = DATA.prepared_dir
 
 
@@ -50,7 +52,7 @@ def pretrain_dir(run):
 def settings(run, *keys):
     """The resolved values of dotted ``keys`` for ``run`` (None: the data rules' run); a rule reruns
     when one of them changes."""
-    values = RUN_CONFIGS[run or DATA_RUN].to_dict()
+    values = RUN_CONFIGS[run or RUNS[0]].to_dict()
     picked = {}
     for key in keys:
         value = values

@@ -13,8 +13,8 @@ if DATA.source == "fashion-mnist":
         conda:
             "../../envs/mugs.yaml"
         params:
-            config_files=RUN_FILES[DATA_RUN],
-            run=DATA_RUN,
+            config_files=RUN_FILES[RUNS[0]],
+            run=RUNS[0],
         shell:
             "mugs demo-data --config {params.config_files} --run {params.run} > {log} 2>&1"
 
@@ -32,8 +32,8 @@ rule prepare:
     resources:
         **rule_resources("prepare"),
     params:
-        config_files=RUN_FILES[DATA_RUN],
-        run=DATA_RUN,
+        config_files=RUN_FILES[RUNS[0]],
+        run=RUNS[0],
         settings=settings(
             None,
             "data.source",
