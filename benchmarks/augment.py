@@ -128,19 +128,30 @@ def loader_for(config: Config, pool: Dataset, mean_std: MeanStd, batches: int) -
     return build_loader(config, cycled, mean_std, sampler, pin_memory=torch.cuda.is_available())
 
 
-def single_process_rates(loader: DataLoader, batches: int, repeats: int) -> list[float]:
-    """Images per second of ``repeats`` passes over ``batches`` batches, each pass a fresh epoch."""
+def single_process_rates(loader: DataLoader, batches: int, repeats: int) -> tuple[list[float], float]:
+    """Images per second of ``repeats`` passes over ``batches`` batches, each pass a fresh epoch, and
+    the bytes per image that a batch carries from the loader to the training process.
+    """
     torch.set_num_threads(1)  # as in a DataLoader worker
     loader.dataset[(0, 0)]  # first-use costs: plugins, lazily loaded arrays
-    rates = []
+    rates, batch = [], None
     for epoch in range(repeats):
         loader.batch_sampler.set_position(epoch)
         iterator = iter(loader)
         start = time.perf_counter()
         for _ in range(batches):
-            next(iterator)
+            batch = next(iterator)
         rates.append(batches * loader.batch_sampler.local_batch / (time.perf_counter() - start))
-    return rates
+    return rates, batch_bytes(batch) / loader.batch_sampler.local_batch
+
+
+def batch_bytes(batch: Any) -> int:
+    """Bytes of every tensor in a (nested) batch: what shared memory, pinning and the copy carry."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, (list, tuple)):
+        return sum(batch_bytes(item) for item in batch)
+    return 0
 
 
 def worker_rate(loader: DataLoader, workers: int, batches: int) -> float:
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mugs-augment-bench-") as scratch:
         make_pool = jpeg_dataset if args.setting == "paper" else idx_dataset
         pool, mean_std, source = make_pool(Path(scratch), args.images)
-        rates = single_process_rates(
+        rates, bytes_per_image = single_process_rates(
             loader_for(config, pool, mean_std, args.batches), args.batches, args.repeats
         )
         loader_rate = None
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_process_images_per_second": per_process,
         "per_process_ms_per_image": 1000 / per_process,
         "per_process_passes": f"{args.repeats} x {args.batches * args.batch} images",
+        "loader_bytes_per_image": bytes_per_image,
         "loader_workers": args.workers,
         "loader_images_per_second": loader_rate,
         "step_seconds": args.step_seconds,
@@ -187,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         needed = args.batch / args.step_seconds
         result["images_per_second_needed"] = needed
         result["workers_needed"] = math.ceil(needed / per_process)
+        result["loader_bytes_per_second_needed"] = needed * bytes_per_image
         if loader_rate is not None:
             result["loader_keeps_up"] = loader_rate >= needed
     result.update(machine_info(torch.device("cpu")))

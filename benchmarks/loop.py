@@ -15,12 +15,13 @@ The loop is the engine's own ``Trainer.fit`` with its real loader and augmentati
 ``benchmarks/augment.py`` times). The phases are measured by wrapping, from here, the calls the engine
 already makes, so the engine carries no timing code and the figures are of the code that trains:
 
-    data            waiting for the loader's next batch (with 0 workers: the augmentation itself)
+    data            waiting for the loader's next batch (with 0 workers: the augmentation itself), and
+                    finishing its uint8 crops on the device (erasing, normalisation)
     forward         teacher and student networks and the losses (with the queue writes they make)
     backward        the backward pass
     optimizer       gradient clipping, last-layer freezing and the AdamW step
     ema + memories  the teacher's EMA update and the neighbour-memory writes
-    other           the rest of the wall time: copying the crops to the device, schedules, loss
+    other           the rest of the wall time: schedules, loss
                     bookkeeping, the non-finite watch, log lines (every ``--log-every`` iterations),
                     the progress bar, the stop check
 
@@ -62,7 +63,7 @@ TARGET_SETTING: dict[str, Any] = {
 }
 DEMO_SETTING: dict[str, Any] = {"preset": "demo"}
 PHASES = {
-    "data": "waiting for the loader",
+    "data": "loader, finishing the crops",
     "forward": "teacher, student, losses",
     "backward": "backward pass",
     "optimizer": "clipping, freezing, AdamW",
@@ -183,6 +184,7 @@ class TimedLoader:
 def instrument(trainer: Trainer, clock: PhaseClock, warmup: int, stack: ExitStack) -> None:
     """Wrap the engine's calls into the clock's phases; ``stack`` undoes the class-level patches."""
     trainer.loader = TimedLoader(trainer.loader, clock, warmup)
+    trainer.finish_crops = clock.timed("data", trainer.finish_crops)
     trainer.teacher_forward = clock.timed("forward", trainer.teacher_forward)
     trainer.student_ddp = clock.timed("forward", trainer.student_ddp)
     for loss in trainer.losses.values():

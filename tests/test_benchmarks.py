@@ -69,6 +69,10 @@ def test_augment_demo_rates_and_workers_for_a_step(tmp_path: Path) -> None:
     assert figures["images_per_second_needed"] == pytest.approx(8.0)  # 4 images in 0.5 s
     assert figures["workers_needed"] == math.ceil(8.0 / rate)
     assert figures["loader_keeps_up"] == (figures["loader_images_per_second"] >= 8.0)
+    # uint8 crops (4 × 3 × 28² + 2 × 3 × 14² bytes), boxes, flags, labels and erasing noise; not float32
+    uint8_crops = 4 * 3 * 28 * 28 + 2 * 3 * 14 * 14
+    assert uint8_crops < figures["loader_bytes_per_image"] < 2 * uint8_crops
+    assert figures["loader_bytes_per_second_needed"] == pytest.approx(8.0 * figures["loader_bytes_per_image"])
     assert_machine(figures)
 
 

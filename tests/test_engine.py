@@ -228,8 +228,8 @@ def _refuse(name: str):
 @pytest.mark.parametrize("pointer", ["fixed", "official"])
 def test_train_step_never_waits_for_the_device(tmp_path: Path, monkeypatch, pointer: str) -> None:
     trainer = Trainer(tiny_config(tmp_path, f"loss.memory_pointer={pointer}"), DATASET, mean_std=MEAN_STD)
-    batches = iter(trainer.loader)
-    crops, weak, _ = next(batches)
+    batch = next(iter(trainer.loader))
+    crops, weak = trainer.finish_crops(batch), batch.weak_flags
     assert weak.any() and not weak.all()  # both kinds of rows, so the memory update is exercised
     guard = _NoHostReads(host_tensors=[weak])  # the loader's flags are host data by construction
     with guard, pytest.raises(AssertionError, match="_local_scalar_dense"):
@@ -261,14 +261,15 @@ def test_train_step_never_waits_for_the_device(tmp_path: Path, monkeypatch, poin
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_train_step_never_waits_for_the_gpu(tmp_path: Path) -> None:
     trainer = Trainer(tiny_config(tmp_path, "train.device=cuda"), DATASET, mean_std=MEAN_STD)
-    crops, weak, _ = next(iter(trainer.loader))
-    crops = [c.to(trainer.device) for c in crops]
-    trainer.train_step(crops, weak)  # the first step creates AdamW's state, copying from the host
+    batches = iter(trainer.loader)
+    batch = next(batches)
+    trainer.train_step(trainer.finish_crops(batch), batch.weak_flags)  # the first creates AdamW's state
     trainer.global_iteration += 1
     torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
     try:
-        for _ in range(2):
-            trainer.train_step(crops, weak)
+        for _ in range(2):  # finishing the crops on the device included
+            batch = next(batches)
+            trainer.train_step(trainer.finish_crops(batch), batch.weak_flags)
             trainer.global_iteration += 1
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -5,11 +5,17 @@ import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from timm.data import auto_augment
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from mugs.data.transforms import (
+    NO_ERASING,
+    CropFinisher,
     MultiCropAugmentation,
+    MultiCropBatch,
+    MultiCropViews,
+    RandomErasingPatch,
     RandomGaussianBlur,
     SeededRandAugment,
     collate_multicrop,
@@ -33,38 +39,43 @@ def _aug(**kwargs) -> MultiCropAugmentation:
     return MultiCropAugmentation(**{"global_size": 32, "local_size": 16, "n_local": 2, **kwargs})
 
 
-def _assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+def _pixels(view) -> torch.Tensor:
+    """A view's uint8 crop: strong views also carry their erasing box."""
+    return view[0] if isinstance(view, tuple) else view
+
+
+def _assert_same(a: list, b: list) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
-        assert torch.equal(x, y)
+        assert torch.equal(_pixels(x), _pixels(y))
 
 
 @pytest.mark.parametrize("n_local", [2, 0])
 @pytest.mark.parametrize("image", [_rgb(64), _rgb(28).convert("L")], ids=["rgb64", "gray28"])
 def test_crop_count_order_shapes(image, n_local):
     _seed(0)
-    crops, weak = _aug(n_local=n_local)(image)
-    assert isinstance(weak, bool)
-    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 4 + [(3, 16, 16)] * n_local
-    assert all(c.dtype == torch.float32 for c in crops)
+    views = _aug(n_local=n_local)(image)
+    assert isinstance(views.weak, bool)
+    assert [tuple(c.shape) for c in views.crops] == [(3, 32, 32)] * 4 + [(3, 16, 16)] * n_local
+    assert all(c.dtype == torch.uint8 for c in views.crops)
+    assert len(views.erase_boxes) == len(views.erase_noise) == len(views.crops)
+    assert views.erase_boxes[:2] == [NO_ERASING] * 2  # the teacher's views are weak
 
 
 def test_grayscale_input_gives_three_equal_channels():
-    # A grey source stays grey through the weak views (jitter and grayscale keep R = G = B), so after
-    # converting to RGB the three channels differ only by the per-channel normalisation.
-    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    # A grey source stays grey through the weak views (jitter and grayscale keep R = G = B)
     _seed(3)
-    crops, _ = _aug(weak_prob=1.0, mean=mean, std=std)(_rgb(28).convert("L"))
-    for c in crops[:4]:
-        assert torch.allclose(c[0], c[1], atol=1e-6) and torch.allclose(c[1], c[2], atol=1e-6)
+    views = _aug(weak_prob=1.0)(_rgb(28).convert("L"))
+    for c in views.crops:
+        assert torch.equal(c[0], c[1]) and torch.equal(c[1], c[2])
 
 
 def test_weak_prob_one_replays_weak_views():
     aug, img = _aug(weak_prob=1.0), _rgb(64)
     for s in range(5):
         _seed(s)
-        crops, weak = aug(img)
-        assert weak is True
+        crops, boxes, _, weak = aug(img)
+        assert weak is True and boxes == [NO_ERASING] * len(crops)
         _seed(s)
         expected = [aug.weak_global1(img), aug.weak_global2(img)]
         random.random()  # the student's weak/strong draw
@@ -81,7 +92,7 @@ def test_weak_prob_zero_replays_strong_student_views():
     aug, img = _aug(weak_prob=0.0), _rgb(64)
     for s in range(5):
         _seed(s)
-        crops, weak = aug(img)
+        crops, _, _, weak = aug(img)
         assert weak is False
         _seed(s)
         expected = [aug.weak_global1(img), aug.weak_global2(img)]
@@ -101,14 +112,14 @@ def test_weak_prob_zero_replays_strong_student_views():
 def test_weak_prob_half_flag_frequency():
     aug, img = _aug(weak_prob=0.5, n_local=0), _rgb(28)
     _seed(0)
-    flags = [aug(img)[1] for _ in range(60)]
+    flags = [aug(img).weak for _ in range(60)]
     assert 15 <= sum(flags) <= 45
 
 
 def test_weak_prob_half_draws_each_local_independently():
     aug, img = _aug(weak_prob=0.5, n_local=8), _rgb(64)
     _seed(11)
-    crops, weak = aug(img)
+    crops, _, _, weak = aug(img)
     _seed(11)
     expected = [aug.weak_global1(img), aug.weak_global2(img)]
     assert weak == (random.random() < 0.5)
@@ -128,15 +139,17 @@ def test_seeding_is_bit_identical_and_ignores_numpy_state():
     aug, img = _aug(weak_prob=0.5, n_local=4, erasing_prob=1.0), _rgb(64)
     np.random.seed(1)
     _seed(42)
-    first, weak1 = aug(img)
+    first = aug(img)
     np.random.seed(2)  # timm's own RandAugment would pick different ops here
     _seed(42)
-    second, weak2 = aug(img)
-    assert weak1 == weak2
-    _assert_same(first, second)
+    second = aug(img)
+    assert (first.weak, first.erase_boxes) == (second.weak, second.erase_boxes)
+    assert any(box != NO_ERASING for box in first.erase_boxes)
+    _assert_same(first.crops, second.crops)
+    _assert_same(first.erase_noise, second.erase_noise)
     _seed(43)
-    third, _ = aug(img)
-    assert not torch.equal(first[0], third[0])
+    third = aug(img)
+    assert not torch.equal(first.crops[0], third.crops[0])
 
 
 def test_strong_rand_augment_is_reproducible_where_timm_is_not():
@@ -181,37 +194,71 @@ def test_strong_transform_survives_magnitude_10_posterize():
     img = _rgb(24)
     _seed(0)
     for _ in range(300):
-        assert strong(img).shape == (3, 16, 16)
+        assert strong(img)[0].shape == (3, 16, 16)
     assert len(bits_seen) >= 5 and set(bits_seen) == {0}
 
 
-def test_erasing_precedes_normalisation():
-    # magnitude 0: no geometric op moves pixels, so the fill colour (which follows ``mean``) never shows
-    # and the two runs differ only by normalisation, erased pixels included.
-    kwargs = {"rand_augment": "rand-m0-inc1", "erasing_prob": 1.0}
-    raw = strong_transform(32, (0.25, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), **kwargs)
-    norm = strong_transform(32, (0.25, 1.0), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **kwargs)
-    img = _rgb(40)
-    _seed(5)
-    x = raw(img)
-    _seed(5)
-    y = norm(img)
-    erased = (x < 0) | (x > 1)
-    assert erased.sum() > 10
-    assert torch.allclose(y, (x - 0.5) / 0.25, atol=1e-5)
+def _timm_erasing(prob: float) -> RandomErasing:
+    return RandomErasing(prob, mode="pixel", max_count=1, num_splits=0, device="cpu")
 
 
-def test_weak_views_normalise_with_given_mean_std():
-    img = _rgb(40)
-    raw = weak_transform(32, (0.25, 1.0), blur_prob=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    norm = weak_transform(32, (0.25, 1.0), blur_prob=1.0, mean=(0.2, 0.4, 0.6), std=(0.5, 0.25, 0.125))
-    _seed(1)
-    x = raw(img)
-    _seed(1)
-    y = norm(img)
-    assert x.min() >= 0.0 and x.max() <= 1.0
-    mean, std = torch.tensor([0.2, 0.4, 0.6])[:, None, None], torch.tensor([0.5, 0.25, 0.125])[:, None, None]
-    assert torch.allclose(y, (x - mean) / std, atol=1e-5)
+@pytest.mark.parametrize("size", [(32, 32), (16, 40), (3, 3)])
+def test_erasing_patch_is_timms_random_erasing_draw(size):
+    # the same box and noise from the same Python and torch states, which both leave in the same place
+    height, width = size
+    ours, timms = RandomErasingPatch(0.5), _timm_erasing(0.5)
+    erased = 0
+    for seed in range(200):
+        _seed(seed)
+        _, box, noise = ours(torch.zeros(3, height, width, dtype=torch.uint8))
+        after_ours = random.random(), torch.rand(())
+        _seed(seed)
+        filled = timms(torch.zeros(3, height, width))
+        assert (random.random(), torch.rand(())) == after_ours
+        if box == NO_ERASING:
+            assert not filled.any() and noise.numel() == 0
+            continue
+        erased += noise.numel() > 0
+        top, left, box_h, box_w = box
+        expected = torch.zeros(3, height, width)
+        expected[:, top : top + box_h, left : left + box_w] = noise
+        assert torch.equal(filled, expected)
+    assert erased > (60 if height > 3 else -1)
+
+
+def _finished_per_crop(strong, mean, std) -> T.Compose:
+    """The strong view finished crop by crop in the loader, as before the finisher existed."""
+    return T.Compose([*strong.transforms[:-2], T.ToTensor(), _timm_erasing(1.0), T.Normalize(mean, std)])
+
+
+def test_finisher_is_bit_identical_to_finishing_each_crop():
+    mean, std = (0.2, 0.4, 0.6), (0.5, 0.25, 0.125)
+    strong = strong_transform(32, (0.05, 1.0), erasing_prob=1.0, mean=mean)
+    per_crop = _finished_per_crop(strong, mean, std)
+    images = [_rgb(48, seed=i) for i in range(6)]
+    views, expected = [], []
+    for i, image in enumerate(images):
+        _seed(i)
+        crop, box, noise = strong(image)
+        views.append((MultiCropViews([crop], [box], [noise], False), i))
+        _seed(i)
+        expected.append(per_crop(image))
+    batch = collate_multicrop(views)
+    assert batch.erase_noise[0].numel() > 0 and not bool(batch.erase_boxes[0][:, 2].eq(0).all())
+    (finished,) = CropFinisher(mean, std, torch.device("cpu"))(batch)
+    assert torch.equal(finished, torch.stack(expected))
+
+
+def test_finisher_without_erasing_is_to_tensor_and_normalize():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.4)
+    crops = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    batch = MultiCropBatch(
+        [crops], [torch.zeros(4, 4, dtype=torch.int64)], [torch.empty(0)], torch.zeros(4), torch.arange(4)
+    )
+    (finished,) = CropFinisher(mean, std, torch.device("cpu"))(batch)
+    reference = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    expected = torch.stack([reference(Image.fromarray(c.permute(1, 2, 0).numpy())) for c in crops])
+    assert torch.equal(finished, expected)
 
 
 def test_weak_global2_solarizes_and_global1_does_not():
@@ -241,7 +288,7 @@ def test_blur_probability_is_respected() -> None:
 
 
 def test_blur_on_16px_crop():
-    t = weak_transform(16, (0.05, 0.25), blur_prob=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
+    t = weak_transform(16, (0.05, 0.25), blur_prob=1.0)
     (blur,) = [b for b in t.transforms if isinstance(b, RandomGaussianBlur)]
     assert blur.prob == 1.0 and blur.sigma == (0.1, 2.0)
     _seed(0)
@@ -268,22 +315,27 @@ class _Images(Dataset):
 
 
 def test_collate_multicrop():
-    dataset = _Images(_aug(weak_prob=0.5))
+    dataset = _Images(_aug(weak_prob=0.5, erasing_prob=0.5))
     _seed(0)
     items = [dataset[i] for i in range(3)]
-    crops, flags, labels = collate_multicrop(items)
-    assert [tuple(c.shape) for c in crops] == [(3, 3, 32, 32)] * 4 + [(3, 3, 16, 16)] * 2
-    assert flags.dtype == torch.bool and flags.tolist() == [weak for (_, weak), _ in items]
-    assert labels.dtype == torch.int64 and labels.tolist() == [10, 11, 12]
-    for b, ((item_crops, _), _) in enumerate(items):
-        for pos, crop in enumerate(item_crops):
-            assert torch.equal(crops[pos][b], crop)
+    batch = collate_multicrop(items)
+    assert [tuple(c.shape) for c in batch.crops] == [(3, 3, 32, 32)] * 4 + [(3, 3, 16, 16)] * 2
+    assert all(c.dtype == torch.uint8 for c in batch.crops)
+    assert batch.weak_flags.dtype == torch.bool and batch.weak_flags.tolist() == [v.weak for v, _ in items]
+    assert batch.labels.dtype == torch.int64 and batch.labels.tolist() == [10, 11, 12]
+    assert any(noise.numel() for noise in batch.erase_noise)
+    for pos in range(6):
+        expected_noise = torch.cat([views.erase_noise[pos].flatten() for views, _ in items])
+        assert torch.equal(batch.erase_noise[pos], expected_noise)
+        for b, (views, _) in enumerate(items):
+            assert torch.equal(batch.crops[pos][b], views.crops[pos])
+            assert tuple(batch.erase_boxes[pos][b].tolist()) == views.erase_boxes[pos]
     with pytest.raises(ValueError):
         collate_multicrop([])
 
 
 def test_collate_through_dataloader():
     loader = DataLoader(_Images(_aug(n_local=0)), batch_size=2, collate_fn=collate_multicrop)
-    crops, flags, labels = next(iter(loader))
-    assert len(crops) == 4 and crops[0].shape == (2, 3, 32, 32)
-    assert flags.shape == (2,) and labels.tolist() == [10, 11]
+    batch = next(iter(loader))
+    assert len(batch.crops) == 4 and batch.crops[0].shape == (2, 3, 32, 32)
+    assert batch.weak_flags.shape == (2,) and batch.labels.tolist() == [10, 11]

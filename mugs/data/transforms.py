@@ -1,5 +1,11 @@
 """Mugs multi-crop augmentation: weak (DINO-style) and strong (RandAugment) views, one weak flag per image.
 
+The views leave the loader as uint8 pixels with, for strong views, random erasing's box and noise; the
+last steps of every view (to [0, 1], pasting the noise, normalisation) run on the training device for a
+whole batch (:class:`CropFinisher`), much as the official code's prefetcher normalises on the GPU. The
+result is bit-identical to finishing each crop in the loader, and the loader's shared memory, pinned
+buffers and host-to-device copies carry about a third of the bytes.
+
 Every random draw comes from Python's ``random`` or torch's global generator (the two that
 ``torch.utils.data`` seeds per worker), so ``random.seed(s); torch.manual_seed(s)`` before a call makes
 its output bit-identical. timm's ``RandAugment`` picks its ops with NumPy's global generator; that one
@@ -7,20 +13,26 @@ choice is re-routed through Python's ``random`` by :class:`SeededRandAugment`.
 """
 
 import copy
+import math
 import random
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from timm.data import auto_augment
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.data.random_erasing import RandomErasing
+from timm.data.constants import IMAGENET_DEFAULT_MEAN
 from torch import Tensor
 from torchvision import transforms as T
 
 __all__ = [
+    "NO_ERASING",
+    "CropFinisher",
     "MultiCropAugmentation",
+    "MultiCropBatch",
+    "MultiCropViews",
+    "RandomErasingPatch",
     "RandomGaussianBlur",
     "SeededRandAugment",
     "collate_multicrop",
@@ -34,6 +46,10 @@ _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 _BLUR_SIGMA = (0.1, 2.0)
 # The official strong transform scales RandAugment's absolute translations by 0.45 × crop side, as timm does.
 _TRANSLATE_FRACTION = 0.45
+
+Box = tuple[int, int, int, int]  # top, left, height, width
+NO_ERASING: Box = (0, 0, 0, 0)
+_NO_NOISE = torch.empty(0)
 
 
 class RandomGaussianBlur:
@@ -101,16 +117,52 @@ class SeededRandAugment:
         return f"{type(self).__name__}(n={self.num_layers}, ops={self.ops})"
 
 
+class RandomErasingPatch:
+    """With probability ``prob``, the box of a crop that random erasing ('pixel' mode, one box) fills,
+    and its N(0, 1) pixels.
+
+    Up to ``attempts`` tries: area a ~ U(``area``) · H · W and aspect r with log r ~ U(log 0.3, log 1/0.3)
+    give height round(√(a r)) and width round(√(a / r)); the first box smaller than the crop on both
+    sides is placed uniformly, as ``(top, left, height, width)``, with ``[3, height, width]`` standard
+    normal noise (in [0, 1] units: normalisation follows); :data:`NO_ERASING` and an empty patch
+    otherwise. These are timm's ``RandomErasing`` draws, from Python's and torch's generators in the
+    same order, so views and noise are the same; :class:`CropFinisher` pastes the noise on the device.
+    """
+
+    def __init__(
+        self,
+        prob: float,
+        area: tuple[float, float] = (0.02, 1.0 / 3.0),
+        aspect: tuple[float, float] = (0.3, 1.0 / 0.3),
+        attempts: int = 10,
+    ) -> None:
+        self.prob, self.area, self.attempts = prob, area, attempts
+        self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+    def __call__(self, crop: Tensor) -> tuple[Tensor, Box, Tensor]:
+        if random.random() <= self.prob:
+            height, width = crop.shape[-2:]
+            for _ in range(self.attempts):
+                area = random.uniform(*self.area) * height * width
+                aspect = math.exp(random.uniform(*self.log_aspect))
+                box_h, box_w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                if box_h < height and box_w < width:
+                    top, left = random.randint(0, height - box_h), random.randint(0, width - box_w)
+                    noise = torch.empty((crop.shape[0], box_h, box_w)).normal_()
+                    return crop, (top, left, box_h, box_w), noise
+        return crop, NO_ERASING, _NO_NOISE
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prob={self.prob}, area={self.area})"
+
+
 def weak_transform(
-    size: int,
-    scale: tuple[float, float],
-    *,
-    blur_prob: float,
-    solarize_prob: float = 0.0,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    size: int, scale: tuple[float, float], *, blur_prob: float, solarize_prob: float = 0.0
 ) -> T.Compose:
-    """DINO-style: bicubic crop, flip, colour jitter p 0.8, grayscale p 0.2, blur, solarize, normalise."""
+    """DINO-style: bicubic crop, flip, colour jitter p 0.8, grayscale p 0.2, blur, solarize; uint8 pixels.
+
+    Normalisation follows on the device (:class:`CropFinisher`).
+    """
     ops = [
         T.RandomResizedCrop(size, scale=scale, ratio=_RATIO, interpolation=_BICUBIC),
         T.RandomHorizontalFlip(p=0.5),
@@ -120,7 +172,7 @@ def weak_transform(
     ]
     if solarize_prob > 0:
         ops.append(T.RandomSolarize(threshold=128, p=solarize_prob))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    ops.append(T.PILToTensor())
     return T.Compose(ops)
 
 
@@ -131,31 +183,39 @@ def strong_transform(
     rand_augment: str = "rand-m9-mstd0.5-inc1",
     erasing_prob: float = 0.25,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> T.Compose:
-    """Strong view: flip, RandAugment on the full image, bicubic crop, to tensor, random erasing, normalise.
+    """Strong view: flip, RandAugment on the full image, bicubic crop; uint8 pixels, erasing box and noise.
 
-    Erasing comes before normalisation as in the official default (``use_prefetcher``: the loader yields
-    [0, 1] tensors, erased with N(0, 1) pixels, and the prefetcher normalises them on the GPU).
+    RandAugment fills what its geometric ops uncover with ``mean``. Erasing comes before normalisation as
+    in the official default (``use_prefetcher``: the loader yields [0, 1] tensors, erased with N(0, 1)
+    pixels, and the prefetcher normalises them on the GPU); both happen in :class:`CropFinisher`.
     """
     hparams = {
         "translate_const": int(size * _TRANSLATE_FRACTION),
         "img_mean": tuple(min(255, round(255 * m)) for m in mean),
     }
-    ops = [
-        T.RandomHorizontalFlip(p=0.5),
-        SeededRandAugment(rand_augment, hparams),
-        T.RandomResizedCrop(size, scale=scale, ratio=_RATIO, interpolation=_BICUBIC),
-        T.ToTensor(),
-    ]
-    if erasing_prob > 0:
-        ops.append(RandomErasing(erasing_prob, mode="pixel", max_count=1, num_splits=0, device="cpu"))
-    ops.append(T.Normalize(mean, std))
-    return T.Compose(ops)
+    return T.Compose(
+        [
+            T.RandomHorizontalFlip(p=0.5),
+            SeededRandAugment(rand_augment, hparams),
+            T.RandomResizedCrop(size, scale=scale, ratio=_RATIO, interpolation=_BICUBIC),
+            T.PILToTensor(),
+            RandomErasingPatch(erasing_prob),
+        ]
+    )
+
+
+class MultiCropViews(NamedTuple):
+    """One image's views: uint8 crops, the erasing box and noise of each, and the weak flag."""
+
+    crops: list[Tensor]
+    erase_boxes: list[Box]
+    erase_noise: list[Tensor]
+    weak: bool
 
 
 class MultiCropAugmentation:
-    """Mugs multi-crop: ``4 + n_local`` crops and the image's weak flag.
+    """Mugs multi-crop: ``4 + n_local`` crops and the image's weak flag, as :class:`MultiCropViews`.
 
     Crop order: teacher global 1 (weak 1), teacher global 2 (weak 2), student global 1, student global 2,
     then ``n_local`` local crops. With probability ``weak_prob`` the student globals are fresh draws of
@@ -173,7 +233,6 @@ class MultiCropAugmentation:
         local_scale: tuple[float, float] = (0.05, 0.25),
         weak_prob: float = 0.5,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
         rand_augment: str = "rand-m9-mstd0.5-inc1",
         erasing_prob: float = 0.25,
     ) -> None:
@@ -183,41 +242,93 @@ class MultiCropAugmentation:
             raise ValueError(f"n_local must be >= 0, got {n_local}")
         self.n_local = n_local
         self.weak_prob = weak_prob
-        norm = {"mean": tuple(mean), "std": tuple(std)}
-        strong = {"rand_augment": rand_augment, "erasing_prob": erasing_prob, **norm}
-        self.weak_global1 = weak_transform(global_size, global_scale, blur_prob=1.0, **norm)
-        self.weak_global2 = weak_transform(
-            global_size, global_scale, blur_prob=0.1, solarize_prob=0.2, **norm
-        )
+        strong = {"rand_augment": rand_augment, "erasing_prob": erasing_prob, "mean": tuple(mean)}
+        self.weak_global1 = weak_transform(global_size, global_scale, blur_prob=1.0)
+        self.weak_global2 = weak_transform(global_size, global_scale, blur_prob=0.1, solarize_prob=0.2)
         self.strong_global = strong_transform(global_size, global_scale, **strong)
-        self.weak_local = weak_transform(local_size, local_scale, blur_prob=0.5, **norm)
+        self.weak_local = weak_transform(local_size, local_scale, blur_prob=0.5)
         self.strong_local = strong_transform(local_size, local_scale, **strong)
 
-    def __call__(self, image: Image.Image) -> tuple[list[Tensor], bool]:
+    def __call__(self, image: Image.Image) -> MultiCropViews:
         if image.mode != "RGB":
             image = image.convert("RGB")
-        crops = [self.weak_global1(image), self.weak_global2(image)]
+        views = [self.weak_global1(image), self.weak_global2(image)]
         weak = random.random() < self.weak_prob
         if weak:
-            crops += [self.weak_global1(image), self.weak_global2(image)]
+            views += [self.weak_global1(image), self.weak_global2(image)]
         else:
-            crops += [self.strong_global(image), self.strong_global(image)]
+            views += [self.strong_global(image), self.strong_global(image)]
         for _ in range(self.n_local):
             local = self.weak_local if random.random() < self.weak_prob else self.strong_local
-            crops.append(local(image))
-        return crops, weak
+            views.append(local(image))
+        erasable = [view if isinstance(view, tuple) else (view, NO_ERASING, _NO_NOISE) for view in views]
+        crops, boxes, noise = (list(column) for column in zip(*erasable, strict=True))
+        return MultiCropViews(crops, boxes, noise, weak)
 
 
-def collate_multicrop(
-    batch: list[tuple[tuple[list[Tensor], bool], int]],
-) -> tuple[list[Tensor], Tensor, Tensor]:
-    """Stack ``((crops, weak_flag), label)`` items into per-position ``[B, 3, H, W]`` crops, flags, labels."""
+class MultiCropBatch(NamedTuple):
+    """Per crop position: ``[B, 3, H, W]`` uint8 crops, ``[B, 4]`` erasing boxes and the erasing noise
+    of its rows, flattened and joined in row order; then the weak flags and labels.
+    """
+
+    crops: list[Tensor]
+    erase_boxes: list[Tensor]
+    erase_noise: list[Tensor]
+    weak_flags: Tensor
+    labels: Tensor
+
+
+def collate_multicrop(batch: list[tuple[MultiCropViews, int]]) -> MultiCropBatch:
+    """Stack ``(views, label)`` items position by position into a :class:`MultiCropBatch`."""
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    n_crops = len(batch[0][0][0])
-    if any(len(crops) != n_crops for (crops, _), _ in batch):
+    n_crops = len(batch[0][0].crops)
+    if any(len(views.crops) != n_crops for views, _ in batch):
         raise ValueError("all items of a batch must have the same number of crops")
-    crops = [torch.stack([item[0][0][i] for item in batch]) for i in range(n_crops)]
-    weak_flags = torch.tensor([bool(flag) for (_, flag), _ in batch], dtype=torch.bool)
-    labels = torch.tensor([int(label) for _, label in batch], dtype=torch.int64)
-    return crops, weak_flags, labels
+    positions = range(n_crops)
+    return MultiCropBatch(
+        crops=[torch.stack([views.crops[i] for views, _ in batch]) for i in positions],
+        erase_boxes=[torch.tensor([views.erase_boxes[i] for views, _ in batch]) for i in positions],
+        erase_noise=[torch.cat([views.erase_noise[i].flatten() for views, _ in batch]) for i in positions],
+        weak_flags=torch.tensor([bool(views.weak) for views, _ in batch], dtype=torch.bool),
+        labels=torch.tensor([int(label) for _, label in batch], dtype=torch.int64),
+    )
+
+
+class CropFinisher:
+    """The last steps of every view, for a whole batch on the training device.
+
+    x = (e(u / 255) − mean) / std, where u are the uint8 pixels and e pastes each crop's erasing noise
+    (N(0, 1), in [0, 1] units, as the official prefetcher has it) into its box. The same operations as
+    ``ToTensor``, timm's ``RandomErasing`` and ``Normalize`` on each crop, so the result is bit-identical
+    to theirs on CPU. Nothing is read back from the device: whether a position has noise is host data.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1).to(self.device)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1).to(self.device)
+
+    def __call__(self, batch: MultiCropBatch) -> list[Tensor]:
+        finished = []
+        for crops, boxes, noise in zip(batch.crops, batch.erase_boxes, batch.erase_noise, strict=True):
+            x = crops.to(self.device, non_blocking=True).to(torch.float32).div_(255)
+            if noise.numel():
+                inside = _box_mask(boxes.to(self.device, non_blocking=True), *x.shape[-2:]).expand_as(x)
+                # the noise is in the mask's row-major order; indices from its prefix sum (rather than
+                # a boolean-mask scatter) keep the paste free of host synchronisation
+                source = inside.flatten().cumsum(0).sub_(1).clamp_(min=0).view_as(x)
+                noise = noise.to(self.device, non_blocking=True)
+                x = torch.where(inside, noise[source], x)
+            finished.append(x.sub_(self.mean).div_(self.std))
+        return finished
+
+
+def _box_mask(boxes: Tensor, height: int, width: int) -> Tensor:
+    """``[B, 1, H, W]``: True inside each row's ``(top, left, height, width)`` box."""
+    top, left, box_h, box_w = boxes.unbind(1)
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from mugs import distributed
 from mugs.config import Config
 from mugs.data.loader import GlobalBatchSampler, SeededAugmentedDataset
-from mugs.data.transforms import MultiCropAugmentation, collate_multicrop
+from mugs.data.transforms import CropFinisher, MultiCropAugmentation, collate_multicrop
 from mugs.losses import GroupLoss, InfoNCEQueueLoss
 from mugs.model import MugsNetwork, create_mugs_network
 from mugs.monitoring import collapse_warnings, effective_rank, feature_std, normalised_group_entropy
@@ -135,7 +135,8 @@ def build_losses(config: Config) -> dict[str, nn.Module]:
     return losses
 
 
-def build_transform(config: Config, mean: tuple[float, ...], std: tuple[float, ...]) -> MultiCropAugmentation:
+def build_transform(config: Config, mean: tuple[float, ...]) -> MultiCropAugmentation:
+    """The multi-crop views of a run's images; ``mean`` (the data's) fills what RandAugment uncovers."""
     augment = config.augment
     return MultiCropAugmentation(
         global_size=augment.global_size,
@@ -145,7 +146,6 @@ def build_transform(config: Config, mean: tuple[float, ...], std: tuple[float, .
         local_scale=augment.local_scale,
         weak_prob=augment.weak_prob,
         mean=mean,
-        std=std,
         rand_augment=augment.rand_augment,
         erasing_prob=augment.erasing_prob,
     )
@@ -160,9 +160,10 @@ def build_loader(
     pin_memory: bool,
 ) -> DataLoader:
     """The pretraining input: seeded multi-crop views of ``dataset`` in the sampler's batches, augmented
-    by ``train.num_workers`` persistent processes (or in this process when it is 0).
+    by ``train.num_workers`` persistent processes (or in this process when it is 0). Its batches hold
+    uint8 crops (``MultiCropBatch``); a ``CropFinisher`` with the same ``mean_std`` finishes them.
     """
-    augmented = SeededAugmentedDataset(dataset, build_transform(config, *mean_std), config.train.seed)
+    augmented = SeededAugmentedDataset(dataset, build_transform(config, mean_std[0]), config.train.seed)
     workers = config.train.num_workers
     return DataLoader(
         augmented,
@@ -256,6 +257,7 @@ class Trainer:
         self.loader = build_loader(
             config, dataset, mean_std, self.sampler, pin_memory=self.device.type == "cuda"
         )
+        self.finish_crops = CropFinisher(*mean_std, self.device)
 
         optim = config.optim
         self.iterations_per_epoch = self.sampler.iterations_per_epoch
@@ -519,10 +521,9 @@ class Trainer:
             while self.global_iteration < end:
                 self.sampler.set_position(self.epoch, self.iteration_in_epoch)
                 window = _Window()
-                for crops, weak_flags, _labels in self.loader:
+                for batch in self.loader:
                     window.data_ready()
-                    crops = [c.to(self.device, non_blocking=True) for c in crops]
-                    step_losses = self.train_step(crops, weak_flags)
+                    step_losses = self.train_step(self.finish_crops(batch), batch.weak_flags)
                     self.iteration_in_epoch += 1
                     self.global_iteration += 1
                     window.step_done(step_losses, config.optim.batch_size)
