@@ -3,7 +3,9 @@
 #   CUDA check; the training step of vit_small and vit_base at the paper's crops (2 x 224 + 10 x 96,
 #   batch 64, queues and memories of 65536, 65536 prototypes) in fp32 and bf16, with and without
 #   torch.compile; kNN (100,000 x 384 bank, 10,000 queries); the evaluation's feature extraction of
-#   vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers).
+#   vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers); whether 15 loader
+#   processes of the paper's multi-crop augmentation keep up with the compiled vit_base bf16 step just
+#   measured; and the test that the training step never waits for the GPU (CUDA sync-debug mode).
 # Writes one JSON per measurement and a log under $OUT (default: benchmark-results/).
 #   bash benchmarks/gpu.sh          # on a GPU machine
 #   bash benchmarks/gpu.sh --cpu    # the same steps, tiny, on CPU (CI runs this)
@@ -21,6 +23,8 @@ if [ "${1:-}" = "--cpu" ]; then
   knn=(--device cpu --bank 2000 --queries 200 --dim 64 --classes 10)
   features=(--device cpu --depth 1 --patch-size 8 --image-size 32 --images 16 --batch-size 8 --workers 1
     --threads 2)
+  augment=(--images 4 --batches 1 --repeats 1 --workers 1)
+  feeds=step-vit_tiny-fp32
   archs=(vit_tiny)
   precisions=(fp32)
   compiles=("")  # compiling on a CPU takes minutes of C++ builds; the GPU run measures it
@@ -31,6 +35,8 @@ else
     --group-out-dim 65536 --warmup 3 --iters 10)
   knn=(--device cuda)
   features=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 8)
+  augment=(--images 512 --workers 15)
+  feeds=step-vit_base-bf16-compile
   archs=(vit_small vit_base)
   precisions=(fp32 bf16)
   compiles=("" --compile)
@@ -58,6 +64,14 @@ for arch in "${archs[@]}"; do
   "$PYTHON" benchmarks/features.py "${features[@]}" --arch "$arch" --json "$OUT/$name.json" \
     || echo "$name failed" | tee -a "$OUT/failures.txt"
 done
+echo "== augment-paper (does the loader feed $feeds?)"
+"$PYTHON" benchmarks/augment.py --setting paper "${augment[@]}" --step-json "$OUT/$feeds.json" \
+  --json "$OUT/augment-paper.json" || echo "augment-paper failed" | tee -a "$OUT/failures.txt"
+if [ "$device" = cuda ]; then
+  echo "== the training step never waits for the GPU"
+  "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine.py -k never_waits_for_the_gpu 2>&1 \
+    | tee "$OUT/sync-test.txt" || echo "sync test failed" | tee -a "$OUT/failures.txt"
+fi
 echo "results in $OUT"
 if [ -s "$OUT/failures.txt" ]; then
   echo "failed:" && cat "$OUT/failures.txt"

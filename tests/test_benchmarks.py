@@ -34,6 +34,9 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     assert "queries_per_second" in (tmp_path / "knn.txt").read_text()
     features = json.loads((tmp_path / "features-vit_tiny.json").read_text())
     assert (features["images"], features["image_size"], features["feature_dim"]) == (16, 32, 192)
+    augment = json.loads((tmp_path / "augment-paper.json").read_text())
+    assert augment["batch"] == step["batch"] and augment["step_seconds"] == step["seconds_per_iteration"]
+    assert augment["loader_workers"] == 1 and isinstance(augment["loader_keeps_up"], bool)
 
 
 def run_benchmark(script: str, args: str, json_path: Path) -> dict:

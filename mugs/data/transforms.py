@@ -26,6 +26,8 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN
 from torch import Tensor
 from torchvision import transforms as T
 
+from mugs.data.windowed import DeferredImage, DeferredOp, WindowedResizedCrop
+
 __all__ = [
     "NO_ERASING",
     "CropFinisher",
@@ -87,23 +89,26 @@ class SeededRandAugment:
     The ops, magnitudes and per-op draws are timm's own; the op choice uses NumPy's ``choice`` semantics on
     a private generator seeded from ``random`` (NumPy's global state is neither read nor changed). Posterize
     ops are copies whose function maps 0 kept bits to black; timm's module and op tables are untouched.
+    With ``deferred``, the ops that allow it are only recorded (:mod:`mugs.data.windowed`) and the result
+    may be a ``DeferredImage``, for a ``WindowedResizedCrop`` to compute over its box.
     """
 
-    def __init__(self, config_str: str, hparams: dict) -> None:
+    def __init__(self, config_str: str, hparams: dict, *, deferred: bool = False) -> None:
         timm_ra = auto_augment.rand_augment_transform(config_str, dict(hparams))
-        self.ops = [self._safe_op(op) for op in timm_ra.ops]
+        self.ops = [self._own_op(op, deferred) for op in timm_ra.ops]
         self.num_layers = timm_ra.num_layers
         self.choice_weights = timm_ra.choice_weights
 
     @staticmethod
-    def _safe_op(op: auto_augment.AugmentOp) -> auto_augment.AugmentOp:
-        if op.aug_fn is not auto_augment.posterize:
-            return op
+    def _own_op(op: auto_augment.AugmentOp, deferred: bool) -> auto_augment.AugmentOp:
         op = copy.copy(op)
-        op.aug_fn = posterize_or_black
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = posterize_or_black
+        if deferred:
+            op.aug_fn = DeferredOp(op.name, op.aug_fn)
         return op
 
-    def __call__(self, img: Image.Image) -> Image.Image:
+    def __call__(self, img: Image.Image) -> Image.Image | DeferredImage:
         rng = np.random.default_rng(random.getrandbits(64))
         # timm samples with replacement unless weighted
         chosen = rng.choice(
@@ -186,6 +191,9 @@ def strong_transform(
 ) -> T.Compose:
     """Strong view: flip, RandAugment on the full image, bicubic crop; uint8 pixels, erasing box and noise.
 
+    RandAugment's ops are computed only over the crop's box (:mod:`mugs.data.windowed`): the same
+    draws and the same pixels as running them on the whole image, at the cost of the box's area.
+
     RandAugment fills what its geometric ops uncover with ``mean``. Erasing comes before normalisation as
     in the official default (``use_prefetcher``: the loader yields [0, 1] tensors, erased with N(0, 1)
     pixels, and the prefetcher normalises them on the GPU); both happen in :class:`CropFinisher`.
@@ -197,8 +205,8 @@ def strong_transform(
     return T.Compose(
         [
             T.RandomHorizontalFlip(p=0.5),
-            SeededRandAugment(rand_augment, hparams),
-            T.RandomResizedCrop(size, scale=scale, ratio=_RATIO, interpolation=_BICUBIC),
+            SeededRandAugment(rand_augment, hparams, deferred=True),
+            WindowedResizedCrop(size, scale=scale, ratio=_RATIO, interpolation=_BICUBIC),
             T.PILToTensor(),
             RandomErasingPatch(erasing_prob),
         ]
