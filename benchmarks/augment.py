@@ -24,10 +24,12 @@ and keeping up takes ceil(that / per-process rate) worker processes.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gzip
 import hashlib
 import json
 import math
+import pstats
 import statistics
 import struct
 import tempfile
@@ -73,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=2, help="batches per timed pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes of the single process")
     parser.add_argument("--workers", type=int, default=0, help="also time a loader with this many workers")
+    parser.add_argument(
+        "--breakdown",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the N costliest calls, from one more profiled pass",
+    )
     parser.add_argument("--step-seconds", type=float, help="seconds of one training step of --batch images")
     parser.add_argument("--step-json", type=Path, help="train_step.py's JSON: step seconds and batch")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -145,6 +154,32 @@ def single_process_rates(loader: DataLoader, batches: int, repeats: int) -> tupl
     return rates, batch_bytes(batch) / loader.batch_sampler.local_batch
 
 
+def costliest_calls(loader: DataLoader, batches: int, epoch: int, top: int) -> dict[str, float]:
+    """Milliseconds per image spent in the ``top`` costliest calls (their own time, callees excluded)
+    over one more pass, under cProfile; the profiler slows Python code, so these figures explain the
+    per-process rate rather than add up to it.
+    """
+    loader.batch_sampler.set_position(epoch)
+    iterator = iter(loader)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(batches):
+        next(iterator)
+    profiler.disable()
+    images = batches * loader.batch_sampler.local_batch
+    own_time = {}
+    for (path, _line, name), (_, _, seconds, _, _) in pstats.Stats(profiler).stats.items():
+        # C calls read "<method 'resize' of 'ImagingCore' objects>" or "<built-in method torch.stack>"
+        if name.startswith("<method"):
+            label = name.split("'")[1]
+        elif name.startswith("<built-in method "):
+            label = name.removeprefix("<built-in method ").rstrip(">").split(".")[-1]
+        else:
+            label = f"{Path(path).stem}.{name}"
+        own_time[label] = own_time.get(label, 0.0) + seconds * 1000 / images
+    return dict(sorted(own_time.items(), key=lambda item: -item[1])[:top])
+
+
 def batch_bytes(batch: Any) -> int:
     """Bytes of every tensor in a (nested) batch: what shared memory, pinning and the copy carry."""
     if isinstance(batch, torch.Tensor):
@@ -173,8 +208,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mugs-augment-bench-") as scratch:
         make_pool = jpeg_dataset if args.setting == "paper" else idx_dataset
         pool, mean_std, source = make_pool(Path(scratch), args.images)
-        rates, bytes_per_image = single_process_rates(
-            loader_for(config, pool, mean_std, args.batches), args.batches, args.repeats
+        single = loader_for(config, pool, mean_std, args.batches)
+        rates, bytes_per_image = single_process_rates(single, args.batches, args.repeats)
+        breakdown = (
+            costliest_calls(single, args.batches, args.repeats, args.breakdown) if args.breakdown else {}
         )
         loader_rate = None
         if args.workers:
@@ -202,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["loader_bytes_per_second_needed"] = needed * bytes_per_image
         if loader_rate is not None:
             result["loader_keeps_up"] = loader_rate >= needed
+    result.update({f"profiled_ms_per_image_in_{label}": ms for label, ms in breakdown.items()})
     result.update(machine_info(torch.device("cpu")))
     report(f"Multi-crop augmentation ({args.setting})", result, args.json)
     return result

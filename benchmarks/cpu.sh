@@ -69,7 +69,7 @@ run() {
 run step-cpu train_step.py "${step[@]}" --json "$OUT/step-cpu.json"
 run loop-target loop.py --no-progress "${loop[@]}" --json "$OUT/loop-target.json"
 run loop-demo loop.py --demo --no-progress "${loop_demo[@]}" --json "$OUT/loop-demo.json"
-run augment-paper augment.py --setting paper "${paper[@]}" --json "$OUT/augment-paper.json"
+run augment-paper augment.py --setting paper "${paper[@]}" --breakdown 8 --json "$OUT/augment-paper.json"
 run augment-demo augment.py --setting demo "${demo[@]}" --json "$OUT/augment-demo.json"
 run memory-cpu memory.py --device cpu "${memory[@]}" --json "$OUT/memory-cpu.json"
 run knn knn.py --device cpu "${knn[@]}" --json "$OUT/knn.json"

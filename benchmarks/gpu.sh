@@ -35,7 +35,7 @@ else
     --group-out-dim 65536 --warmup 3 --iters 10)
   knn=(--device cuda)
   features=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 8)
-  augment=(--images 512 --workers 15)
+  augment=(--images 512 --workers 15 --breakdown 8)
   feeds=step-vit_base-bf16-compile
   archs=(vit_small vit_base)
   precisions=(fp32 bf16)

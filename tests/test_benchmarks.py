@@ -80,8 +80,10 @@ def test_augment_demo_rates_and_workers_for_a_step(tmp_path: Path) -> None:
 
 
 def test_augment_paper_reads_prepared_jpegs(tmp_path: Path) -> None:
-    args = "--setting paper --images 3 --batch 1 --batches 2 --repeats 1"
+    args = "--setting paper --images 3 --batch 1 --batches 2 --repeats 1 --breakdown 3"
     figures = run_benchmark("augment.py", args, tmp_path / "augment.json")
+    profiled = [value for key, value in figures.items() if key.startswith("profiled_ms_per_image_in_")]
+    assert len(profiled) == 3 and profiled == sorted(profiled, reverse=True) and profiled[-1] > 0
     assert figures["crops"] == "4x224 (2 teacher, 2 student) + 10x96"
     assert figures["source"].startswith("3 JPEGs 500x375 (")
     assert figures["per_process_images_per_second"] > 0
