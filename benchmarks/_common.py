@@ -2,7 +2,9 @@
 synthetic JPEG trees (and their prepared splits), and the figures printed as a table and written as
 JSON.
 
-The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``.
+The scripts run as ``python benchmarks/NAME.py``, which puts this folder on ``sys.path``; ``_tree`` then
+puts the checkout holding it first, so that its ``mugs`` is the one measured (and recorded, as the
+``code`` of :func:`machine_info`).
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import _tree
 import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+import mugs
 from mugs.config import DataConfig
 from mugs.data.prepare import run_prepare
+from mugs.evaluation.metrics_io import git_commit
 
 JPEG_SIZE = (500, 375)  # width, height: about ImageNet's average
 
@@ -66,12 +71,19 @@ def device_name(device: torch.device) -> str:
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """Device, CPU model, the cores this process may use, and torch's version."""
+    """Device, CPU model, the cores this process may use, torch's version, and the code measured: the
+    ``mugs`` package's directory and its git commit (None outside a git checkout).
+    """
+    source = Path(mugs.__file__).resolve().parent
+    if source.parent != _tree.ROOT:
+        raise RuntimeError(f"measuring {source}, not the checkout of these scripts ({_tree.ROOT})")
     return {
         "device": device_name(device),
         "cpu_model": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__,
+        "code": str(source),
+        "git": git_commit(source),
     }
 
 

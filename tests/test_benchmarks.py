@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,37 @@ def run_benchmark(script: str, args: str, json_path: Path) -> dict:
 
 def assert_machine(figures: dict) -> None:
     assert figures["cores"] >= 1 and figures["cpu_model"] and figures["torch"] and figures["device"]
+    assert figures["code"] == str(ROOT / "mugs")
+
+
+def test_a_copied_tree_measures_its_own_code(tmp_path: Path) -> None:
+    # a before/after comparison runs the same script from two trees; each must import its own mugs
+    for folder in ("benchmarks", "mugs"):
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    figures_path = tmp_path / "knn.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/knn.py",
+            "--bank",
+            "200",
+            "--queries",
+            "20",
+            "--dim",
+            "8",
+            "--classes",
+            "4",
+            "--json",
+            str(figures_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = json.loads(figures_path.read_text())
+    assert figures["code"] == str(tmp_path / "mugs") and figures["git"] is None  # not a git checkout
 
 
 def test_augment_demo_rates_and_workers_for_a_step(tmp_path: Path) -> None:
