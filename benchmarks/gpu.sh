@@ -2,8 +2,9 @@
 # Every GPU figure in one go, well under 8 minutes on one H100 or H200:
 #   CUDA check; the training step of vit_small and vit_base at the paper's crops (2 x 224 + 10 x 96,
 #   batch 64, queues and memories of 65536, 65536 prototypes) in fp32 and bf16, with and without
-#   torch.compile; kNN (100,000 x 384 bank, 10,000 queries); the evaluation's feature extraction of
-#   vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers); whether 15 loader
+#   torch.compile, and vit_base bf16 without each of fused attention, fused AdamW and foreach
+#   clipping (their before/after); kNN (100,000 x 384 bank, 10,000 queries); the evaluation's feature
+#   extraction of vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers); whether 15 loader
 #   processes of the paper's multi-crop augmentation keep up with the compiled vit_base bf16 step just
 #   measured; and the test that the training step never waits for the GPU (CUDA sync-debug mode).
 # Writes one JSON per measurement and a log under $OUT (default: benchmark-results/).
@@ -54,6 +55,15 @@ for arch in "${archs[@]}"; do
         --json "$OUT/$name.json" || echo "$name failed" | tee -a "$OUT/failures.txt"
     done
   done
+done
+# the step before each of its optimisations, for the before/after figures (eager, where they apply)
+for without in attention adamw clipping; do
+  name="step-${archs[-1]}-${precisions[-1]}-without-$without"
+  echo "== $name"
+  if [ "$device" = cpu ]; then arch_args=(); else arch_args=(--arch "${archs[-1]}"); fi
+  "$PYTHON" benchmarks/train_step.py "${step[@]}" "${arch_args[@]}" --precision "${precisions[-1]}" \
+    --without "$without" --warmup 2 --iters 5 --json "$OUT/$name.json" \
+    || echo "$name failed" | tee -a "$OUT/failures.txt"
 done
 echo "== knn"
 "$PYTHON" benchmarks/knn.py "${knn[@]}" --json "$OUT/knn.json" | tee "$OUT/knn.txt" \

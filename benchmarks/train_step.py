@@ -5,6 +5,13 @@ figure is the model's cost without the data loader (see ``benchmarks/augment.py`
 
     python benchmarks/train_step.py --arch vit_small --batch 4 --global-size 224 --local-size 96 \\
         --n-local 2 --queue 1024 --group-out-dim 4096 --threads 2
+
+``--without`` measures the step as it was before one of its optimisations (repeatable), for the
+before/after figures:
+
+    attention   timm's attention as explicit matrix products instead of fused scaled_dot_product_attention
+    adamw       AdamW's per-parameter loop instead of its fused (CUDA) or foreach (CPU) kernels
+    clipping    per-tensor gradient clipping as DINO's loop, which reads every norm on the host
 """
 
 from __future__ import annotations
@@ -16,12 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import timm.layers
 import torch
 from _common import add_device_arguments, device_name, machine_info, peak_memory_mib, report, synchronize
 from torch.utils.flop_counter import FlopCounterMode
 
 from mugs.config import config_from_dict
 from mugs.testing.synthetic import SyntheticImages
+from mugs.training import engine
 from mugs.training.engine import Trainer
 
 # Dense peak throughput per device, TFLOP/s, for model FLOPs utilisation.
@@ -56,6 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        choices=("attention", "adamw", "clipping"),
+        help="undo one optimisation of the step, for its 'before' figure (repeatable)",
+    )
     add_device_arguments(parser, threads=2)
     return parser.parse_args(argv)
 
@@ -91,6 +107,34 @@ def build_trainer(args: argparse.Namespace, output_dir: Path) -> Trainer:
     return Trainer(config, dataset, mean_std=((0.5,) * 3, (0.25,) * 3))
 
 
+@torch.no_grad()
+def clip_with_host_reads(parameters, max_norm: float) -> torch.Tensor:
+    """The per-tensor clipping of DINO's training loop: each norm is read on the host, one
+    synchronisation per parameter on a GPU (the 'before' of the engine's foreach clipping)."""
+    norms = []
+    for parameter in parameters:
+        if parameter.grad is None:
+            continue
+        norm = parameter.grad.norm(2)
+        norms.append(norm)
+        factor = max_norm / (float(norm) + 1e-6)
+        if factor < 1:
+            parameter.grad.mul_(factor)
+    return torch.stack(norms)
+
+
+def undo_optimisations(trainer: Trainer, without: list[str]) -> None:
+    """Put back, on a built trainer, the step's implementation before the named optimisations."""
+    if "adamw" in without:
+        groups = [
+            {key: value for key, value in group.items() if key not in ("foreach", "fused")}
+            for group in trainer.optimizer.param_groups
+        ]
+        trainer.optimizer = torch.optim.AdamW(groups, foreach=False, fused=False)
+    if "clipping" in without:
+        engine.clip_gradients_per_tensor = clip_with_host_reads
+
+
 def random_crops(args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     sizes = [args.global_size] * 4 + [args.local_size] * args.n_local
@@ -102,8 +146,11 @@ def random_crops(args: argparse.Namespace, device: torch.device) -> tuple[list[t
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # timm decides per attention module, when it is built
+    timm.layers.set_fused_attn("attention" not in args.without)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(args, Path(scratch))
+        undo_optimisations(trainer, args.without)
         device = trainer.device
         crops, weak = random_crops(args, device)
         # count FLOPs on the eager modules (a compiled graph hides its operations from the counter)
@@ -140,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         "group_out_dim": args.group_out_dim,
         "precision": args.precision,
         "compile": args.compile,
+        "without": ",".join(args.without) or None,
         "seconds_per_iteration": seconds,
         "seconds_min": min(times),
         "images_per_second": args.batch / seconds,

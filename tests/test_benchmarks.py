@@ -35,6 +35,9 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     assert "queries_per_second" in (tmp_path / "knn.txt").read_text()
     features = json.loads((tmp_path / "features-vit_tiny.json").read_text())
     assert (features["images"], features["image_size"], features["feature_dim"]) == (16, 32, 192)
+    for without in ("attention", "adamw", "clipping"):
+        before = json.loads((tmp_path / f"step-vit_tiny-fp32-without-{without}.json").read_text())
+        assert before["without"] == without and before["seconds_per_iteration"] > 0
     augment = json.loads((tmp_path / "augment-paper.json").read_text())
     assert augment["batch"] == step["batch"] and augment["step_seconds"] == step["seconds_per_iteration"]
     assert augment["loader_workers"] == 1 and isinstance(augment["loader_keeps_up"], bool)
@@ -56,6 +59,16 @@ def run_benchmark(script: str, args: str, json_path: Path) -> dict:
 def assert_machine(figures: dict) -> None:
     assert figures["cores"] >= 1 and figures["cpu_model"] and figures["torch"] and figures["device"]
     assert figures["code"] == str(ROOT / "mugs")
+
+
+def test_train_step_without_its_optimisations(tmp_path: Path) -> None:
+    args = (
+        "--arch vit_tiny --depth 1 --patch-size 8 --batch 2 --global-size 32 --local-size 16 --queue 64"
+        " --group-out-dim 64 --warmup 0 --iters 1 --without attention --without adamw --without clipping"
+    )
+    figures = run_benchmark("train_step.py", args, tmp_path / "step.json")
+    assert figures["without"] == "attention,adamw,clipping" and figures["seconds_per_iteration"] > 0
+    assert_machine(figures)
 
 
 def test_a_copied_tree_measures_its_own_code(tmp_path: Path) -> None:
