@@ -134,7 +134,8 @@ def idx_dataset(scratch: Path, images: int) -> tuple[Dataset, MeanStd, str]:
 def loader_for(config: Config, pool: Dataset, mean_std: MeanStd, batches: int) -> DataLoader:
     cycled = Cycled(pool, batches * config.optim.batch_size)
     sampler = GlobalBatchSampler(len(cycled), config.optim.batch_size, seed=config.train.seed)
-    return build_loader(config, cycled, mean_std, sampler, pin_memory=torch.cuda.is_available())
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # pinned batches on a GPU host
+    return build_loader(config, cycled, mean_std, sampler, device=device)
 
 
 def single_process_rates(loader: DataLoader, batches: int, repeats: int) -> tuple[list[float], float]:

@@ -108,7 +108,9 @@ class TrainConfig:
     output_dir: str = "results/run"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = 8  # data-loader processes per rank
+    # data-loader processes per rank; "auto": the cores this rank may use, less one for itself (the
+    # multi-crop augmentation, not the GPU, bounds a step on 16 cores: see docs/benchmarks.md)
+    num_workers: int | Literal["auto"] = "auto"
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     log_every: int = 50  # iterations between JSON log lines
     checkpoint_every: int = 500  # iterations between refreshes of the latest checkpoint; 0 = epoch ends only
@@ -465,6 +467,9 @@ def _check_ranges(config: Config) -> None:
             "loss.instance_weight, loss.local_group_weight, loss.group_weight must be >= 0 "
             f"and not all 0, got {weights}"
         )
+    workers = config.train.num_workers
+    if workers != "auto" and workers < 0:
+        raise ConfigError(f"train.num_workers must be >= 0 or 'auto', got {workers}")
     if config.augment.n_local < 0:
         raise ConfigError(f"augment.n_local must be >= 0, got {config.augment.n_local}")
     for key in ("weak_prob", "erasing_prob"):

@@ -6,6 +6,9 @@ directly, so the same code runs in one CPU process and under gloo or NCCL.
 
 from __future__ import annotations
 
+import os
+import socket
+
 import torch
 import torch.distributed as dist
 
@@ -34,6 +37,19 @@ def host_group() -> dist.ProcessGroup | None:
     if not is_distributed() or dist.get_backend() == "gloo":
         return None
     return dist.new_group(backend="gloo")
+
+
+def ranks_sharing_cores(group: dist.ProcessGroup | None = None) -> int:
+    """How many ranks, this one included, run on this host with CPU affinities that overlap this
+    rank's: 1 where SLURM binds each task to its own cores, the ranks on the node where it does not
+    (or where local processes all see every core). ``group`` must be able to gather host objects.
+    """
+    mine = (socket.gethostname(), frozenset(os.sched_getaffinity(0)))
+    if not is_distributed():
+        return 1
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return sum(host == mine[0] and bool(cores & mine[1]) for host, cores in everyone)
 
 
 @torch.no_grad()

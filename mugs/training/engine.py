@@ -7,6 +7,7 @@ SLURM.  :meth:`Trainer.train_step` is one iteration of METHOD §1, top to bottom
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import warnings
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -151,26 +153,43 @@ def build_transform(config: Config, mean: tuple[float, ...]) -> MultiCropAugment
     )
 
 
+def loader_workers(
+    setting: int | str, device: torch.device, host_group: dist.ProcessGroup | None = None
+) -> int:
+    """``train.num_workers`` as a number. "auto", training on a GPU: an equal share of the cores this
+    rank may use with the other ranks on its host (:func:`distributed.ranks_sharing_cores`), less one
+    core for the rank itself. Training on the CPU, or with no core to spare: 0, augmenting in the
+    training process, since worker processes would compete with the training's own threads.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    share = len(os.sched_getaffinity(0)) // distributed.ranks_sharing_cores(host_group)
+    return max(0, share - 1)
+
+
 def build_loader(
     config: Config,
     dataset: Dataset,
     mean_std: tuple[tuple[float, ...], tuple[float, ...]],
     sampler: GlobalBatchSampler,
     *,
-    pin_memory: bool,
+    device: torch.device,
+    host_group: dist.ProcessGroup | None = None,
 ) -> DataLoader:
     """The pretraining input: seeded multi-crop views of ``dataset`` in the sampler's batches, augmented
     by ``train.num_workers`` persistent processes (or in this process when it is 0). Its batches hold
     uint8 crops (``MultiCropBatch``); a ``CropFinisher`` with the same ``mean_std`` finishes them.
     """
     augmented = SeededAugmentedDataset(dataset, build_transform(config, mean_std[0]), config.train.seed)
-    workers = config.train.num_workers
+    workers = loader_workers(config.train.num_workers, device, host_group)
     return DataLoader(
         augmented,
         batch_sampler=sampler,
         num_workers=workers,
         collate_fn=collate_multicrop,
-        pin_memory=pin_memory,
+        pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
@@ -254,8 +273,15 @@ class Trainer:
             rank=self.rank,
             world_size=self.world_size,
         )
+        # host values (weak flags, the stop flag, loader sizing) travel over gloo, never through the GPU
+        self.host_group = distributed.host_group()
         self.loader = build_loader(
-            config, dataset, mean_std, self.sampler, pin_memory=self.device.type == "cuda"
+            config,
+            dataset,
+            mean_std,
+            self.sampler,
+            device=self.device,
+            host_group=self.host_group,
         )
         self.finish_crops = CropFinisher(*mean_std, self.device)
 
@@ -291,8 +317,6 @@ class Trainer:
         self.global_iteration = 0
         self._last_teacher = None
         self._non_finite = _NonFiniteWatch(["loss", *self.losses], self.device)
-        # host values (weak flags, the stop flag) travel over gloo, never through the GPU
-        self.host_group = distributed.host_group()
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, crops: list[torch.Tensor], weak_flags: torch.Tensor) -> dict[str, torch.Tensor]:
