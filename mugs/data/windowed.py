@@ -169,9 +169,12 @@ class DeferredOp:
 
     def __init__(self, name: str, fn: Callable[..., Image.Image]) -> None:
         self.name, self.fn = name, fn
-        self.kind = "affine" if name in _AFFINE else "whole"
-        if name in _PER_PIXEL or name in _NEIGHBOURHOOD:
+        if name in _AFFINE:
+            self.kind = "affine"
+        elif name in _PER_PIXEL or name in _NEIGHBOURHOOD:
             self.kind = "pixel"
+        else:
+            self.kind = "whole"
         self.margin = 1 if name in _NEIGHBOURHOOD else 0
 
     def __call__(
