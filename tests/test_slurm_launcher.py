@@ -24,6 +24,7 @@ from mugs.launch.slurm import (
     parse_gpu_count,
     parse_partitions,
     preflight_problems,
+    preflight_warnings,
     query_job,
     read_progress,
     sbatch_parameters,
@@ -125,6 +126,19 @@ def test_missing_data_unwritable_output_and_no_sinfo_are_all_reported(config: Co
     assert problems[2].startswith(
         f"output directory {tmp_path}/blocker/run (train.output_dir) is not writable"
     )
+
+
+def test_gpu_ranks_without_cpus_for_their_loaders_are_warned_about(config: Config) -> None:
+    config.launch.gpus_per_node, config.launch.partition = 2, "gpu"
+    assert preflight_problems(config, PARTITIONS) == []  # it can run: a warning, not a refusal
+    (warning,) = preflight_warnings(config)
+    assert "launch.cpus_per_task is not set" in warning and "train.num_workers" in warning
+    config.launch.cpus_per_task = 16
+    assert preflight_warnings(config) == []
+    config.launch.cpus_per_task, config.train.num_workers = None, 8
+    assert preflight_warnings(config) == []
+    config.launch.gpus_per_node, config.launch.partition, config.train.num_workers = 0, "cpu", "auto"
+    assert preflight_warnings(config) == []  # CPU ranks augment in their own process anyway
 
 
 def test_no_default_partition(config: Config) -> None:

@@ -294,6 +294,19 @@ def preflight_problems(config: Config, partitions: dict[str, Partition] | None) 
     return problems
 
 
+def preflight_warnings(config: Config) -> list[str]:
+    """Settings that let the job run, but badly: printed before submitting, not refused."""
+    launch = config.launch
+    if launch.gpus_per_node and config.train.num_workers == "auto" and launch.cpus_per_task is None:
+        return [
+            "launch.cpus_per_task is not set, so each GPU rank gets the partition's default CPUs (often "
+            "1) and train.num_workers=auto gives it that many loader processes less one: the paper's "
+            "multi-crop augmentation would starve the GPU. Set launch.cpus_per_task (16 per GPU keeps "
+            "up best, docs/benchmarks.md) or train.num_workers."
+        ]
+    return []
+
+
 def _partition_problems(launch: Any, partitions: dict[str, Partition]) -> list[str]:
     if launch.partition is None:
         defaults = [p for p in partitions.values() if p.default]
@@ -461,6 +474,8 @@ def launch_slurm(
             console.print(f"reattaching to SLURM job {record.job_id} ({status.describe()}) of {run_dir}")
         else:
             check_before_submit(config, _partitions_or_none())
+            for warning in preflight_warnings(config):
+                console.print(f"[yellow]warning:[/yellow] {warning}")
             if record is not None:
                 console.print(
                     f"SLURM job {record.job_id} ended {status.state}: resubmitting, resuming from latest.pt"
