@@ -32,6 +32,7 @@ from mugs.config import config_from_dict
 from mugs.testing.synthetic import SyntheticImages
 from mugs.training import engine
 from mugs.training.engine import Trainer
+from mugs.training.optim import clip_gradients_per_tensor
 
 # Dense peak throughput per device, TFLOP/s, for model FLOPs utilisation.
 PEAK_TFLOPS = {
@@ -135,6 +136,19 @@ def undo_optimisations(trainer: Trainer, without: list[str]) -> None:
         engine.clip_gradients_per_tensor = clip_with_host_reads
 
 
+def implementations(trainer: Trainer) -> dict[str, str]:
+    """What the built step runs, read off it rather than off the options: attention, AdamW, clipping."""
+    attention = [m.fused_attn for m in trainer.student.modules() if hasattr(m, "fused_attn")]
+    adamw = trainer.optimizer.defaults
+    return {
+        "attention": "fused" if all(attention) else "matmul",
+        "adamw": "fused" if adamw["fused"] else "foreach" if adamw["foreach"] else "loop",
+        "clipping": "foreach"
+        if engine.clip_gradients_per_tensor is clip_gradients_per_tensor
+        else "host reads",
+    }
+
+
 def random_crops(args: argparse.Namespace, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     sizes = [args.global_size] * 4 + [args.local_size] * args.n_local
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = build_trainer(args, Path(scratch))
         undo_optimisations(trainer, args.without)
+        running = implementations(trainer)
         device = trainer.device
         crops, weak = random_crops(args, device)
         # count FLOPs on the eager modules (a compiled graph hides its operations from the counter)
@@ -188,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         "precision": args.precision,
         "compile": args.compile,
         "without": ",".join(args.without) or None,
+        **running,
         "seconds_per_iteration": seconds,
         "seconds_min": min(times),
         "images_per_second": args.batch / seconds,

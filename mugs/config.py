@@ -108,8 +108,9 @@ class TrainConfig:
     output_dir: str = "results/run"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # data-loader processes per rank; "auto": the cores this rank may use, less one for itself (the
-    # multi-crop augmentation, not the GPU, bounds a step on 16 cores: see docs/benchmarks.md)
+    # data-loader processes per rank; "auto": on a GPU, the cores this rank may use less one for itself
+    # (the multi-crop augmentation, not the GPU, bounds a step on 16 cores: see docs/benchmarks.md); on
+    # the CPU, 0 (loader processes would fight the training's threads)
     num_workers: int | Literal["auto"] = "auto"
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     log_every: int = 50  # iterations between JSON log lines

@@ -44,9 +44,9 @@ def ranks_sharing_cores(group: dist.ProcessGroup | None = None) -> int:
     rank's: 1 where SLURM binds each task to its own cores, the ranks on the node where it does not
     (or where local processes all see every core). ``group`` must be able to gather host objects.
     """
-    mine = (socket.gethostname(), frozenset(os.sched_getaffinity(0)))
     if not is_distributed():
         return 1
+    mine = (socket.gethostname(), frozenset(os.sched_getaffinity(0)))
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     return sum(host == mine[0] and bool(cores & mine[1]) for host, cores in everyone)

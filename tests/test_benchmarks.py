@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,9 +67,34 @@ def test_train_step_without_its_optimisations(tmp_path: Path) -> None:
         "--arch vit_tiny --depth 1 --patch-size 8 --batch 2 --global-size 32 --local-size 16 --queue 64"
         " --group-out-dim 64 --warmup 0 --iters 1 --without attention --without adamw --without clipping"
     )
-    figures = run_benchmark("train_step.py", args, tmp_path / "step.json")
-    assert figures["without"] == "attention,adamw,clipping" and figures["seconds_per_iteration"] > 0
-    assert_machine(figures)
+    before = run_benchmark("train_step.py", args, tmp_path / "before.json")
+    assert before["without"] == "attention,adamw,clipping" and before["seconds_per_iteration"] > 0
+    # read off the built step: the options must change what runs, not just the label
+    assert (before["attention"], before["adamw"], before["clipping"]) == ("matmul", "loop", "host reads")
+    after = run_benchmark("train_step.py", args.split(" --without")[0], tmp_path / "after.json")
+    assert (after["attention"], after["adamw"], after["clipping"]) == ("fused", "foreach", "foreach")
+    assert after["without"] is None
+    assert_machine(before)
+
+
+def test_the_clipping_before_clips_as_the_engine_does() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from train_step import clip_with_host_reads
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from mugs.training.optim import clip_gradients_per_tensor
+
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, 7, generator=generator) * scale for scale in (0.1, 1.0, 10.0)]
+    loop = [torch.nn.Parameter(torch.zeros(5, 7)) for _ in grads]
+    foreach = [torch.nn.Parameter(torch.zeros(5, 7)) for _ in grads]
+    for a, b, g in zip(loop, foreach, grads, strict=True):
+        a.grad, b.grad = g.clone(), g.clone()
+    assert torch.allclose(clip_with_host_reads(loop, 3.0), clip_gradients_per_tensor(foreach, 3.0))
+    for a, b in zip(loop, foreach, strict=True):
+        assert torch.allclose(a.grad, b.grad)
+    assert loop[2].grad.norm() == pytest.approx(3.0, rel=1e-5) and torch.equal(loop[0].grad, grads[0])
 
 
 def test_a_copied_tree_measures_its_own_code(tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_nearest_resampling_and_whole_image_ops_fall_back_to_the_whole_image():
         assert np.array_equal(_run(windowed, image, seed)[0], _run(eager, image, seed)[0]), seed
 
 
-def test_deferred_ops_compute_only_the_window():
+def test_deferred_ops_compute_only_the_window(monkeypatch):
     ra = SeededRandAugment("rand-n1-m9-inc1", _HPARAMS, deferred=True)
     (shear,) = [op for op in ra.ops if op.name == "ShearX"]
     shear.prob = 1.0
@@ -83,11 +83,9 @@ def test_deferred_ops_compute_only_the_window():
         calls.append((self.size, size))
         return original(self, size, *args, **kwargs)
 
-    Image.Image.transform = recording
-    try:
-        window = deferred.render((40, 30, 60, 50))
-    finally:
-        Image.Image.transform = original
+    monkeypatch.setattr(Image.Image, "transform", recording)
+    window = deferred.render((40, 30, 60, 50))
+    monkeypatch.undo()
     assert window.size == (20, 20)
     # one affine transform, from the image's corner to the box's: 60 × 50 of 150 × 110 pixels, reading
     # at most 0.3 × 50 columns further (a shear of at most 0.3) and the kernel's reach of 3

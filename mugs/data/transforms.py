@@ -4,7 +4,7 @@ The views leave the loader as uint8 pixels with, for strong views, random erasin
 last steps of every view (to [0, 1], pasting the noise, normalisation) run on the training device for a
 whole batch (:class:`CropFinisher`), much as the official code's prefetcher normalises on the GPU. The
 result is bit-identical to finishing each crop in the loader, and the loader's shared memory, pinned
-buffers and host-to-device copies carry about a third of the bytes.
+buffers and host-to-device copies carry about a quarter of the bytes.
 
 Every random draw comes from Python's ``random`` or torch's global generator (the two that
 ``torch.utils.data`` seeds per worker), so ``random.seed(s); torch.manual_seed(s)`` before a call makes
@@ -49,8 +49,8 @@ _BLUR_SIGMA = (0.1, 2.0)
 # The official strong transform scales RandAugment's absolute translations by 0.45 × crop side, as timm does.
 _TRANSLATE_FRACTION = 0.45
 
-Box = tuple[int, int, int, int]  # top, left, height, width
-NO_ERASING: Box = (0, 0, 0, 0)
+ErasingBox = tuple[int, int, int, int]  # top, left, height, width
+NO_ERASING: ErasingBox = (0, 0, 0, 0)
 _NO_NOISE = torch.empty(0)
 
 
@@ -144,7 +144,7 @@ class RandomErasingPatch:
         self.prob, self.area, self.attempts = prob, area, attempts
         self.log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
 
-    def __call__(self, crop: Tensor) -> tuple[Tensor, Box, Tensor]:
+    def __call__(self, crop: Tensor) -> tuple[Tensor, ErasingBox, Tensor]:
         if random.random() <= self.prob:
             height, width = crop.shape[-2:]
             for _ in range(self.attempts):
@@ -191,8 +191,8 @@ def strong_transform(
 ) -> T.Compose:
     """Strong view: flip, RandAugment on the full image, bicubic crop; uint8 pixels, erasing box and noise.
 
-    RandAugment's ops are computed only over the crop's box (:mod:`mugs.data.windowed`): the same
-    draws and the same pixels as running them on the whole image, at the cost of the box's area.
+    RandAugment's ops are computed only as far as the crop looks (:mod:`mugs.data.windowed`): the same
+    draws and the same pixels as running them on the whole image, at a fraction of the cost.
 
     RandAugment fills what its geometric ops uncover with ``mean``. Erasing comes before normalisation as
     in the official default (``use_prefetcher``: the loader yields [0, 1] tensors, erased with N(0, 1)
@@ -217,7 +217,7 @@ class MultiCropViews(NamedTuple):
     """One image's views: uint8 crops, the erasing box and noise of each, and the weak flag."""
 
     crops: list[Tensor]
-    erase_boxes: list[Box]
+    erase_boxes: list[ErasingBox]
     erase_noise: list[Tensor]
     weak: bool
 
