@@ -79,6 +79,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         nprocs = args.nprocs or config.launch.nprocs
         result = launch_local(config, nprocs, progress=not args.no_progress)
+    if result.stopped_by is not None:
+        from mugs.launch.signals import stopped_by_signal
+
+        message, code = stopped_by_signal(result)
+        console.print(message)
+        return code
     console.print(
         f"pretraining {result.status} at global iteration {result.global_iteration}: {result.checkpoint}"
     )
@@ -397,13 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mugs.config import ConfigError
     from mugs.data.sources import DataError
+    from mugs.training.checkpoint import MissingCheckpointError
     from mugs.training.engine import CollapseError, NonFiniteLossError
+    from mugs.training.run_lock import RunLockedError
 
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as error:
+    except (
+        ConfigError,
+        DataError,
+        FileNotFoundError,
+        ValueError,
+        RunLockedError,
+        MissingCheckpointError,
+    ) as error:
         console.print(f"[bold red]error:[/] {error}")
         return 2
     except (NonFiniteLossError, CollapseError) as error:

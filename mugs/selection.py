@@ -30,7 +30,7 @@ SELECTION_JSON = "selection.json"
 
 def candidate_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """The kept ``(epoch, path)`` pairs of a run, oldest first; ``latest.pt`` alone when none was kept."""
-    directory = Path(run_dir) / "checkpoints"
+    directory = Path(run_dir) / ckpt.DIRECTORY
     kept = ckpt.kept_checkpoints(directory)
     if kept:
         return kept

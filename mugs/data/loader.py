@@ -9,6 +9,7 @@ gives every rank of a distributed run its slice of the same global batch a singl
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +25,17 @@ def _mix(*entropy: int) -> int:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed for one sample's augmentation in one epoch."""
     return _mix(seed, epoch, index)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """``worker_init_fn`` of the pretraining loader: its processes ignore SIGINT and SIGTERM.
+
+    The training process stops cleanly on them, at the end of the iteration; a terminal's Ctrl-C
+    reaches the whole process group, and workers that died of it would fail that last iteration.
+    A worker whose parent dies exits on its own (PyTorch's watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class SeededAugmentedDataset(Dataset):

@@ -23,15 +23,15 @@ _MIN_TSNE = 5
 
 def find_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint to show for a run: ``selected.pt``, else the last kept copy, else ``latest.pt``."""
-    from mugs.training.checkpoint import LATEST, kept_checkpoints
+    from mugs.training.checkpoint import DIRECTORY, LATEST, kept_checkpoints
 
     run_dir = Path(run_dir)
     if (run_dir / "selected.pt").is_file():
         return run_dir / "selected.pt"
-    kept = kept_checkpoints(run_dir / "checkpoints")
+    kept = kept_checkpoints(run_dir / DIRECTORY)
     if kept:
         return kept[-1][1]
-    latest = run_dir / "checkpoints" / LATEST
+    latest = run_dir / DIRECTORY / LATEST
     return latest if latest.is_file() else None
 
 

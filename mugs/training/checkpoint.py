@@ -10,42 +10,88 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
+import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
 FORMAT = "mugs-pipeline/1"
+DIRECTORY = "checkpoints"  # in a run directory
 LATEST = "latest.pt"
 _KEPT = re.compile(r"epoch(\d{4,})\.pt$")
+
+
+class MissingCheckpointError(RuntimeError):
+    """A checkpoint that the keep policy names is gone and cannot be rebuilt from ``latest.pt``."""
+
+
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """A new, exclusive temporary file next to ``path``, created with the permissions of any file
+    the user writes (mode 0666 less the umask; ``tempfile.mkstemp`` would make it 0600, which a
+    project group on a shared file system could not read)."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:
+            continue
+
+
+def _sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = _temporary_beside(path)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync_directory(path.parent)
+    return path
 
 
 def atomic_save(payload: dict[str, Any], path: str | Path) -> Path:
     """Write ``payload`` to ``path`` so that readers see either the old file or the complete new one.
 
     The data go to a temporary file in the same directory, are flushed and fsync'ed, and the file is
-    renamed over ``path``; the directory is fsync'ed so the rename survives a crash.
+    renamed over ``path``; the directory is fsync'ed so the rename survives a crash. A writer killed
+    before the rename leaves a ``.<name>.<random>.tmp`` file, which :func:`remove_stale_temporaries`
+    deletes when the run starts again.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    return path
+    return _atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Replace the text file ``path`` atomically (as :func:`atomic_save`)."""
+    return _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete the temporary files that writers killed before their rename left in ``directory``.
+
+    Only for the run's single writer (it holds the run lock), so no live write is among them.
+    """
+    directory = Path(directory)
+    stale = sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -71,17 +117,20 @@ def kept_checkpoint_name(epoch: int) -> str:
 
 
 def keep_checkpoint(directory: Path, epoch: int) -> Path:
-    """Keep the current ``latest.pt`` as the copy for ``epoch`` (a hard link: no second write)."""
+    """Keep the current ``latest.pt`` as the copy for ``epoch`` (a hard link: no second write).
+
+    The link is made under a temporary name and renamed, so ``epochNNNN.pt`` is either absent or
+    complete whenever the process dies.
+    """
     target = directory / kept_checkpoint_name(epoch)
     temporary = directory / f".{target.name}.link.tmp"
     temporary.unlink(missing_ok=True)
     try:
         os.link(directory / LATEST, temporary)
     except OSError:  # file systems without hard links
-        import shutil
-
         shutil.copyfile(directory / LATEST, temporary)
     os.replace(temporary, target)
+    _sync_directory(directory)
     return target
 
 

@@ -19,12 +19,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+
+# rich draws from Python's global RNG when first imported: at import time, before any seeding, so
+# that the draw can never fall between restoring a checkpoint's RNG states and the next step
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mugs import distributed
 from mugs.config import Config
-from mugs.data.loader import GlobalBatchSampler, SeededAugmentedDataset
+from mugs.data.loader import GlobalBatchSampler, SeededAugmentedDataset, ignore_stop_signals
 from mugs.data.transforms import CropFinisher, MultiCropAugmentation, collate_multicrop
 from mugs.losses import GroupLoss, InfoNCEQueueLoss
 from mugs.model import MugsNetwork, create_mugs_network
@@ -65,9 +69,13 @@ class CollapseError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """How a run ended: ``finished``; ``stopped`` at ``train.max_iterations``; ``interrupted`` by the
+    stop flag (``stopped_by`` names the signal when a launcher knows it)."""
+
     status: Literal["finished", "stopped", "interrupted"]
     global_iteration: int
     checkpoint: Path | None
+    stopped_by: str | None = None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -192,6 +200,11 @@ def build_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        # each iter() draws its workers' base seed from this generator; without one it would come
+        # from the global torch RNG, which drop path also uses and a checkpoint restores, so a
+        # resumed run would draw once more than an uninterrupted one and diverge from it
+        generator=torch.Generator().manual_seed(config.train.seed),
+        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -229,7 +242,7 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.output_dir = Path(config.train.output_dir)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.checkpoint_dir = self.output_dir / ckpt.DIRECTORY
         if self.device.type == "cpu":
             # denormal floats (tiny softmax tails of sharp teacher distributions) slow CPU kernels
             # several-fold; flushing them to zero is deterministic
@@ -313,6 +326,7 @@ class Trainer:
             warnings.warn(f"optim.precision={optim.precision} is ignored on CPU (fp32 is used)", stacklevel=2)
 
         self.epoch = 0
+        self.start_epoch = 0  # where this run began: 0, or the epoch of train.init_from's checkpoint
         self.iteration_in_epoch = 0
         self.global_iteration = 0
         self._last_teacher = None
@@ -434,6 +448,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch,
+            "start_epoch": self.start_epoch,
             "iteration_in_epoch": self.iteration_in_epoch,
             "global_iteration": self.global_iteration,
             "iterations_per_epoch": self.iterations_per_epoch,
@@ -482,6 +497,7 @@ class Trainer:
         if self.scaler is not None and payload["scaler"] is not None:
             self.scaler.load_state_dict(payload["scaler"])
         self.epoch = payload["epoch"]
+        self.start_epoch = payload.get("start_epoch", 0)
         self.iteration_in_epoch = payload["iteration_in_epoch"]
         self.global_iteration = payload["global_iteration"]
         states = payload["rng"]
@@ -500,7 +516,7 @@ class Trainer:
         example an imported release), at the epoch it had finished; the optimizer starts afresh."""
         payload = ckpt.load_checkpoint(path, map_location="cpu")
         self._load_weights(payload, path)
-        self.epoch = payload["epoch"]
+        self.epoch = self.start_epoch = payload["epoch"]
         self.iteration_in_epoch = 0
         self.global_iteration = self.epoch * self.iterations_per_epoch
 
@@ -519,12 +535,16 @@ class Trainer:
     ) -> TrainResult:
         """Train from the latest checkpoint (if any) to the end, or until stopped; checkpoint on exit."""
         latest = self.checkpoint_dir / ckpt.LATEST
-        if latest.exists():
+        resumed = latest.exists()
+        if resumed:
             self.load(latest)
         elif self.config.train.init_from:
             self.initialise_from(Path(self.config.train.init_from))
         log = MetricsLog(self.output_dir / "log.jsonl", enabled=self.rank == 0)
         log.truncate_after(self.global_iteration)
+        if resumed and self.iteration_in_epoch == 0 and self.epoch > self.start_epoch:
+            # the run may have died between its epoch-end checkpoint and what follows it
+            self._close_epoch(log)
         config = self.config
         total_iterations = config.optim.epochs * self.iterations_per_epoch
         end = min(total_iterations, config.train.max_iterations or total_iterations)
@@ -574,12 +594,7 @@ class Trainer:
                     self.epoch += 1
                     self.iteration_in_epoch = 0
                     self.save()
-                    if self.rank == 0:
-                        log.write(
-                            {"type": "epoch", "epoch": self.epoch, "global_iteration": self.global_iteration}
-                        )
-                        if ckpt.should_keep(self.epoch, config.optim.epochs, config.train.keep_every_epochs):
-                            ckpt.keep_checkpoint(self.checkpoint_dir, self.epoch)
+                    self._close_epoch(log)
         if self.global_iteration < total_iterations and status == "finished":
             status = "stopped"
         # the last step is always followed by a save(), here or at the epoch end just above, and its
@@ -589,12 +604,41 @@ class Trainer:
             self._mark_done()
         return TrainResult(status, self.global_iteration, path)
 
+    def _kept_epochs(self) -> list[int]:
+        """The finished-epoch counts whose checkpoint this run keeps, up to now."""
+        keep_every, epochs = self.config.train.keep_every_epochs, self.config.optim.epochs
+        finished = range(self.start_epoch + 1, self.epoch + 1)
+        return [e for e in finished if ckpt.should_keep(e, epochs, keep_every)]
+
+    def _close_epoch(self, log: MetricsLog) -> None:
+        """What follows an epoch-end checkpoint (rank 0): the epoch's log line and, if the policy keeps
+        it, the kept copy. Each is done only if missing, so a restart completes a killed run's."""
+        if self.rank != 0:
+            return
+        if not log.has_epoch(self.epoch):
+            log.write({"type": "epoch", "epoch": self.epoch, "global_iteration": self.global_iteration})
+        kept = self.checkpoint_dir / ckpt.kept_checkpoint_name(self.epoch)
+        if self.epoch in self._kept_epochs() and not kept.exists():
+            ckpt.keep_checkpoint(self.checkpoint_dir, self.epoch)
+
     def _mark_done(self) -> None:
-        """Write the ``DONE`` marker the workflow waits for (rank 0)."""
-        if self.rank == 0:
-            (self.output_dir / "DONE").write_text(
-                json.dumps({"global_iteration": self.global_iteration}) + "\n"
+        """Write the ``DONE`` marker the workflow waits for (rank 0), once every kept checkpoint is there."""
+        if self.rank != 0:
+            return
+        missing = [
+            name
+            for name in map(ckpt.kept_checkpoint_name, self._kept_epochs())
+            if not (self.checkpoint_dir / name).exists()
+        ]
+        if missing:
+            raise ckpt.MissingCheckpointError(
+                f"{self.checkpoint_dir}: the kept checkpoints {', '.join(missing)} are missing and "
+                f"{ckpt.LATEST} has moved past them, so they cannot be rebuilt; DONE is not written. "
+                "Restore them from a copy, or retrain in a new train.output_dir"
             )
+        ckpt.atomic_write_text(
+            self.output_dir / "DONE", json.dumps({"global_iteration": self.global_iteration}) + "\n"
+        )
 
     def _log_record(self, window: _Window, log: MetricsLog) -> dict[str, Any]:
         self.check_finite()
@@ -717,17 +761,34 @@ class MetricsLog:
     def __init__(self, path: Path, *, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
 
+    def records(self) -> list[tuple[str, dict[str, Any]]]:
+        """``(line, record)`` pairs. A torn last line (a crash or a full disk in mid-write) is left out
+        with a warning naming the file; an unreadable line before it is an error."""
+        if not self.path.exists():
+            return []
+        lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+        parsed = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as error:
+                if number < len(lines):
+                    raise ValueError(f"{self.path}, line {number}: not a log record ({error})") from None
+                warnings.warn(f"{self.path}: dropped its torn last line {number} ({error})", stacklevel=2)
+                continue
+            parsed.append((line, record))
+        return parsed
+
     def truncate_after(self, global_iteration: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("global_iteration", 0) <= global_iteration
-        ]
-        temporary = self.path.with_suffix(".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        temporary.replace(self.path)
+        kept = [line for line, r in self.records() if r.get("global_iteration", 0) <= global_iteration]
+        ckpt.atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def has_epoch(self, epoch: int) -> bool:
+        return any(r.get("type") == "epoch" and r.get("epoch") == epoch for _, r in self.records())
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -737,9 +798,7 @@ class MetricsLog:
             handle.write(json.dumps(record, allow_nan=True) + "\n")
 
 
-def _progress(*, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+def _progress(*, enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

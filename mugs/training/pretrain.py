@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 from torch.utils.data import Dataset, Subset
 
+from mugs import distributed
 from mugs.config import Config
 from mugs.training import checkpoint as ckpt
 from mugs.training.engine import Trainer, TrainResult, incompatible_keys
+from mugs.training.run_lock import RunLockedError, exclusive_run
 
 
 def training_dataset(config: Config) -> tuple[Dataset, tuple[tuple, tuple]]:
@@ -28,10 +31,29 @@ def training_dataset(config: Config) -> tuple[Dataset, tuple[tuple, tuple]]:
 
 
 def write_resolved_config(config: Config) -> Path:
-    path = Path(config.train.output_dir) / "config.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return path
+    return ckpt.atomic_write_text(
+        Path(config.train.output_dir) / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
+    )
+
+
+@contextmanager
+def locked_run_directory(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir``'s lock (rank 0, the run's only writer) while the body runs; every rank raises
+    :class:`RunLockedError` when rank 0 could not take it. Temporary files of a killed writer go."""
+    refusal = None
+    with ExitStack() as lock:
+        if distributed.is_main_process():
+            try:
+                lock.enter_context(exclusive_run(run_dir))
+            except RunLockedError as error:
+                refusal = str(error)
+            else:
+                for directory in (run_dir, run_dir / ckpt.DIRECTORY):
+                    ckpt.remove_stale_temporaries(directory)
+        refusal = distributed.broadcast_object(refusal)
+        if refusal:
+            raise RunLockedError(refusal)
+        yield
 
 
 def set_aside_if_changed(config: Config) -> Path | None:
@@ -41,7 +63,7 @@ def set_aside_if_changed(config: Config) -> Path | None:
     result: it is renamed to ``<output_dir>.superseded-<UTC time>``, never deleted. Returns the new name.
     """
     output_dir = Path(config.train.output_dir)
-    latest = output_dir / "checkpoints" / ckpt.LATEST
+    latest = output_dir / ckpt.DIRECTORY / ckpt.LATEST
     if not latest.exists():
         return None
     saved = ckpt.load_checkpoint(latest)["config"]
@@ -49,7 +71,8 @@ def set_aside_if_changed(config: Config) -> Path | None:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = output_dir.with_name(f"{output_dir.name}.superseded-{stamp}")
-    output_dir.rename(target)
+    with exclusive_run(output_dir):  # never move a run that is training
+        output_dir.rename(target)
     return target
 
 
@@ -61,13 +84,15 @@ def run_pretraining(
     stop_requested: Callable[[], bool] = lambda: False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train (or resume) the run in ``config.train.output_dir``; pass ``dataset`` to bypass the manifest."""
-    if dataset is None:
-        dataset, mean_std = training_dataset(config)
-    assert mean_std is not None, "a dataset passed in needs its mean_std"
-    from mugs import distributed
+    """Train (or resume) the run in ``config.train.output_dir``; pass ``dataset`` to bypass the manifest.
 
-    if distributed.is_main_process():
-        write_resolved_config(config)
-    trainer = Trainer(config, dataset, mean_std=mean_std)
-    return trainer.fit(stop_requested=stop_requested, progress=progress)
+    The run directory is locked throughout: a second start fails at once (:class:`RunLockedError`).
+    """
+    with locked_run_directory(Path(config.train.output_dir)):
+        if dataset is None:
+            dataset, mean_std = training_dataset(config)
+        assert mean_std is not None, "a dataset passed in needs its mean_std"
+        if distributed.is_main_process():
+            write_resolved_config(config)
+        trainer = Trainer(config, dataset, mean_std=mean_std)
+        return trainer.fit(stop_requested=stop_requested, progress=progress)

@@ -1,0 +1,338 @@
+"""Reliability on the path users run: every stochastic feature of the published presets on (drop path,
+weak/strong views, RandAugment, random erasing, several local crops), one and two ranks, loader
+workers or none. A run that is stopped, killed at any moment or signalled, then restarted until it
+finishes, ends with exactly the files of an uninterrupted run: every tensor of ``latest.pt`` and of
+every kept checkpoint (optimizer and RNG states included), ``DONE`` and the log.
+
+The runs are processes of :mod:`mugs.testing.faults`, forked from one pre-imported server so that
+each costs its training time rather than torch's import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mugs.training import checkpoint as ckpt
+from mugs.training.engine import MetricsLog, incompatible_keys
+from mugs.training.run_lock import LOCK_NAME
+
+FAULTS = [sys.executable, "-m", "mugs.testing.faults"]
+TIMING_KEYS = {"images_per_second", "data_wait_fraction"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    """Runs of :mod:`mugs.testing.faults`, one at a time, forked by ``mugs.testing.faults --serve``."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.count = 0
+        self.process = subprocess.Popen(
+            [*FAULTS, "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
+
+    def start(self, run_dir: Path, *args: str) -> int:
+        self.count += 1
+        self.stdout, self.stderr = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
+        request = {"argv": [str(run_dir), *args], "stdout": str(self.stdout), "stderr": str(self.stderr)}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())["pid"]
+
+    def wait(self) -> int:
+        return json.loads(self.process.stdout.readline())["returncode"]
+
+    def run(self, run_dir: Path, *args: str) -> int:
+        self.start(run_dir, *args)
+        return self.wait()
+
+    def finish(self, run_dir: Path, *args: str, attempts: int = 4) -> None:
+        """Restart the run until it finishes."""
+        for _ in range(attempts):
+            if self.run(run_dir, *args) == 0:
+                return
+        raise AssertionError(f"{run_dir} did not finish: {self.stderr.read_text()[-2000:]}")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    server = Server(tmp_path_factory.mktemp("logs"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def reference(server: Server, tmp_path_factory) -> tuple[Path, float]:
+    """An uninterrupted run, and its training time in seconds."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    assert server.run(run_dir) == 0, server.stderr.read_text()
+    return run_dir, json.loads(server.stdout.read_text())["seconds"]
+
+
+def assert_same(a: Any, b: Any, where: str) -> None:
+    """Equal in every tensor (dtype and values), number, string and structure."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(a.keys() ^ b.keys())}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_checkpoint(path: Path, expected: Path) -> None:
+    """Every tensor, number and string; of the configs, the settings the result depends on (a resumed
+    run may change the others, such as train.max_iterations or train.num_workers)."""
+    payload, reference = ckpt.load_checkpoint(path), ckpt.load_checkpoint(expected)
+    assert incompatible_keys(payload.pop("config"), reference.pop("config")) == [], path
+    assert_same(payload, reference, path.name)
+
+
+def log_records(run_dir: Path) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in record.items() if k not in TIMING_KEYS}
+        for _, record in MetricsLog(run_dir / "log.jsonl", enabled=True).records()
+    ]
+
+
+def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
+    """The run's checkpoints, kept copies, marker and log are those of the reference, and no temporary
+    file of a killed writer is left."""
+    directory, expected = run_dir / ckpt.DIRECTORY, reference_dir / ckpt.DIRECTORY
+    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for path in sorted(expected.iterdir()):
+        assert_same_checkpoint(directory / path.name, path)
+    assert (run_dir / "DONE").read_text() == (reference_dir / "DONE").read_text()
+    assert log_records(run_dir) == log_records(reference_dir)
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_same_seed_gives_identical_files(server: Server, reference, tmp_path: Path) -> None:
+    assert server.run(tmp_path / "run") == 0
+    assert_same_run(tmp_path / "run", reference[0])
+    latest = ckpt.load_checkpoint(tmp_path / "run" / ckpt.DIRECTORY / ckpt.LATEST)
+    assert latest["config"]["model"]["drop_path_rate"] == 0.1
+    assert latest["config"]["augment"]["rand_augment"].startswith("rand-m9")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stopping_and_resuming_is_exact(server: Server, reference, tmp_path: Path, workers: int) -> None:
+    """Stopped inside the second epoch, then resumed, with or without loader processes: the same files
+    as the uninterrupted run (which had none)."""
+    run_dir, loader = tmp_path / "run", f"train.num_workers={workers}"
+    assert server.run(run_dir, "--set", loader, "--set", "train.max_iterations=4") == 0
+    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)
+    assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
+    assert server.run(run_dir, "--set", loader) == 0
+    assert_same_run(run_dir, reference[0])
+
+
+# each point with the occurrence to kill at: latest.pt is written at iterations 2, 3 (epoch end),
+# 4, 6, 6 (epoch end), 8 and 9 (the last epoch end); kept copies after each epoch
+NAMED_KILLS = [
+    "startup:1",
+    "checkpoint-write:1",
+    "checkpoint-write:5",
+    "checkpoint-rename:2",
+    "checkpoint-rename:7",
+    "keep:1",
+    "keep:3",
+    "keep-rename:2",
+    "log-write:5",
+    "done:1",
+]
+
+
+@pytest.mark.parametrize("point", NAMED_KILLS)
+def test_sigkill_at_a_named_point(server: Server, reference, tmp_path: Path, point: str) -> None:
+    run_dir = tmp_path / "run"
+    assert server.run(run_dir, "--kill-at", point) == -signal.SIGKILL
+    if point.startswith("keep:") or point.startswith("done"):
+        assert not (run_dir / "DONE").exists()
+    server.finish(run_dir)
+    if point.startswith("log-write"):
+        assert "dropped its torn last line" in server.stderr.read_text()
+    assert_same_run(run_dir, reference[0])
+
+
+def test_sigkill_at_random_moments(server: Server, reference, tmp_path: Path) -> None:
+    """Twelve seeded moments, two kills in each of six runs (the second in the resumed process)."""
+    draw = random.Random(13)
+    seconds = reference[1]
+    kills = 0
+    for trial in range(6):
+        run_dir = tmp_path / f"run{trial}"
+        for _ in range(2):
+            returncode = server.run(run_dir, "--kill-after", f"{draw.uniform(0.0, seconds):.3f}")
+            kills += returncode == -signal.SIGKILL
+        server.finish(run_dir)
+        assert_same_run(run_dir, reference[0])
+    assert kills >= 10
+
+
+def _wait_for_iterations(run_dir: Path, count: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    log = run_dir / "log.jsonl"
+    while time.monotonic() < deadline:
+        if log.exists() and log.read_text().count('"type": "iteration"') >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{log} did not reach {count} iterations")
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_cleanly_with_a_checkpoint(
+    server: Server, reference, tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    run_dir = tmp_path / "run"
+    pid = server.start(run_dir, "--step-delay", "0.3")
+    _wait_for_iterations(run_dir, 2)
+    os.kill(pid, stop_signal)
+    assert server.wait() == 128 + stop_signal
+    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
+    message = server.stderr.read_text()
+    assert f"stopped by {stop_signal.name} at global iteration {stopped}," in message
+    assert "Traceback" not in message and 2 <= stopped < 9
+    assert max(r["global_iteration"] for r in log_records(run_dir)) <= stopped
+    server.finish(run_dir)
+    assert_same_run(run_dir, reference[0])
+
+
+def test_a_second_signal_aborts_at_once(server: Server, reference, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    pid = server.start(run_dir, "--step-delay", "0.5")
+    _wait_for_iterations(run_dir, 1)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(0.1)
+    os.kill(pid, signal.SIGTERM)
+    assert server.wait() == -signal.SIGTERM
+    assert "aborting now" in server.stderr.read_text()
+    server.finish(run_dir)
+    assert_same_run(run_dir, reference[0])
+
+
+def _spawn(run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*FAULTS, str(run_dir), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+
+
+@pytest.fixture(scope="module")
+def two_rank_reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("two-ranks") / "run"
+    process = _spawn(run_dir, "--nprocs", "2")
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return run_dir
+
+
+def _stop_two_ranks(run_dir: Path, send: Callable[[subprocess.Popen], None], name: str) -> int:
+    process = _spawn(run_dir, "--nprocs", "2", "--step-delay", "0.3", "--set", "train.num_workers=1")
+    _wait_for_iterations(run_dir, len(log_records(run_dir)) + 2)
+    send(process)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.Signals[name], err
+    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
+    assert f"stopped by {name} at global iteration {stopped}," in err and "Traceback" not in err
+    return stopped
+
+
+def test_two_ranks_stop_cleanly_on_ctrl_c_and_on_sigterm_and_resume_exactly(
+    two_rank_reference: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C reaches the launcher, both ranks and their loader processes: one clean stop, not an
+    abort. SIGTERM reaches the launcher alone, which passes it on. Then the run resumes exactly."""
+    run_dir = tmp_path / "run"
+    first = _stop_two_ranks(run_dir, lambda process: os.killpg(process.pid, signal.SIGINT), "SIGINT")
+    second = _stop_two_ranks(run_dir, lambda process: process.send_signal(signal.SIGTERM), "SIGTERM")
+    assert first < second < 9
+    resumed = _spawn(run_dir, "--nprocs", "2")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert_same_run(run_dir, two_rank_reference)
+
+
+def test_a_second_start_is_refused_while_the_first_runs(server: Server, reference, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = _spawn(run_dir, "--step-delay", "1.0")
+    _wait_for_iterations(run_dir, 1)
+    assert server.run(run_dir) == 2
+    err = server.stderr.read_text()
+    assert f"in use by pid {first.pid} on" in err and "Traceback" not in err
+    assert str(run_dir / LOCK_NAME) in err
+    assert first.poll() is None, "the second start must not disturb the first"
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert_same_run(run_dir, reference[0])
+
+
+def test_a_kept_checkpoint_lost_for_good_blocks_done(server: Server, reference, tmp_path: Path) -> None:
+    """A missing last kept copy is rebuilt from latest.pt; an earlier one cannot be, and DONE waits."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(reference[0]), str(run_dir)], check=True)
+    (run_dir / "DONE").unlink()
+    (run_dir / ckpt.DIRECTORY / "epoch0003.pt").unlink()
+    assert server.run(run_dir) == 0
+    assert_same_run(run_dir, reference[0])
+
+    (run_dir / "DONE").unlink()
+    (run_dir / ckpt.DIRECTORY / "epoch0001.pt").unlink()
+    assert server.run(run_dir) == 2
+    message = server.stderr.read_text()
+    assert "epoch0001.pt" in message and "cannot be rebuilt" in message and "Traceback" not in message
+    assert not (run_dir / "DONE").exists()
+
+
+def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    log = MetricsLog(tmp_path / "log.jsonl", enabled=True)
+    log.write({"type": "iteration", "global_iteration": 1})
+    log.write({"type": "iteration", "global_iteration": 2})
+    with log.path.open("a") as handle:
+        handle.write('{"type": "iteration", "global_it')
+    with pytest.warns(UserWarning, match=str(log.path)):
+        log.truncate_after(2)
+    assert [r["global_iteration"] for _, r in log.records()] == [1, 2]
+
+    log.path.write_text('{"type": "iteration", "glo\n{"type": "epoch", "global_iteration": 3}\n')
+    with pytest.raises(ValueError, match=rf"{log.path}, line 1"):
+        log.truncate_after(3)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoints_get_the_permissions_of_any_file_the_user_writes(tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        latest = ckpt.atomic_save({"format": ckpt.FORMAT}, tmp_path / ckpt.LATEST)
+        kept = ckpt.keep_checkpoint(tmp_path, 1)
+        text = ckpt.atomic_write_text(tmp_path / "DONE", "{}\n")
+    finally:
+        os.umask(previous)
+    for path in (latest, kept, text):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
