@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +39,7 @@ from workflow_helpers import (
     write_params,
 )
 
-from mugs.config import load_config
+from mugs.config import load_config, merge_values
 from mugs.testing.workflow import planned_jobs
 
 PIPELINE_TIMEOUT_S = 600
@@ -184,6 +186,49 @@ def test_a_bad_value_in_an_added_configfile_is_named(worktree: Path) -> None:
     done = sh("snakemake", "-n", "all", "--configfile", "extra.yaml", cwd=worktree, check=False)
     assert done.returncode != 0
     assert "params.yaml + extra.yaml: optim.lr: expected float, got 'fast'" in done.stdout + done.stderr
+
+
+# A --configfile path that runs `touch` twice wherever a rule or a DVC stage hands it to the shell unquoted.
+HOSTILE_CONFIGFILE = "tmp/my dir/x;touch INJECTED;$(touch INJECTED2).yaml"
+
+
+def _injected(root: Path) -> list[str]:
+    return sorted(str(path) for path in root.rglob("INJECTED*"))
+
+
+def _prepared_per_class(repo: Path) -> int:
+    return json.loads((repo / "results/data/summary.json").read_text())["settings"]["max_per_class"]
+
+
+@pytest.mark.slow
+def test_a_configfile_path_with_shell_metacharacters_is_read_and_never_executed(tmp_path: Path) -> None:
+    repo = copy_worktree(tmp_path / "repo")
+    hostile = repo / HOSTILE_CONFIGFILE
+    hostile.parent.mkdir(parents=True)
+    # a whole parameter file, as DVC reads its keys; 20 images per class keep the data stages cheap
+    values = merge_values(read_params(repo), {"data": {"max_per_class": 20}})
+    hostile.write_text(yaml.safe_dump(values, sort_keys=False))
+
+    # the target comes first: --configfile takes every word after it
+    done = sh(
+        "snakemake",
+        "results/data",
+        "--profile",
+        "profiles/local",
+        "--configfile",
+        HOSTILE_CONFIGFILE,
+        cwd=repo,
+    )
+    command = f"mugs prepare --config params.yaml {shlex.quote(HOSTILE_CONFIGFILE)} --run"
+    assert command in done.stdout + done.stderr
+    assert _prepared_per_class(repo) == 20  # the jobs read the file
+    assert _injected(tmp_path) == []
+
+    sh("mugs", "dvc-yaml", "--params", HOSTILE_CONFIGFILE, cwd=repo)
+    shutil.rmtree(repo / "results/data")
+    sh("dvc", "repro", "--single-item", "prepare", cwd=repo)
+    assert _prepared_per_class(repo) == 20
+    assert _injected(tmp_path) == []
 
 
 # --- the tiny pipeline under Snakemake and DVC ---------------------------------------------------------
