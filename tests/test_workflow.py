@@ -29,6 +29,7 @@ from workflow_helpers import (
     clone,
     comparable_metrics,
     copy_worktree,
+    file_sha256,
     git_commit,
     read_params,
     sh,
@@ -296,6 +297,10 @@ def _dvc_status(repo: Path) -> dict:
     return json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
 
 
+def _rules_run(snakemake_output: str) -> list[str]:
+    return re.findall(r"^(?:local)?rule (\w+):$", snakemake_output, re.MULTILINE)
+
+
 def _stages_run(dvc_output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", dvc_output)
 
@@ -359,6 +364,24 @@ def test_a_configfile_that_adds_a_run_leaves_the_finished_run_alone(pipelines: d
     # only the new run's jobs and the report that compares the two: nothing of the finished run
     assert planned == dict.fromkeys(ALL_AFTER_PRETRAIN, 1)
     assert "--run second" in done.stdout and f"--run {RUN}" not in done.stdout
+
+
+@pytest.mark.slow
+def test_snakemake_all_rebuilds_a_deleted_evaluation_without_pretraining_again(
+    pipelines: dict[str, Path],
+) -> None:
+    repo = pipelines["snakemake"]
+    knn = repo / "results" / RUN / "eval" / "knn.json"
+    metrics = comparable_metrics(knn)
+    pretrained = sorted(path for path in (repo / "results" / RUN / "pretrain").rglob("*") if path.is_file())
+    before = {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in pretrained}
+    knn.unlink()
+
+    assert _plan(repo) == {"knn": 1, "report": 1, "all": 1}
+    done = sh("snakemake", "--profile", "profiles/local", "all", cwd=repo)
+    assert _rules_run(done.stdout + done.stderr) == ["knn", "report", "all"]
+    assert comparable_metrics(knn) == metrics
+    assert {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in pretrained} == before
 
 
 @pytest.mark.slow
