@@ -10,8 +10,8 @@ backbone's final norm, optionally followed by the mean of the last block's norme
 
 Rows are written straight into a file-backed tensor, so extracting an ImageNet-size split holds one
 batch in memory rather than the whole ``N × D`` matrix; cached files are opened memory-mapped.
-A cache file is written under a temporary name and renamed, then its size and SHA-256 go into a
-sidecar (``<name>.integrity.json``); a cache whose bytes do not match the sidecar (truncated,
+A cache file is written under a temporary name, synced and renamed, then its size and SHA-256 go
+into a sidecar (``<name>.integrity.json``); a cache whose bytes do not match the sidecar (truncated,
 corrupt, or the sidecar missing) is extracted again.
 """
 
@@ -22,7 +22,7 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,24 +168,16 @@ def _integrity_path(cache: Path) -> Path:
     return cache.with_name(f"{cache.name}.integrity.json")
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, flush it to disk, then rename it to ``path``: a
-    process killed at any point leaves either the old file or the complete new one, never a torn one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def _save_cache(payload: dict[str, Any], path: Path) -> None:
-    """Write the feature file, then the sidecar that :func:`_load_verified_cache` checks it against."""
-    _write_atomically(path, lambda temporary: torch.save(payload, temporary))
+    """Write the feature file atomically, then the record that :func:`_cache_problem` checks it against.
+
+    The record needs no atomic write: a torn one is not valid JSON, and the cache is extracted again.
+    """
+    from mugs.training.checkpoint import atomic_save
+
+    atomic_save(payload, path)
     record = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    _write_atomically(_integrity_path(path), lambda temporary: temporary.write_text(json.dumps(record)))
+    _integrity_path(path).write_text(json.dumps(record))
 
 
 def _cache_problem(path: Path) -> str | None:
