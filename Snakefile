@@ -26,7 +26,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# Every evaluation output is named here, not only the report: Snakemake treats a missing file whose
+# consumers' outputs are up to date as a removed intermediate and would not rebuild it.
 rule all:
     default_target: True
     input:
+        expand(rules.select.output, run=RUNS),
+        rules.report.input.metrics,
         rules.report.output,

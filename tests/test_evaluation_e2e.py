@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from workflow_helpers import comparable_metrics
 
 from mugs.cli import main
 from mugs.config import Config, config_from_dict
@@ -127,6 +128,49 @@ def test_features_are_cached_and_deterministic(run: Path, monkeypatch) -> None:
     monkeypatch.setattr(datasets, "open_split", refuse)
     cached = extract_features(checkpoint, "val", config, cache_dir=run / "determinism", progress=False)
     assert torch.equal(cached.features, first.features)
+
+
+def _truncate(cache: Path) -> None:
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+
+
+def _flip_a_byte(cache: Path) -> None:
+    data = bytearray(cache.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cache.write_bytes(bytes(data))
+
+
+def _drop_the_record(cache: Path) -> None:
+    cache.with_name(f"{cache.name}.integrity.json").unlink()
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_a_byte, _drop_the_record])
+def test_a_damaged_feature_cache_is_extracted_again(run: Path, tmp_path: Path, capsys, damage) -> None:
+    config_file = tmp_path / "params.yaml"
+    values = demo_config(run).to_dict()
+    values["evaluate"]["cache_dir"] = str(tmp_path / "features")
+    config_file.write_text(yaml.safe_dump(values))
+    checkpoint = run / "run" / "checkpoints" / "epoch0002.pt"
+
+    def knn(out: Path) -> str:
+        args = ["knn", str(checkpoint), "--out", str(out), "--config", str(config_file), "--no-progress"]
+        assert main(args) == 0
+        return capsys.readouterr().err
+
+    knn(tmp_path / "intact.json")
+    # the bank (train) and the queries (test)
+    caches = sorted((tmp_path / "features").glob("*.pt"))
+    assert [cache.name.split("-")[1] for cache in caches] == ["test", "train"]
+    queries = caches[0]
+    intact = queries.read_bytes()
+    damage(queries)
+
+    warnings = knn(tmp_path / "again.json")
+    assert f"warning: feature cache {queries} " in warnings
+    assert warnings.count("extracting the features again") == 1
+    assert "Traceback" not in warnings
+    assert queries.read_bytes() == intact  # extracted again, bit for bit
+    assert comparable_metrics(tmp_path / "again.json") == comparable_metrics(tmp_path / "intact.json")
 
 
 def test_linear_probe_and_few_label_logistic_regression(run: Path, tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ from workflow_helpers import (
     clone,
     comparable_metrics,
     copy_worktree,
+    file_sha256,
     git_commit,
     read_params,
     sh,
@@ -37,7 +40,7 @@ from workflow_helpers import (
     write_params,
 )
 
-from mugs.config import load_config
+from mugs.config import load_config, merge_values
 from mugs.testing.workflow import planned_jobs
 
 PIPELINE_TIMEOUT_S = 600
@@ -186,6 +189,49 @@ def test_a_bad_value_in_an_added_configfile_is_named(worktree: Path) -> None:
     assert "params.yaml + extra.yaml: optim.lr: expected float, got 'fast'" in done.stdout + done.stderr
 
 
+# A --configfile path that runs `touch` twice wherever a rule or a DVC stage hands it to the shell unquoted.
+HOSTILE_CONFIGFILE = "tmp/my dir/x;touch INJECTED;$(touch INJECTED2).yaml"
+
+
+def _injected(root: Path) -> list[str]:
+    return sorted(str(path) for path in root.rglob("INJECTED*"))
+
+
+def _prepared_per_class(repo: Path) -> int:
+    return json.loads((repo / "results/data/summary.json").read_text())["settings"]["max_per_class"]
+
+
+@pytest.mark.slow
+def test_a_configfile_path_with_shell_metacharacters_is_read_and_never_executed(tmp_path: Path) -> None:
+    repo = copy_worktree(tmp_path / "repo")
+    hostile = repo / HOSTILE_CONFIGFILE
+    hostile.parent.mkdir(parents=True)
+    # a whole parameter file, as DVC reads its keys; 20 images per class keep the data stages cheap
+    values = merge_values(read_params(repo), {"data": {"max_per_class": 20}})
+    hostile.write_text(yaml.safe_dump(values, sort_keys=False))
+
+    # the target comes first: --configfile takes every word after it
+    done = sh(
+        "snakemake",
+        "results/data",
+        "--profile",
+        "profiles/local",
+        "--configfile",
+        HOSTILE_CONFIGFILE,
+        cwd=repo,
+    )
+    command = f"mugs prepare --config params.yaml {shlex.quote(HOSTILE_CONFIGFILE)} --run"
+    assert command in done.stdout + done.stderr
+    assert _prepared_per_class(repo) == 20  # the jobs read the file
+    assert _injected(tmp_path) == []
+
+    sh("mugs", "dvc-yaml", "--params", HOSTILE_CONFIGFILE, cwd=repo)
+    shutil.rmtree(repo / "results/data")
+    sh("dvc", "repro", "--single-item", "prepare", cwd=repo)
+    assert _prepared_per_class(repo) == 20
+    assert _injected(tmp_path) == []
+
+
 # --- the tiny pipeline under Snakemake and DVC ---------------------------------------------------------
 
 
@@ -251,6 +297,10 @@ def _dvc_status(repo: Path) -> dict:
     return json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
 
 
+def _rules_run(snakemake_output: str) -> list[str]:
+    return re.findall(r"^(?:local)?rule (\w+):$", snakemake_output, re.MULTILINE)
+
+
 def _stages_run(dvc_output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", dvc_output)
 
@@ -314,6 +364,24 @@ def test_a_configfile_that_adds_a_run_leaves_the_finished_run_alone(pipelines: d
     # only the new run's jobs and the report that compares the two: nothing of the finished run
     assert planned == dict.fromkeys(ALL_AFTER_PRETRAIN, 1)
     assert "--run second" in done.stdout and f"--run {RUN}" not in done.stdout
+
+
+@pytest.mark.slow
+def test_snakemake_all_rebuilds_a_deleted_evaluation_without_pretraining_again(
+    pipelines: dict[str, Path],
+) -> None:
+    repo = pipelines["snakemake"]
+    knn = repo / "results" / RUN / "eval" / "knn.json"
+    metrics = comparable_metrics(knn)
+    pretrained = sorted(path for path in (repo / "results" / RUN / "pretrain").rglob("*") if path.is_file())
+    before = {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in pretrained}
+    knn.unlink()
+
+    assert _plan(repo) == {"knn": 1, "report": 1, "all": 1}
+    done = sh("snakemake", "--profile", "profiles/local", "all", cwd=repo)
+    assert _rules_run(done.stdout + done.stderr) == ["knn", "report", "all"]
+    assert comparable_metrics(knn) == metrics
+    assert {path: (path.stat().st_mtime_ns, file_sha256(path)) for path in pretrained} == before
 
 
 @pytest.mark.slow

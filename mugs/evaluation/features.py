@@ -10,6 +10,9 @@ backbone's final norm, optionally followed by the mean of the last block's norme
 
 Rows are written straight into a file-backed tensor, so extracting an ImageNet-size split holds one
 batch in memory rather than the whole ``N × D`` matrix; cached files are opened memory-mapped.
+A cache file is written under a temporary name, synced and renamed, then its size and SHA-256 go
+into a sidecar (``<name>.integrity.json``); a cache whose bytes do not match the sidecar (truncated,
+corrupt, or the sidecar missing) is extracted again.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
@@ -158,6 +163,58 @@ def load_feature_file(path: str | Path) -> FeatureSet:
     )
 
 
+def _integrity_path(cache: Path) -> Path:
+    """The sidecar holding the size and SHA-256 that ``cache`` had when it was written."""
+    return cache.with_name(f"{cache.name}.integrity.json")
+
+
+def _save_cache(payload: dict[str, Any], path: Path) -> None:
+    """Write the feature file atomically, then the record that :func:`_cache_problem` checks it against.
+
+    The record needs no atomic write: a torn one is not valid JSON, and the cache is extracted again.
+    """
+    from mugs.training.checkpoint import atomic_save
+
+    atomic_save(payload, path)
+    record = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    _integrity_path(path).write_text(json.dumps(record))
+
+
+def _cache_problem(path: Path) -> str | None:
+    """Why the cache file ``path`` cannot be trusted, or None when its size and SHA-256 are those
+    recorded when it was written."""
+    sidecar = _integrity_path(path)
+    try:
+        record = json.loads(sidecar.read_text())
+        size, sha256 = int(record["size"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has no readable size and checksum record ({sidecar.name})"
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        return f"has {actual_size} bytes where {size} were written"
+    if file_sha256(path) != sha256:
+        return "does not match the SHA-256 recorded when it was written"
+    return None
+
+
+def _load_verified_cache(path: Path) -> FeatureSet | None:
+    """The cached features at ``path`` if the file passes its size and checksum check and loads;
+    otherwise None, after a one-line warning naming the file."""
+    problem = _cache_problem(path)
+    if problem is None:
+        try:
+            return load_feature_file(path)
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as error:
+            reason = str(error).strip().splitlines()
+            problem = f"cannot be read ({reason[0] if reason else type(error).__name__})"
+    Console(stderr=True).print(
+        f"[yellow]warning:[/yellow] feature cache {path} {problem}; extracting the features again",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return None
+
+
 def progress_bar(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -194,9 +251,9 @@ def extract_features(
     """Features of ``split`` (of ``config.data.prepared_dir``) under ``checkpoint``'s ``network`` backbone.
 
     Returns the cached file when one with the same key exists (checkpoint SHA-256, split and its
-    manifest hash, network, layers, avgpool, normalisation, recipe version); otherwise extracts in
-    batches of ``config.evaluate.batch_size`` on ``device`` (default ``config.evaluate.device``) and
-    writes the cache atomically.
+    manifest hash, network, layers, avgpool, normalisation, recipe version) and passes its size and
+    checksum check; otherwise extracts in batches of ``config.evaluate.batch_size`` on ``device``
+    (default ``config.evaluate.device``) and writes the cache atomically.
     """
     from mugs.data.datasets import open_split, read_stats
     from mugs.training.checkpoint import load_checkpoint
@@ -210,8 +267,8 @@ def extract_features(
     path = feature_cache_path(
         checkpoint, split, config, network=network, cache_dir=cache_dir, layers=layers, avgpool=avgpool
     )
-    if path.is_file():
-        return load_feature_file(path)
+    if path.is_file() and (cached := _load_verified_cache(path)) is not None:
+        return cached
 
     device = torch.device(device) if device is not None else resolve_device(config.evaluate.device)
     backbone, trained = load_backbone(load_checkpoint(checkpoint), network)
@@ -253,12 +310,7 @@ def extract_features(
             "classes": list(dataset.classes),
             "coarse_classes": None if dataset.coarse_classes is None else list(dataset.coarse_classes),
         }
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(payload, temporary)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        _save_cache(payload, path)
     finally:
         Path(buffer_path).unlink(missing_ok=True)
     return load_feature_file(path)

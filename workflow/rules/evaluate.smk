@@ -18,7 +18,8 @@ rule knn:
         config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["knn"]),
     shell:
-        "mugs knn {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress > {log} 2>&1"
+        "mugs knn {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " > {log:q} 2>&1"
 
 
 rule linear:
@@ -37,8 +38,8 @@ rule linear:
         config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["linear"]),
     shell:
-        "mugs linear {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress"
-        " > {log} 2>&1"
+        "mugs linear {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " > {log:q} 2>&1"
 
 
 rule fewshot:
@@ -57,8 +58,8 @@ rule fewshot:
         config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["fewshot"]),
     shell:
-        "mugs fewshot {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress"
-        " > {log} 2>&1"
+        "mugs fewshot {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " > {log:q} 2>&1"
 
 
 rule finetune:
@@ -77,5 +78,5 @@ rule finetune:
         config_files=lambda w: RUN_FILES[w.run],
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["finetune"]),
     shell:
-        "mugs finetune {input} --out {output} --config {params.config_files} --run {wildcards.run} --no-progress"
-        " > {log} 2>&1"
+        "mugs finetune {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " > {log:q} 2>&1"

@@ -33,5 +33,5 @@ rule pretrain:
         ),
         launcher=LAUNCHER,
     shell:
-        "mugs pretrain --config {params.config_files} --run {wildcards.run} --launcher {params.launcher}"
-        " --restart-if-changed --no-progress > {log} 2>&1"
+        "mugs pretrain --config {params.config_files:q} --run {wildcards.run:q} --launcher {params.launcher:q}"
+        " --restart-if-changed --no-progress > {log:q} 2>&1"

@@ -45,12 +45,11 @@ rule report:
     resources:
         **rule_resources("report"),
     params:
-        runs=lambda w, input: " ".join(os.path.dirname(done) for done in input.done),
-        names=" ".join(RUNS),
-        eval_dirs=lambda w, input: " ".join(
-            os.path.dirname(s) for s in input.selections
-        ),
+        # lists, so that `:q` quotes each path on its own
+        runs=lambda w, input: [os.path.dirname(done) for done in input.done],
+        names=RUNS,
+        eval_dirs=lambda w, input: [os.path.dirname(s) for s in input.selections],
         out=lambda w, output: os.path.dirname(output.summary),
     shell:
-        "mugs report --runs {params.runs} --names {params.names} --eval-dirs {params.eval_dirs}"
-        " --out {params.out} --no-progress > {log} 2>&1"
+        "mugs report --runs {params.runs:q} --names {params.names:q} --eval-dirs {params.eval_dirs:q}"
+        " --out {params.out:q} --no-progress > {log:q} 2>&1"

@@ -23,6 +23,8 @@ rule select:
             "evaluate.selection_k",
             "evaluate.knn_temperature",
         ),
+        pretrain_dir=lambda w: pretrain_dir(w.run),
+        eval_dir=lambda w, output: os.path.dirname(output.selection),
     shell:
-        "mugs select results/{wildcards.run}/pretrain --out-dir results/{wildcards.run}/eval"
-        " --config {params.config_files} --run {wildcards.run} --no-progress > {log} 2>&1"
+        "mugs select {params.pretrain_dir:q} --out-dir {params.eval_dir:q}"
+        " --config {params.config_files:q} --run {wildcards.run:q} --no-progress > {log:q} 2>&1"
