@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mugs.config import Config
 from mugs.launch.local import launch_local
+from mugs.testing.compare import assert_same
 from mugs.testing.configs import tiny_training_config
 from mugs.testing.synthetic import SyntheticImages
 from mugs.training import checkpoint as ckpt
@@ -37,13 +38,10 @@ def final_state(output_dir: Path) -> dict:
 
 
 def assert_states_identical(a: dict, b: dict) -> None:
-    for part in ("student", "teacher"):
-        assert a[part].keys() == b[part].keys()
-        for name in a[part]:
-            assert torch.equal(a[part][name], b[part][name]), f"{part}.{name} differs"
-    for loss in a["losses"]:
-        for name in a["losses"][loss]:
-            assert torch.equal(a["losses"][loss][name], b["losses"][loss][name]), f"{loss}.{name} differs"
+    """Every tensor, optimizer and RNG states included; the configs differ in train.output_dir alone."""
+    a, b = dict(a), dict(b)
+    assert incompatible_keys(a.pop("config"), b.pop("config")) == []
+    assert_same(a, b, "checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
 
+from mugs.testing.compare import assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import MetricsLog, incompatible_keys
+from mugs.training.engine import MetricsLog
 from mugs.training.run_lock import LOCK_NAME
 
 FAULTS = [sys.executable, "-m", "mugs.testing.faults"]
-TIMING_KEYS = {"images_per_second", "data_wait_fraction"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -83,50 +81,6 @@ def reference(server: Server, tmp_path_factory) -> tuple[Path, float]:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     assert server.run(run_dir) == 0, server.stderr.read_text()
     return run_dir, json.loads(server.stdout.read_text())["seconds"]
-
-
-def assert_same(a: Any, b: Any, where: str) -> None:
-    """Equal in every tensor (dtype and values), number, string and structure."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(a.keys() ^ b.keys())}"
-        for key in a:
-            assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-def assert_same_checkpoint(path: Path, expected: Path) -> None:
-    """Every tensor, number and string; of the configs, the settings the result depends on (a resumed
-    run may change the others, such as train.max_iterations or train.num_workers)."""
-    payload, reference = ckpt.load_checkpoint(path), ckpt.load_checkpoint(expected)
-    assert incompatible_keys(payload.pop("config"), reference.pop("config")) == [], path
-    assert_same(payload, reference, path.name)
-
-
-def log_records(run_dir: Path) -> list[dict[str, Any]]:
-    return [
-        {k: v for k, v in record.items() if k not in TIMING_KEYS}
-        for _, record in MetricsLog(run_dir / "log.jsonl", enabled=True).records()
-    ]
-
-
-def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
-    """The run's checkpoints, kept copies, marker and log are those of the reference, and no temporary
-    file of a killed writer is left."""
-    directory, expected = run_dir / ckpt.DIRECTORY, reference_dir / ckpt.DIRECTORY
-    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in expected.iterdir())
-    for path in sorted(expected.iterdir()):
-        assert_same_checkpoint(directory / path.name, path)
-    assert (run_dir / "DONE").read_text() == (reference_dir / "DONE").read_text()
-    assert log_records(run_dir) == log_records(reference_dir)
-    assert not list(run_dir.glob(".*.tmp"))
 
 
 def test_same_seed_gives_identical_files(server: Server, reference, tmp_path: Path) -> None:

@@ -1,0 +1,62 @@
+"""Exact comparisons of pretraining checkpoints and run directories, for the promises of exact resume
+and determinism: every tensor (weights, memories, queues, centre, optimizer moments, RNG states),
+number and string must be equal, not close."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mugs.training import checkpoint as ckpt
+from mugs.training.engine import MetricsLog, incompatible_keys
+
+# measured, not computed: they differ between any two runs
+TIMING_KEYS = frozenset({"images_per_second", "data_wait_fraction"})
+
+
+def assert_same(a: Any, b: Any, where: str) -> None:
+    """Equal in every tensor (dtype and values), number, string and structure; ``where`` names the
+    first difference."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a.keys() ^ b.keys()))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_checkpoint(path: Path, expected: Path) -> None:
+    """Everything in the two checkpoints; of their configs, the settings the result depends on (a
+    resumed run may change the others, such as ``train.max_iterations`` or ``train.num_workers``)."""
+    payload, reference = ckpt.load_checkpoint(path), ckpt.load_checkpoint(expected)
+    assert incompatible_keys(payload.pop("config"), reference.pop("config")) == [], path
+    assert_same(payload, reference, path.name)
+
+
+def log_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's log records without their timings."""
+    return [
+        {key: value for key, value in record.items() if key not in TIMING_KEYS}
+        for _, record in MetricsLog(Path(run_dir) / "log.jsonl", enabled=True).records()
+    ]
+
+
+def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
+    """``latest.pt``, every kept checkpoint, ``DONE`` and the log are those of the reference run, and
+    no temporary file of a killed writer is left."""
+    directory, expected = Path(run_dir) / ckpt.DIRECTORY, Path(reference_dir) / ckpt.DIRECTORY
+    assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in expected.iterdir())
+    for path in sorted(expected.iterdir()):
+        assert_same_checkpoint(directory / path.name, path)
+    assert (Path(run_dir) / "DONE").read_text() == (Path(reference_dir) / "DONE").read_text()
+    assert log_records(run_dir) == log_records(reference_dir)
+    assert not list(Path(run_dir).glob(".*.tmp"))
