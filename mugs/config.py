@@ -392,6 +392,13 @@ def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what a YAML syntax error is, in one line (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {getattr(error, 'problem', None) or type(error).__name__}"
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"optim.lr=1e-3"`` → ``{"optim": {"lr": 0.001}}`` (the value is parsed as YAML)."""
     key, sep, raw = text.partition("=")
@@ -401,8 +408,9 @@ def parse_override(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as error:
-        problem = getattr(error, "problem", None) or type(error).__name__
-        raise ConfigError(f"--set {key.strip()}: the value {raw!r} is not valid YAML ({problem})") from None
+        raise ConfigError(
+            f"--set {key.strip()}: the value {raw!r} is not valid YAML{_yaml_problem(error)}"
+        ) from None
     nested: dict[str, Any] = {}
     cursor = nested
     *parents, leaf = parts
@@ -687,7 +695,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return values
