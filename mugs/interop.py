@@ -68,11 +68,10 @@ def _read_torch_file(path: Path, *, trust_pickle: bool, foreign_hint: str) -> An
         )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
-    except pickle.UnpicklingError:
-        # the legacy format cannot be inspected without unpickling; a zip archive lists its classes
-        unsafe = _unsafe_globals(path) if archive else ["objects"]
+    except pickle.UnpicklingError as refusal:
+        unsafe = _unsafe_globals(path, archive, refusal)
         if not unsafe:
-            raise CheckpointError(f"{path} is a corrupt PyTorch checkpoint") from None
+            raise CheckpointError(f"{path} is a truncated or corrupt PyTorch checkpoint") from None
         if not trust_pickle:
             what = (
                 "pickles an argparse `args` object (older Mugs releases do)"
@@ -90,8 +89,11 @@ def _read_torch_file(path: Path, *, trust_pickle: bool, foreign_hint: str) -> An
         raise CheckpointError(f"{path} is a truncated or corrupt PyTorch checkpoint") from None
 
 
-def _unsafe_globals(path: Path) -> list[str]:
-    """The classes a zip-format torch file's pickle names beyond plain data; [] when it cannot tell."""
+def _unsafe_globals(path: Path, archive: bool, refusal: Exception) -> list[str]:
+    """The classes a torch file's pickle names beyond plain data; [] when it names none (it is damaged)."""
+    if not archive:
+        # the legacy format cannot be listed without unpickling; torch's refusal names the first class
+        return re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(refusal))[:1]
     try:
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # a damaged pickle
