@@ -86,7 +86,7 @@ def _check_checkpoint(path: Path, network: str) -> None:
     load_backbone(read_checkpoint(path, network), network, source=path)
 
 
-def _check_evaluation(args: argparse.Namespace, config, network: str) -> None:
+def _check_evaluation(args: argparse.Namespace, network: str) -> None:
     """The checks before an evaluation of ``args.checkpoint`` that writes ``args.out``."""
     from mugs.interop import check_output
 
@@ -138,8 +138,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mugs.data.prepare import run_prepare
+    from mugs.interop import check_output
 
-    summary = run_prepare(_load(args).data, progress=not args.no_progress)
+    data = _load(args).data
+    check_output(data.prepared_dir, directory=True)
+    summary = run_prepare(data, progress=not args.no_progress)
     console.print(
         f"prepared {summary.source} into {summary.prepared_dir}: "
         + ", ".join(f"{split} {count}" for split, count in summary.counts.items())
@@ -206,7 +209,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from mugs.evaluation.finetune import run_finetune
 
     config = _load(args)
-    _check_evaluation(args, config, config.finetune.checkpoint_key)
+    _check_evaluation(args, config.finetune.checkpoint_key)
     metrics = run_finetune(args.checkpoint, config, args.out, progress=not args.no_progress)
     coarse = f", coarse {metrics['coarse']['top1']:.4f}" if "coarse" in metrics else ""
     console.print(
@@ -266,7 +269,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from mugs.evaluation.knn import run_knn
 
     config = _load(args)
-    _check_evaluation(args, config, config.evaluate.network)
+    _check_evaluation(args, config.evaluate.network)
     metrics = run_knn(
         args.checkpoint,
         config,
@@ -287,7 +290,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
     from mugs.evaluation.linear import run_linear
 
     config = _load(args)
-    _check_evaluation(args, config, config.evaluate.network)
+    _check_evaluation(args, config.evaluate.network)
     metrics = run_linear(args.checkpoint, config, args.out, device=args.device, progress=not args.no_progress)
     chosen, test = metrics["selected"], metrics["test"]
     coarse = f", coarse {test['coarse_top1']:.4f}" if "coarse_top1" in test else ""
@@ -302,7 +305,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     from mugs.evaluation.fewshot import run_fewshot
 
     config = _load(args)
-    _check_evaluation(args, config, config.evaluate.network)
+    _check_evaluation(args, config.evaluate.network)
     metrics = run_fewshot(
         args.checkpoint, config, args.out, device=args.device, progress=not args.no_progress
     )

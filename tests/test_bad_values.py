@@ -167,6 +167,9 @@ CASES = [
     (["knn", "good.pt", "--out", "adir"], ["adir"]),
     (["linear", "good.pt", "--out", "afile/linear.json"], ["afile"]),
     (["report", "--runs", "emptyrun", "--out", "afile"], ["afile"]),
+    (["prepare", "--preset", "demo", "--set", "data.prepared_dir=afile"], ["afile"]),
+    (["demo-data", "--preset", "demo", "--dest", "afile"], ["afile"]),
+    (["features", "good.pt", "--set", "evaluate.cache_dir=afile"], ["afile"]),
 ]
 
 
@@ -199,9 +202,7 @@ def test_bad_input_is_one_line_naming_it(
 SUBPROCESS_CASES = [
     (["export", "good.pt", "good.pt"], "good.pt"),
     (["knn", "mismatch.pt", "--out", "out.json"], "mismatch.pt"),
-    (["import-official", "photo.jpg", "out.pt"], "photo.jpg"),
     (["pretrain", "--preset", "demo", "--set", "optim.lr=[1,"], "optim.lr"),
-    (["pretrain", "--preset", "demo", "--nprocs", "0"], "--nprocs"),
 ]
 
 
