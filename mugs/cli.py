@@ -1,15 +1,44 @@
-"""The ``mugs`` command line: thin wrappers that parse arguments and call the package."""
+"""The ``mugs`` command line: thin wrappers that parse arguments and call the package.
+
+Exit codes: 0 done; 2 bad input (a value, path or file, named in one line; --debug adds the
+traceback); 3 pretraining stopped on a non-finite loss or a collapse; 1 the SLURM job failed.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end in one line naming the argument (exit code 2), without the usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,27 +59,49 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one value, e.g. --set optim.epochs=10 (repeatable)",
     )
-    parser.add_argument("--preset", help="start from a named preset (see `mugs presets`)")
+    parser.add_argument(
+        "--preset",
+        help="start from a named preset (see `mugs presets`): its values lie underneath the --config "
+        "files (replacing their `preset:` key), and --set values go on top of both",
+    )
     parser.add_argument("--run", help="one of the named runs of a pipeline parameter file (its `runs:` key)")
 
 
 def _load(args: argparse.Namespace):
-    from mugs.config import config_from_dict, load_config
+    from mugs.config import ConfigError, config_from_dict, load_config
 
-    overrides = list(args.overrides)
     if args.config is None:
-        return config_from_dict({"preset": args.preset} if args.preset else {}, overrides)
-    if args.preset:
-        overrides.insert(0, f"preset={args.preset}")
-    return load_config(args.config, overrides, run=args.run)
+        if args.run is not None:
+            raise ConfigError(f"--run {args.run} needs the pipeline parameter file (--config params.yaml)")
+        return config_from_dict({}, args.overrides, preset=args.preset)
+    return load_config(args.config, args.overrides, run=args.run, preset=args.preset)
+
+
+def _check_checkpoint(path: Path, network: str) -> None:
+    """Refuse, before any data are read, a checkpoint that cannot be read, is not one of ours, or
+    whose ``network`` weights do not fit the architecture it records."""
+    from mugs.evaluation.features import load_backbone
+    from mugs.interop import read_checkpoint
+
+    load_backbone(read_checkpoint(path, network), network, source=path)
+
+
+def _check_evaluation(args: argparse.Namespace, network: str) -> None:
+    """The checks before an evaluation of ``args.checkpoint`` that writes ``args.out``."""
+    from mugs.interop import check_output
+
+    check_output(args.out, [args.checkpoint])
+    _check_checkpoint(args.checkpoint, network)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from mugs.interop import check_output
     from mugs.training.pretrain import set_aside_if_changed
 
     config = _load(args)
     if args.output_dir:
         config.train.output_dir = str(args.output_dir)
+    check_output(config.train.output_dir, directory=True)
     if args.restart_if_changed:
         from mugs.launch.slurm import recorded_active_job
 
@@ -77,7 +128,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         from mugs.launch.local import launch_local
 
-        nprocs = args.nprocs or config.launch.nprocs
+        nprocs = args.nprocs if args.nprocs is not None else config.launch.nprocs
         result = launch_local(config, nprocs, progress=not args.no_progress)
     if result.stopped_by is not None:
         from mugs.launch.signals import stopped_by_signal
@@ -93,8 +144,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mugs.data.prepare import run_prepare
+    from mugs.interop import check_output
 
-    summary = run_prepare(_load(args).data, progress=not args.no_progress)
+    data = _load(args).data
+    check_output(data.prepared_dir, directory=True)
+    summary = run_prepare(data, progress=not args.no_progress)
     console.print(
         f"prepared {summary.source} into {summary.prepared_dir}: "
         + ", ".join(f"{split} {count}" for split, count in summary.counts.items())
@@ -105,8 +159,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from mugs.data.sources import install_demo_data
+    from mugs.interop import check_output
 
-    dest = args.dest or Path(_load(args).data.root)
+    dest = check_output(args.dest or Path(_load(args).data.root), directory=True)
     install_demo_data(dest)
     console.print(f"Fashion-MNIST demo data in {dest}")
     return 0
@@ -159,7 +214,9 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from mugs.evaluation.finetune import run_finetune
 
-    metrics = run_finetune(args.checkpoint, _load(args), args.out, progress=not args.no_progress)
+    config = _load(args)
+    _check_evaluation(args, config.finetune.checkpoint_key)
+    metrics = run_finetune(args.checkpoint, config, args.out, progress=not args.no_progress)
     coarse = f", coarse {metrics['coarse']['top1']:.4f}" if "coarse" in metrics else ""
     console.print(
         f"fine-tuned: best val epoch {metrics['best_epoch']}, test top-1 {metrics['fine']['top1']:.4f}"
@@ -169,10 +226,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from mugs.interop import check_output
     from mugs.report import run_report
 
     # one config for every run when given (e.g. params.yaml); otherwise each run's own config.yaml
     config = _load(args) if args.config is not None or args.preset else None
+    check_output(args.out, args.runs, directory=True)
     written = run_report(
         args.runs,
         args.out,
@@ -198,8 +257,11 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from mugs.evaluation.features import evaluation_features
+    from mugs.interop import check_output
 
     config = _load(args)
+    check_output(config.evaluate.cache_dir, directory=True)
+    _check_checkpoint(args.checkpoint, config.evaluate.network)
     progress = not args.no_progress
     sets = evaluation_features(
         args.checkpoint, config, args.split, linear=args.linear, device=args.device, progress=progress
@@ -212,9 +274,11 @@ def cmd_features(args: argparse.Namespace) -> int:
 def cmd_knn(args: argparse.Namespace) -> int:
     from mugs.evaluation.knn import run_knn
 
+    config = _load(args)
+    _check_evaluation(args, config.evaluate.network)
     metrics = run_knn(
         args.checkpoint,
-        _load(args),
+        config,
         args.out,
         split=args.split,
         device=args.device,
@@ -231,9 +295,9 @@ def cmd_knn(args: argparse.Namespace) -> int:
 def cmd_linear(args: argparse.Namespace) -> int:
     from mugs.evaluation.linear import run_linear
 
-    metrics = run_linear(
-        args.checkpoint, _load(args), args.out, device=args.device, progress=not args.no_progress
-    )
+    config = _load(args)
+    _check_evaluation(args, config.evaluate.network)
+    metrics = run_linear(args.checkpoint, config, args.out, device=args.device, progress=not args.no_progress)
     chosen, test = metrics["selected"], metrics["test"]
     coarse = f", coarse {test['coarse_top1']:.4f}" if "coarse_top1" in test else ""
     console.print(
@@ -246,8 +310,10 @@ def cmd_linear(args: argparse.Namespace) -> int:
 def cmd_fewshot(args: argparse.Namespace) -> int:
     from mugs.evaluation.fewshot import run_fewshot
 
+    config = _load(args)
+    _check_evaluation(args, config.evaluate.network)
     metrics = run_fewshot(
-        args.checkpoint, _load(args), args.out, device=args.device, progress=not args.no_progress
+        args.checkpoint, config, args.out, device=args.device, progress=not args.no_progress
     )
     for fraction, entry in metrics["fractions"].items():
         console.print(
@@ -257,11 +323,16 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from mugs.selection import select_checkpoint
+    from mugs.interop import check_output
+    from mugs.selection import candidate_checkpoints, select_checkpoint
 
+    config = _load(args)
+    check_output(args.out_dir or args.run_dir, directory=True)
+    for _epoch, checkpoint in candidate_checkpoints(args.run_dir):
+        _check_checkpoint(checkpoint, config.evaluate.network)
     result = select_checkpoint(
         args.run_dir,
-        _load(args),
+        config,
         policy=args.policy,
         device=args.device,
         progress=not args.no_progress,
@@ -272,7 +343,8 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mugs", description=__doc__)
+    parser = _Parser(prog="mugs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pretrain here (N processes) or as a SLURM job")
@@ -284,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("local", "slurm"),
         help="overrides launch.launcher: here, or one SLURM job through submitit (launch.* settings)",
     )
-    pretrain.add_argument("--nprocs", type=int, help="local processes (overrides launch.nprocs)")
+    pretrain.add_argument("--nprocs", type=_at_least(1), help="local processes (overrides launch.nprocs)")
     pretrain.add_argument(
         "--restart-if-changed",
         action="store_true",
@@ -341,9 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--eval-dirs", nargs="+", type=Path, help="each run's metrics JSON directory (default: RUN/eval)"
     )
-    report.add_argument("--knn-k", type=int, default=20, help="the kNN k shown (default 20)")
-    report.add_argument("--tsne-samples", type=int, default=2000, help="test images in the t-SNE")
-    report.add_argument("--attention-images", type=int, default=4, help="images with attention maps")
+    report.add_argument("--knn-k", type=_at_least(1), default=20, help="the kNN k shown (default 20)")
+    report.add_argument("--tsne-samples", type=_at_least(0), default=2000, help="test images in the t-SNE")
+    report.add_argument("--attention-images", type=_at_least(0), default=4, help="images with attention maps")
     report.add_argument("--device", help="for feature extraction (default: evaluate.device)")
     _add_config_arguments(report)
     report.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -411,19 +483,19 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (
-        ConfigError,
-        DataError,
-        FileNotFoundError,
-        ValueError,
-        RunLockedError,
-        MissingCheckpointError,
-    ) as error:
-        console.print(f"[bold red]error:[/] {error}")
-        return 2
+    except (ConfigError, DataError, OSError, ValueError, RunLockedError, MissingCheckpointError) as error:
+        return _report(error, "error", 2, debug=args.debug)
     except (NonFiniteLossError, CollapseError) as error:
-        console.print(f"[bold red]stopped:[/] {error}")
-        return 3
+        return _report(error, "stopped", 3, debug=args.debug)
+
+
+def _report(error: Exception, label: str, code: int, *, debug: bool) -> int:
+    """One line naming what went wrong (after the traceback with ``--debug``); returns the exit code."""
+    if debug:
+        traceback.print_exc()
+    # soft_wrap: the line stays one line however narrow the terminal
+    console.print(f"[bold red]{label}:[/] {escape(str(error))}", soft_wrap=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,30 +174,6 @@ class EvalConfig:
     selection_policy: Literal["best_knn", "last"] = "best_knn"
     selection_k: int = 20
 
-    def __post_init__(self) -> None:
-        # list elements escape the loader's float coercion ("1e-3" stays a string), so convert here
-        for key in ("linear_lrs", "linear_weight_decays", "fewshot_fractions", "fewshot_c"):
-            setattr(self, key, [float(v) for v in getattr(self, key)])
-        positive = ("batch_size", "knn_temperature", "knn_chunk_size", "knn_bank_chunk_size")
-        positive += ("linear_n_last_blocks", "linear_epochs", "linear_batch_size", "fewshot_max_iter")
-        for key in (*positive, "selection_k"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"evaluate.{key} must be positive, got {getattr(self, key)}")
-        for key in ("knn_k", "linear_lrs", "linear_weight_decays", "fewshot_fractions", "fewshot_c"):
-            if not getattr(self, key):
-                raise ConfigError(f"evaluate.{key} must not be empty")
-        checks = {
-            "knn_k": lambda v: v > 0,
-            "linear_lrs": lambda v: v >= 0,
-            "linear_weight_decays": lambda v: v >= 0,
-            "fewshot_fractions": lambda v: 0 < v <= 1,
-            "fewshot_c": lambda v: v > 0,
-        }
-        for key, ok in checks.items():
-            bad = [v for v in getattr(self, key) if not ok(v)]
-            if bad:
-                raise ConfigError(f"evaluate.{key} has out-of-range values {bad}")
-
 
 @dataclass
 class LaunchConfig:
@@ -225,23 +203,6 @@ class LaunchConfig:
     container: str | None = None
     container_bind: list[str] = field(default_factory=list)  # "SRC[:DEST[:OPTS]]" Apptainer binds
     poll_seconds: float = 10.0
-
-    def __post_init__(self) -> None:
-        at_least = {"nprocs": 1, "nodes": 1, "tasks_per_node": 1, "gpus_per_node": 0, "timeout_min": 1}
-        at_least |= {"max_num_timeout": 0, "signal_delay_s": 0, "cpus_per_task": 1}
-        for key, low in at_least.items():
-            value = getattr(self, key)
-            if value is not None and value < low:
-                raise ConfigError(f"launch.{key} must be >= {low}, got {value}")
-        for key in ("mem_gb", "poll_seconds"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"launch.{key} must be positive, got {value}")
-        if self.signal_delay_s >= self.timeout_min * 60:
-            raise ConfigError(
-                f"launch.signal_delay_s={self.signal_delay_s} leaves no time to run within "
-                f"launch.timeout_min={self.timeout_min}"
-            )
 
 
 @dataclass
@@ -431,94 +392,257 @@ def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what a YAML syntax error is, in one line (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {getattr(error, 'problem', None) or type(error).__name__}"
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """``"optim.lr=1e-3"`` → ``{"optim": {"lr": 0.001}}`` (the value is parsed as YAML)."""
     key, sep, raw = text.partition("=")
-    if not sep or not key:
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
         raise ConfigError(f"override {text!r} is not of the form section.key=value")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"--set {key.strip()}: the value {raw!r} is not valid YAML{_yaml_problem(error)}"
+        ) from None
     nested: dict[str, Any] = {}
     cursor = nested
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = parts
     for part in parents:
         cursor = cursor.setdefault(part, {})
     cursor[leaf] = value
     return nested
 
 
+class ConfigWarning(UserWarning):
+    """A configuration that runs but is probably not what was meant; the message names the keys."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The finite values from ``low`` to ``high`` (either may be ``None``: unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_included: bool = True
+    high_included: bool = True
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.low is None or (value >= self.low if self.low_included else value > self.low)
+        below = self.high is None or (value <= self.high if self.high_included else value < self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>=' if self.low_included else '>'} {self.low:g}"
+        left, right = "[" if self.low_included else "(", "]" if self.high_included else ")"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_included=False)
+PROBABILITY, BELOW_1 = Range(0, 1), Range(0, 1, high_included=False)
+FRACTION = Range(0, 1, low_included=False)
+
+# The allowed values of every numeric key (each element of a list or pair); None ("not set") and
+# "auto" are left to the type check. tests/test_config.py checks that no numeric key is missing.
+RANGES: dict[str, Range] = {
+    "model.depth": AT_LEAST_1,
+    "model.patch_size": AT_LEAST_1,
+    "model.drop_path_rate": BELOW_1,
+    "model.hidden_dim": AT_LEAST_1,
+    "model.out_dim": AT_LEAST_1,
+    "model.predictor_hidden_dim": AT_LEAST_1,
+    "model.group_out_dim": AT_LEAST_1,
+    "loss.instance_weight": AT_LEAST_0,
+    "loss.local_group_weight": AT_LEAST_0,
+    "loss.group_weight": AT_LEAST_0,
+    "loss.instance_queue_size": AT_LEAST_1,
+    "loss.instance_temp": POSITIVE,
+    "loss.local_group_queue_size": AT_LEAST_1,
+    "loss.local_group_temp": POSITIVE,
+    "loss.local_group_knn_top_n": AT_LEAST_1,
+    "loss.group_student_temp": POSITIVE,
+    "loss.group_warmup_teacher_temp": POSITIVE,
+    "loss.group_teacher_temp": POSITIVE,
+    "loss.group_warmup_teacher_temp_epochs": AT_LEAST_0,
+    "augment.global_size": AT_LEAST_1,
+    "augment.local_size": AT_LEAST_1,
+    "augment.n_local": AT_LEAST_0,
+    "augment.global_scale": FRACTION,
+    "augment.local_scale": FRACTION,
+    "augment.weak_prob": PROBABILITY,
+    "augment.erasing_prob": PROBABILITY,
+    "optim.epochs": AT_LEAST_1,
+    "optim.batch_size": AT_LEAST_1,
+    "optim.lr": AT_LEAST_0,
+    "optim.min_lr": AT_LEAST_0,
+    "optim.warmup_epochs": AT_LEAST_0,
+    "optim.weight_decay": AT_LEAST_0,
+    "optim.weight_decay_end": AT_LEAST_0,
+    "optim.momentum_teacher": PROBABILITY,
+    "optim.clip_grad": AT_LEAST_0,
+    "optim.clip_grad_late_epoch": AT_LEAST_0,
+    "optim.clip_grad_late_factor": AT_LEAST_0,
+    "optim.patch_embed_lr_mult": AT_LEAST_0,
+    "optim.freeze_last_layer": AT_LEAST_0,
+    "data.val_fraction": BELOW_1,
+    "data.split_seed": AT_LEAST_0,
+    "data.max_per_class": AT_LEAST_1,
+    "data.workers": AT_LEAST_0,
+    "data.train_subset": AT_LEAST_1,
+    "train.seed": AT_LEAST_0,
+    "train.num_workers": AT_LEAST_0,
+    "train.threads": AT_LEAST_1,
+    "train.log_every": AT_LEAST_1,
+    "train.checkpoint_every": AT_LEAST_0,
+    "train.keep_every_epochs": AT_LEAST_0,
+    "train.max_iterations": AT_LEAST_1,
+    "evaluate.batch_size": AT_LEAST_1,
+    "evaluate.num_workers": AT_LEAST_0,
+    "evaluate.knn_k": AT_LEAST_1,
+    "evaluate.knn_temperature": POSITIVE,
+    "evaluate.knn_chunk_size": AT_LEAST_1,
+    "evaluate.knn_bank_chunk_size": AT_LEAST_1,
+    "evaluate.linear_n_last_blocks": AT_LEAST_1,
+    "evaluate.linear_epochs": AT_LEAST_1,
+    "evaluate.linear_batch_size": AT_LEAST_1,
+    "evaluate.linear_lrs": AT_LEAST_0,
+    "evaluate.linear_weight_decays": AT_LEAST_0,
+    "evaluate.linear_seed": AT_LEAST_0,
+    "evaluate.fewshot_fractions": FRACTION,
+    "evaluate.fewshot_seed": AT_LEAST_0,
+    "evaluate.fewshot_c": POSITIVE,
+    "evaluate.fewshot_max_iter": AT_LEAST_1,
+    "evaluate.selection_k": AT_LEAST_1,
+    "finetune.epochs": AT_LEAST_1,
+    "finetune.batch_size": AT_LEAST_1,
+    "finetune.lr": AT_LEAST_0,
+    "finetune.min_lr": AT_LEAST_0,
+    "finetune.warmup_epochs": AT_LEAST_0,
+    "finetune.weight_decay": AT_LEAST_0,
+    "finetune.layer_decay": FRACTION,
+    "finetune.drop_path_rate": BELOW_1,
+    "finetune.mixup": AT_LEAST_0,
+    "finetune.cutmix": AT_LEAST_0,
+    "finetune.label_smoothing": BELOW_1,
+    "finetune.erasing_prob": PROBABILITY,
+    "launch.nprocs": AT_LEAST_1,
+    "launch.nodes": AT_LEAST_1,
+    "launch.tasks_per_node": AT_LEAST_1,
+    "launch.gpus_per_node": AT_LEAST_0,
+    "launch.cpus_per_task": AT_LEAST_1,
+    "launch.mem_gb": POSITIVE,
+    "launch.timeout_min": AT_LEAST_1,
+    "launch.max_num_timeout": AT_LEAST_0,
+    "launch.signal_delay_s": AT_LEAST_0,
+    "launch.poll_seconds": POSITIVE,
+}
+
+
+def _value(config: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
 def _check_ranges(config: Config) -> None:
-    positive = {
-        "model.patch_size": config.model.patch_size,
-        "optim.epochs": config.optim.epochs,
-        "optim.batch_size": config.optim.batch_size,
-        "augment.global_size": config.augment.global_size,
-        "augment.local_size": config.augment.local_size,
-        "loss.local_group_knn_top_n": config.loss.local_group_knn_top_n,
-        "loss.instance_queue_size": config.loss.instance_queue_size,
-        "loss.local_group_queue_size": config.loss.local_group_queue_size,
-        "model.group_out_dim": config.model.group_out_dim,
-        "train.log_every": config.train.log_every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
+    for key, allowed in RANGES.items():
+        value = _value(config, key)
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ConfigError(f"{key} must not be empty")
+            bad = [v for v in value if v not in allowed]
+            if bad:
+                raise ConfigError(f"{key}={list(value)}: every value must be {allowed}, got {bad}")
+        elif value is not None and not isinstance(value, str) and value not in allowed:
+            raise ConfigError(f"{key} must be {allowed}, got {value}")
+
+
+def _check_combinations(config: Config) -> None:
+    """Rules between keys: errors where the combination cannot run, warnings where it is merely odd."""
     weights = (config.loss.instance_weight, config.loss.local_group_weight, config.loss.group_weight)
-    if any(w < 0 for w in weights) or sum(weights) == 0:
-        raise ConfigError(
-            "loss.instance_weight, loss.local_group_weight, loss.group_weight must be >= 0 "
-            f"and not all 0, got {weights}"
-        )
-    workers = config.train.num_workers
-    if workers != "auto" and workers < 0:
-        raise ConfigError(f"train.num_workers must be >= 0 or 'auto', got {workers}")
-    if config.augment.n_local < 0:
-        raise ConfigError(f"augment.n_local must be >= 0, got {config.augment.n_local}")
-    for key in ("weak_prob", "erasing_prob"):
-        value = getattr(config.augment, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"augment.{key} must lie in [0, 1], got {value}")
-    for key in ("global_scale", "local_scale"):
-        low, high = getattr(config.augment, key)
-        if not 0.0 < low <= high <= 1.0:
-            raise ConfigError(f"augment.{key} must satisfy 0 < low <= high <= 1, got {[low, high]}")
+    if sum(weights) == 0:
+        raise ConfigError("loss.instance_weight, loss.local_group_weight, loss.group_weight are all 0")
     if config.loss.local_group_weight > 0 and config.loss.local_group_knn_top_n > (
         config.loss.local_group_queue_size
     ):
-        raise ConfigError("loss.local_group_knn_top_n must not exceed loss.local_group_queue_size")
+        raise ConfigError(
+            f"loss.local_group_knn_top_n={config.loss.local_group_knn_top_n} exceeds "
+            f"loss.local_group_queue_size={config.loss.local_group_queue_size}"
+        )
+    for key in ("global_scale", "local_scale"):
+        low, high = getattr(config.augment, key)
+        if low > high:
+            raise ConfigError(f"augment.{key}={[low, high]}: the lower bound exceeds the upper one")
+    patch = config.model.patch_size
     for key in ("global_size", "local_size"):
         size = getattr(config.augment, key)
-        if size % config.model.patch_size:
-            raise ConfigError(
-                f"augment.{key}={size} is not a multiple of model.patch_size={config.model.patch_size}"
-            )
+        if size % patch:
+            raise ConfigError(f"augment.{key}={size} is not a multiple of model.patch_size={patch}")
+    global_size, local_size = config.augment.global_size, config.augment.local_size
+    if config.augment.n_local and local_size > global_size:
+        _warn(
+            f"augment.local_size={local_size} exceeds augment.global_size={global_size}: local crops are "
+            "meant to be the small views"
+        )
     depth = config.model.depth or (24 if config.model.arch == "vit_large" else 12)
     if config.evaluate.linear_n_last_blocks > depth:
         raise ConfigError(
             f"evaluate.linear_n_last_blocks={config.evaluate.linear_n_last_blocks} exceeds the model's "
             f"{depth} blocks (model.arch={config.model.arch}, model.depth={config.model.depth})"
         )
-    if config.data.max_per_class is not None and config.data.max_per_class <= 0:
-        raise ConfigError(f"data.max_per_class must be positive or null, got {config.data.max_per_class}")
-    if not 0.0 <= config.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction must lie in [0, 1), got {config.data.val_fraction}")
-    if config.optim.warmup_epochs > config.optim.epochs:
+    for section in ("optim", "finetune"):
+        settings = getattr(config, section)
+        if settings.warmup_epochs > settings.epochs:
+            raise ConfigError(
+                f"{section}.warmup_epochs={settings.warmup_epochs} exceeds {section}.epochs={settings.epochs}"
+            )
+        if settings.min_lr > settings.lr:
+            _warn(
+                f"{section}.min_lr={settings.min_lr:g} exceeds {section}.lr={settings.lr:g}: the learning "
+                "rate rises after the warm-up"
+            )
+    optim = config.optim
+    subset = config.data.train_subset
+    if subset is not None and subset < optim.batch_size:
         raise ConfigError(
-            f"optim.warmup_epochs={config.optim.warmup_epochs} exceeds optim.epochs={config.optim.epochs}"
+            f"data.train_subset={subset} is smaller than one global batch "
+            f"(optim.batch_size={optim.batch_size})"
         )
-    tune = config.finetune
-    if tune.epochs <= 0 or tune.batch_size <= 0 or not 0 <= tune.warmup_epochs <= tune.epochs:
+    for key, epoch in (
+        ("optim.clip_grad_late_epoch", optim.clip_grad_late_epoch),
+        ("optim.freeze_last_layer", optim.freeze_last_layer),
+        ("loss.group_warmup_teacher_temp_epochs", config.loss.group_warmup_teacher_temp_epochs),
+    ):
+        if epoch is not None and epoch > optim.epochs:
+            _warn(f"{key}={epoch} lies beyond optim.epochs={optim.epochs}")
+    launch = config.launch
+    if launch.signal_delay_s >= launch.timeout_min * 60:
         raise ConfigError(
-            "finetune.epochs and finetune.batch_size must be positive and 0 <= finetune.warmup_epochs "
-            f"<= finetune.epochs, got {tune.epochs}, {tune.batch_size}, {tune.warmup_epochs}"
+            f"launch.signal_delay_s={launch.signal_delay_s} leaves no time to run within "
+            f"launch.timeout_min={launch.timeout_min}"
         )
-    if not 0.0 < tune.layer_decay <= 1.0:
-        raise ConfigError(f"finetune.layer_decay must lie in (0, 1], got {tune.layer_decay}")
 
 
-def config_from_dict(values: dict[str, Any], overrides: list[str] = ()) -> Config:
-    """Build and validate a :class:`Config` from plain data, a ``preset`` key and ``key=value`` overrides."""
+def _warn(message: str) -> None:
+    warnings.warn(message, ConfigWarning, stacklevel=4)
+
+
+def config_from_dict(
+    values: dict[str, Any], overrides: Sequence[str] = (), preset: str | None = None
+) -> Config:
+    """Build and validate a :class:`Config`: the ``preset`` (else the values' ``preset`` key) underneath,
+    the values on top, then the ``key=value`` overrides."""
     values = dict(values or {})
-    preset = values.pop("preset", None)
+    file_preset = values.pop("preset", None)
+    preset = preset or file_preset
     base: dict[str, Any] = {}
     if preset is not None:
         if preset not in PRESETS:
@@ -529,6 +653,7 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] = ()) -> Confi
         merged = merge_values(merged, parse_override(text))
     config = _build(Config, merged, "")
     _check_ranges(config)
+    _check_combinations(config)
     return config
 
 
@@ -570,7 +695,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(error)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return values
@@ -592,18 +717,22 @@ def files_shaping_run(paths: Sequence[str | Path], run: str) -> list[str]:
 
 
 def load_config(
-    paths: str | Path | Sequence[str | Path], overrides: list[str] = (), run: str | None = None
+    paths: str | Path | Sequence[str | Path],
+    overrides: Sequence[str] = (),
+    run: str | None = None,
+    preset: str | None = None,
 ) -> Config:
     """Read YAML config files (or one ``run`` of pipeline files); errors name the files and the key.
 
     Later files are merged over earlier ones key by key, nested mappings included, as Snakemake
     merges ``params.yaml`` with each ``--configfile``: a file can add a run or change one value.
+    ``preset`` (else a ``preset:`` key of the files) lies underneath the files; ``overrides`` on top.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     values: dict[str, Any] = {}
     for path in paths:
         values = merge_values(values, read_yaml(path))
     try:
-        return config_from_dict(resolve_run(values, run), overrides)
+        return config_from_dict(resolve_run(values, run), overrides, preset)
     except ConfigError as error:
         raise ConfigError(f"{' + '.join(map(str, paths))}: {error}") from None

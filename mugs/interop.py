@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import pickle
 import re
+import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,11 +26,119 @@ from mugs.model.backbone import VIT_SIZES
 from mugs.training import checkpoint as ckpt
 from mugs.training.engine import build_losses, build_networks
 
-__all__ = ["OfficialCheckpointError", "export_backbone", "import_official_checkpoint", "timm_model_name"]
+__all__ = [
+    "CheckpointError",
+    "OfficialCheckpointError",
+    "check_output",
+    "export_backbone",
+    "import_official_checkpoint",
+    "read_checkpoint",
+    "timm_model_name",
+]
 
 
-class OfficialCheckpointError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or is not what the command needs; the message names the file."""
+
+
+class OfficialCheckpointError(CheckpointError):
     """A released checkpoint cannot be read or does not match our networks; the message names why."""
+
+
+# what torch.save's legacy (pre-1.6, non-zip) format starts with: its pickled magic number
+_LEGACY_TORCH_HEADER = bytes.fromhex("80028a0a6cfc9c46f9206aa8")
+
+
+def _read_torch_file(path: Path, *, trust_pickle: bool, foreign_hint: str) -> Any:
+    """``torch.load`` of ``path`` (memory-mapped when it is a zip archive) with one-line errors.
+
+    A file that is not a ``torch.save`` file at all (text, an image, a truncated archive) is said to
+    be so; unpickling is only suggested for a torch file whose pickle really names unsafe classes.
+    """
+    if not path.is_file():
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a directory, not a checkpoint file")
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    archive = zipfile.is_zipfile(path)
+    with path.open("rb") as handle:
+        legacy = handle.read(len(_LEGACY_TORCH_HEADER)) == _LEGACY_TORCH_HEADER
+    if not archive and not legacy:
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (a truncated file or another kind of file)"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
+    except pickle.UnpicklingError as refusal:
+        unsafe = _unsafe_globals(path, archive, refusal)
+        if not unsafe:
+            raise CheckpointError(f"{path} is a truncated or corrupt PyTorch checkpoint") from None
+        if not trust_pickle:
+            what = (
+                "pickles an argparse `args` object (older Mugs releases do)"
+                if "argparse.Namespace" in unsafe
+                else f"pickles {', '.join(unsafe)}, which a weights-only load refuses"
+            )
+            raise CheckpointError(
+                f"{path} {what}; reading it means unpickling, which can run arbitrary code. {foreign_hint}"
+            ) from None
+    except Exception:  # torch raises several unrelated types for a damaged file
+        raise CheckpointError(f"{path} is a truncated or corrupt PyTorch checkpoint") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        raise CheckpointError(f"{path} is a truncated or corrupt PyTorch checkpoint") from None
+
+
+def _unsafe_globals(path: Path, archive: bool, refusal: Exception) -> list[str]:
+    """The classes a torch file's pickle names beyond plain data; [] when it names none (it is damaged)."""
+    if not archive:
+        # the legacy format cannot be listed without unpickling; torch's refusal names the first class
+        return re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(refusal))[:1]
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # a damaged pickle
+        return []
+
+
+def read_checkpoint(path: str | Path, network: str | None = None) -> dict[str, Any]:
+    """One of our checkpoints, memory-mapped; with ``network``, it must hold that network's weights.
+
+    Unlike :func:`mugs.training.checkpoint.load_checkpoint`, every error is one line naming the file.
+    """
+    path = Path(path)
+    payload = _read_torch_file(
+        path, trust_pickle=False, foreign_hint="For the authors' released files use `mugs import-official`."
+    )
+    if not isinstance(payload, dict) or payload.get("format") != ckpt.FORMAT:
+        raise CheckpointError(
+            f"{path} is not a mugs-pipeline checkpoint (format {ckpt.FORMAT!r} expected); "
+            "for the authors' released files use `mugs import-official`"
+        )
+    for key in ("config", network):
+        if key is not None and not isinstance(payload.get(key), dict):
+            raise CheckpointError(f"{path} holds no {key!r} entry")
+    return payload
+
+
+def check_output(out: str | Path, inputs: Sequence[str | Path] = (), *, directory: bool = False) -> Path:
+    """Refuse, before anything is written, an output ``out`` (a file, or with ``directory`` a directory)
+    that cannot be written or that is one of ``inputs`` (also through a link)."""
+    out = Path(out)
+    if out.exists():
+        if out.is_dir() != directory:
+            kind = "is a directory" if out.is_dir() else "is a file, not a directory"
+            raise CheckpointError(f"cannot write {out}: it {kind}")
+        same = [str(source) for source in inputs if Path(source).exists() and out.samefile(source)]
+        if same:
+            raise CheckpointError(
+                f"{out} is the input {same[0]}: refusing to overwrite it; choose another output"
+            )
+    parent = next(folder for folder in out.absolute().parents if folder.exists())
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CheckpointError(f"cannot write {out}: no write permission in {parent}")
+    return out
 
 
 # official loss entry -> our loss name, and the buffer names inside each
@@ -87,22 +198,14 @@ _Mapped = dict[str, tuple[str, Tensor]]
 
 
 def _load_official(path: Path, trust_pickle: bool) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if not trust_pickle:
-            what = (
-                "pickles an argparse `args` object (older Mugs releases do)"
-                if "argparse" in str(error)
-                else "holds objects that a weights-only load refuses"
-            )
-            raise OfficialCheckpointError(
-                f"{path} {what}; reading it means unpickling, which can run arbitrary code. "
-                "Pass --trust-pickle (trust_pickle=True) only if you trust the file's source."
-            ) from None
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = _read_torch_file(
+            path,
+            trust_pickle=trust_pickle,
+            foreign_hint="Pass --trust-pickle (trust_pickle=True) only if you trust the file's source.",
+        )
+    except CheckpointError as error:
+        raise OfficialCheckpointError(str(error)) from None
     if not isinstance(payload, dict):
         raise OfficialCheckpointError(f"{path} does not hold a dict, so it is no Mugs checkpoint")
     unknown = sorted(set(payload) - _TOP_LEVEL)
@@ -348,6 +451,7 @@ def import_official_checkpoint(
     ``fp16_scaler``; ``imported_from`` names the source file. Returns ``out``.
     """
     path, out = Path(path), Path(out)
+    check_output(out, [path])
     payload = _load_official(path, trust_pickle)
     student_state = _strip_module(payload["student"])
     teacher_state = _strip_module(payload["teacher"])
@@ -425,7 +529,8 @@ def export_backbone(
     the DINO-style resampling used in pretraining (METHOD §2).
     """
     checkpoint, out = Path(checkpoint), Path(out)
-    payload = ckpt.load_checkpoint(checkpoint)
+    check_output(out, [checkpoint])
+    payload = read_checkpoint(checkpoint, network)
     state = {
         key.removeprefix("backbone."): value
         for key, value in payload[network].items()

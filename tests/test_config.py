@@ -1,12 +1,26 @@
-"""Layered parameter files: later files merged over earlier ones, as Snakemake merges --configfile."""
+"""Layered parameter files (later files merged over earlier ones, as Snakemake merges --configfile),
+the range of every value and the rules between values."""
 
 from __future__ import annotations
 
+import re
+import typing
+import warnings
 from pathlib import Path
 
 import pytest
 
-from mugs.config import ConfigError, files_shaping_run, load_config
+from mugs.config import (
+    PRESETS,
+    RANGES,
+    Config,
+    ConfigError,
+    ConfigWarning,
+    config_from_dict,
+    files_shaping_run,
+    load_config,
+    parse_override,
+)
 
 BASE = """
 optim: {epochs: 3, warmup_epochs: 1, lr: 0.0005}
@@ -55,3 +69,116 @@ def test_files_shaping_a_run_leave_out_files_that_only_add_other_runs(base: Path
     assert files_shaping_run(files, "long") == [str(p) for p in files]
     # the left-out file cannot change the run: same settings with and without it
     assert load_config(files, run="demo") == load_config(files_shaping_run(files, "demo"), run="demo")
+
+
+def _numeric(annotation: object) -> bool:
+    """Whether a config annotation admits a number: alone, in a union, or as a list or tuple element."""
+    if annotation is int or annotation is float:
+        return True
+    if typing.get_origin(annotation) in (typing.Literal, dict):  # choices; sbatch options
+        return False
+    return any(_numeric(arm) for arm in typing.get_args(annotation))
+
+
+def test_every_numeric_key_has_a_range() -> None:
+    numeric = set()
+    for section, kind in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(kind)
+        numeric |= {f"{section}.{name}" for name, hint in hints.items() if _numeric(hint)}
+    assert numeric - set(RANGES) == set()
+    assert set(RANGES) - numeric == set()
+
+
+@pytest.mark.parametrize(
+    ("key", "inside", "outside"),
+    [
+        ("optim.min_lr", 0.0, -1e-9),
+        ("optim.momentum_teacher", 1.0, 1.0001),
+        ("optim.weight_decay", 0.0, -0.01),
+        ("optim.clip_grad", 0.0, -1.0),
+        ("model.drop_path_rate", 0.99, 1.0),
+        ("data.train_subset", 6400, 0),
+        ("train.max_iterations", 1, 0),
+        ("train.checkpoint_every", 0, -1),
+        ("train.keep_every_epochs", 0, -1),
+        ("loss.instance_temp", 1e-6, 0.0),
+        ("finetune.label_smoothing", 0.0, 1.0),
+        ("evaluate.fewshot_fractions", [1.0], [0.5, 0.0]),
+        ("optim.lr", 1.0, float("inf")),
+    ],
+)
+def test_ranges_accept_their_bounds_and_refuse_beyond(key: str, inside, outside) -> None:
+    section, name = key.split(".")
+    value = config_from_dict({"preset": "demo", section: {name: inside}})
+    assert getattr(getattr(value, section), name) == inside
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}\b.*{re.escape(str(outside).strip('[]'))}"):
+        config_from_dict({"preset": "demo", section: {name: outside}})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"data": {"train_subset": 63}},
+            r"data\.train_subset=63 .* one global batch \(optim\.batch_size=64\)",
+        ),
+        ({"augment": {"local_scale": [0.3, 0.2]}}, r"augment\.local_scale=\[0\.3, 0\.2\]"),
+        ({"finetune": {"warmup_epochs": 3}}, r"finetune\.warmup_epochs=3 exceeds finetune\.epochs=2"),
+        ({"loss": {"local_group_knn_top_n": 5000}}, r"local_group_knn_top_n=5000 exceeds .*queue_size=4096"),
+    ],
+)
+def test_impossible_combinations_are_errors_naming_the_keys(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"preset": "demo", **values})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"augment": {"local_size": 35}}, r"augment\.local_size=35 exceeds augment\.global_size=28"),
+        ({"optim": {"min_lr": 1e-3}}, r"optim\.min_lr=0\.001 exceeds optim\.lr=0\.0005"),
+        (
+            {"optim": {"clip_grad_late_epoch": 5}},
+            r"optim\.clip_grad_late_epoch=5 lies beyond optim\.epochs=3",
+        ),
+        (
+            {"loss": {"group_warmup_teacher_temp_epochs": 4}},
+            r"group_warmup_teacher_temp_epochs=4 lies beyond",
+        ),
+    ],
+)
+def test_odd_combinations_are_warnings(values: dict, message: str) -> None:
+    with pytest.warns(ConfigWarning, match=message):
+        config_from_dict({"preset": "demo", **values})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in PRESETS:  # the published settings and the demo are not odd
+            config_from_dict({"preset": name})
+
+
+def test_a_preset_lies_under_the_files_and_the_overrides_on_top(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("preset: vit_base_400ep\noptim: {epochs: 60, lr: 0.002}\n")
+    config = load_config(path, ["optim.lr=0.003"], preset="demo")
+    assert (config.model.arch, config.optim.batch_size) == ("vit_tiny", 64)  # demo, not the file's preset
+    assert (config.optim.epochs, config.optim.lr) == (60, 0.003)
+    assert load_config(path).model.arch == "vit_base"  # without --preset, the file's own
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=[1,", r"--set optim\.lr: the value '\[1,' is not valid YAML at line 1, column 4"),
+        ("optim..lr=1", r"'optim\.\.lr=1' is not of the form section\.key=value"),
+    ],
+)
+def test_malformed_overrides_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_override(override)
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("optim:\n  lr: [1,\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "broken.yaml")
+    assert re.fullmatch(r".*broken\.yaml: not valid YAML at line 3, column 1: .+", str(error.value))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mugs.config import config_from_dict
 from mugs.interop import (
+    CheckpointError,
     OfficialCheckpointError,
     export_backbone,
     import_official_checkpoint,
@@ -335,3 +336,57 @@ def test_timm_model_name_is_registered():
     assert timm_model_name("vit_base", 8, 224) == "vit_base_patch8_224"
     # no registered name for patch 4 at 16 px: the patch-16 definition, overridden by the kwargs
     assert timm_model_name("vit_tiny", 4, 16) == "vit_tiny_patch16_224"
+
+
+def _truncated(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("trust_pickle", [False, True])
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("notes.txt", lambda _: b"a text file\n", "not a PyTorch checkpoint"),
+        ("photo.jpg", lambda _: b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(64), "not a PyTorch checkpoint"),
+        ("empty.pth", lambda _: b"", "not a PyTorch checkpoint"),
+        ("cut.pth", _truncated, "not a PyTorch checkpoint"),  # the zip directory sits at the end
+        ("cut-legacy.pth", _truncated, "truncated or corrupt PyTorch checkpoint"),
+    ],
+)
+def test_unpickling_is_advised_only_for_a_torch_file_that_needs_it(
+    official, tmp_path, name, content, message, trust_pickle
+):
+    """A damaged or foreign file is named as such; the same release intact, pickling its `args`
+    (in the zip or the pre-1.6 format), gets the --trust-pickle advice."""
+    legacy = "legacy" in name
+    plain, release = tmp_path / "plain.pth", tmp_path / "release.pth"
+    torch.save(official, plain, _use_new_zipfile_serialization=not legacy)
+    args = argparse.Namespace(arch="vit_tiny")
+    torch.save({**official, "args": args}, release, _use_new_zipfile_serialization=not legacy)
+    (tmp_path / name).write_bytes(content(plain))
+    with pytest.raises(OfficialCheckpointError, match=rf"^{tmp_path / name} is .*{message}") as error:
+        import_official_checkpoint(tmp_path / name, tmp_path / "out.pt", trust_pickle=trust_pickle)
+    assert "--trust-pickle" not in str(error.value)
+    assert not (tmp_path / "out.pt").exists()
+    if trust_pickle:
+        assert ckpt.load_checkpoint(
+            import_official_checkpoint(release, tmp_path / "out.pt", trust_pickle=True)
+        )
+    else:
+        with pytest.raises(OfficialCheckpointError, match=r"argparse `args`.*--trust-pickle"):
+            import_official_checkpoint(release, tmp_path / "out.pt")
+
+
+def test_export_refuses_to_overwrite_its_input_also_through_a_link(exported, tmp_path):
+    imported, _ = exported["teacher"]
+    before = imported.read_bytes()
+    (tmp_path / "hard.pt").hardlink_to(imported)
+    (tmp_path / "soft.pt").symlink_to(imported)
+    for out in (imported, tmp_path / "hard.pt", tmp_path / "soft.pt"):
+        with pytest.raises(
+            CheckpointError, match=rf"^{out} is the input {imported}: refusing to overwrite it"
+        ):
+            export_backbone(imported, out)
+    assert imported.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.pt", "soft.pt"]  # no temporary file left

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from mugs.config import Config, config_from_dict
+from mugs.config import Config, ConfigError, config_from_dict
 from mugs.evaluation.metrics_io import file_sha256
 from mugs.model.backbone import MugsViT, create_backbone
 
@@ -96,11 +96,32 @@ def eval_transform(global_size: int, mean: tuple[float, ...], std: tuple[float, 
     )
 
 
-def load_backbone(checkpoint: dict[str, Any], network: str = "teacher") -> tuple[MugsViT, Config]:
-    """The ``network`` backbone of a loaded checkpoint, in eval mode, and the config it was trained with."""
+def _first_mismatch(expected: dict[str, Tensor], state: dict[str, Tensor], prefix: str) -> str | None:
+    """The first tensor of ``state`` that is missing, unexpected or misshapen against ``expected``."""
+    differing = sorted(set(expected) ^ set(state))
+    if differing:
+        where = "is missing from the weights" if differing[0] in expected else "has no place in it"
+        return f"{prefix}{differing[0]} {where}"
+    for name, value in state.items():
+        if value.shape != expected[name].shape:
+            return f"{prefix}{name} has shape {tuple(value.shape)}, expected {tuple(expected[name].shape)}"
+    return None
+
+
+def load_backbone(
+    checkpoint: dict[str, Any], network: str = "teacher", *, source: str | Path = "the checkpoint"
+) -> tuple[MugsViT, Config]:
+    """The ``network`` backbone of a loaded checkpoint, in eval mode, and the config it was trained with.
+
+    Weights that do not fit the recorded architecture are an error naming ``source`` (the file) and
+    the first tensor that differs.
+    """
     if network not in ("teacher", "student"):
         raise ValueError(f"network must be 'teacher' or 'student', got {network!r}")
-    trained = config_from_dict(checkpoint["config"])
+    try:
+        trained = config_from_dict(checkpoint["config"])
+    except ConfigError as error:
+        raise ConfigError(f"{source}: its recorded config is invalid: {error}") from None
     state = {
         name.removeprefix("backbone."): value
         for name, value in checkpoint[network].items()
@@ -114,6 +135,14 @@ def load_backbone(checkpoint: dict[str, Any], network: str = "teacher") -> tuple
             img_size=trained.augment.global_size,
             relation_block=any(name.startswith("relation_blocks.") for name in state),
             depth=trained.model.depth,
+        )
+    mismatch = _first_mismatch(backbone.state_dict(), state, f"{network}.backbone.")
+    if mismatch is not None:
+        model = trained.model
+        raise ValueError(
+            f"{source}: the weights do not fit the recorded architecture (model.arch={model.arch}, "
+            f"model.depth={model.depth}, model.patch_size={model.patch_size}, augment.global_size="
+            f"{trained.augment.global_size}): {mismatch}"
         )
     backbone.load_state_dict(state, strict=True, assign=True)
     return backbone.eval(), trained
