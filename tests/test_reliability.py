@@ -143,6 +143,7 @@ def test_sigkill_at_random_moments(server: Server, reference, tmp_path: Path) ->
             kills += returncode == -signal.SIGKILL
         server.finish(run_dir)
         assert_same_run(run_dir, reference[0])
+    print(f"SIGKILL at {kills} of 12 random moments; every run identical")
     assert kills >= 10
 
 
