@@ -9,6 +9,7 @@ with podman and runs the pipeline in the image.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -324,6 +325,29 @@ def test_the_launcher_runs_the_images_python(tmp_path: Path) -> None:
     assert command[:3] == ["apptainer", "exec", "--nv"]
     # `python` is looked up on the image's PATH, which starts with the locked /opt/venv
     assert command[-2:] == [str(tmp_path / "mugs.sif"), "python"]
+
+
+def test_the_launcher_runs_the_images_python_with_podman(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(REPO / "params.yaml", run="mugs")
+    config.launch.container = "localhost/mugs-pipeline"
+    config.launch.container_runtime = "podman"
+    config.launch.container_bind = ["extra", "/data:/mnt/data:ro"]
+    config.launch.container_options = ["--runtime", "runc"]
+    command = shlex.split(container_python(config))
+    assert command[:3] == ["podman", "run", "--rm"]
+    # the job's environment, network and hostname reach the ranks in the container
+    pairs = set(itertools.pairwise(command))
+    assert {("--env", "SLURM_*"), ("--env", "SUBMITIT_*"), ("--network", "host"), ("--uts", "host")} <= pairs
+    volumes = [value for option, value in pairs if option == "--volume"]
+    # podman needs absolute paths on both sides; relative ones are the submitting directory's
+    assert f"{tmp_path}/extra:{tmp_path}/extra" in volumes and "/data:/mnt/data:ro" in volumes
+    assert f"{tmp_path}/results/mugs/pretrain:{tmp_path}/results/mugs/pretrain" in volumes
+    assert ("--workdir", str(tmp_path)) in pairs and "--device" not in command
+    assert command[-4:] == ["--runtime", "runc", "localhost/mugs-pipeline", "python"]
+    config.launch.gpus_per_node = 8
+    with_gpus = shlex.split(container_python(config))
+    assert ("--device", "nvidia.com/gpu=all") in set(itertools.pairwise(with_gpus))
 
 
 # ------------------------------------------------------------------------------------------- build digest
