@@ -44,14 +44,20 @@ install_system_packages() {
 # EXTRA_CA_CERTS into the system's trust store; prints the store's bundle, which pip is pointed at
 trust_extra_certificates() {
   if [ -d /usr/local/share/ca-certificates ]; then
-    [ -z "${EXTRA_CA_CERTS:-}" ] || printf '%s\n' "$EXTRA_CA_CERTS" > /usr/local/share/ca-certificates/mugs-extra.crt
+    write_extra_certificates /usr/local/share/ca-certificates
     update-ca-certificates > /dev/null
     echo /etc/ssl/certs/ca-certificates.crt
   else
-    [ -z "${EXTRA_CA_CERTS:-}" ] || printf '%s\n' "$EXTRA_CA_CERTS" > /etc/pki/ca-trust/source/anchors/mugs-extra.crt
+    write_extra_certificates /etc/pki/ca-trust/source/anchors
     update-ca-trust
     echo /etc/pki/tls/certs/ca-bundle.crt
   fi
+}
+
+# one certificate per file in DIRECTORY: update-ca-certificates skips a file that holds several
+write_extra_certificates() {
+  printf '%s\n' "${EXTRA_CA_CERTS:-}" |
+    awk -v directory="$1" '/-----BEGIN CERTIFICATE-----/ { n++ } n { print > (directory "/mugs-extra-" n ".crt") }'
 }
 
 case "$1" in

@@ -61,18 +61,21 @@ def image_id(name: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-@pytest.fixture(scope="module")
-def image() -> str:
+def build_test_image() -> str:
     """The image built from this checkout on the debootstrap base; an earlier build it replaces is removed."""
     install_missing_tools()
     base = sh("bash", REPO / "tools/debian-base.sh", cwd=REPO, timeout=900).stdout.strip()
     earlier = image_id(IMAGE)
     sh("bash", REPO / "tools/build-image.sh", IMAGE, base, cwd=REPO, timeout=1500)
-    built = image_id(IMAGE)
-    if earlier not in (None, built):
+    if earlier not in (None, image_id(IMAGE)):
         # the replaced build and its intermediate layers; ignore layers the new build still shares
         subprocess.run(["podman", "rmi", earlier], capture_output=True)
     return IMAGE
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    return build_test_image()
 
 
 def build_digest() -> str:
@@ -85,6 +88,11 @@ def test_the_image_has_the_locked_environment_and_the_package(image: str) -> Non
     assert versions[0].startswith("2.14.1") and versions[2].startswith("/opt/venv/")
     help_text = sh(*podman_run(image, "mugs", "--help"), cwd=REPO).stdout
     assert "pretrain" in help_text and "knn" in help_text
+    # the host's extra CA certificates (tools/build-image.sh passes them as EXTRA_CA_CERTS) are trusted
+    bundle = sh(*podman_run(image, "cat", "/etc/ssl/certs/ca-certificates.crt"), cwd=REPO).stdout
+    for certificate in Path("/usr/local/share/ca-certificates").glob("*.crt"):
+        body = "".join(certificate.read_text().split("-----")[2].split())
+        assert body in "".join(bundle.split()), f"{certificate} is not trusted in the image"
     # the entrypoint exports the digest of what the image was built from: this checkout
     digest = sh(*podman_run(image, "sh", "-c", "echo $MUGS_CONTAINER_DIGEST"), cwd=REPO).stdout.strip()
     assert digest == build_digest()

@@ -12,8 +12,8 @@ TAG=${1:?usage: tools/build-image.sh TAG [BASE_IMAGE]}
 BASE_IMAGE=${2:-}
 cd "$(dirname "$0")/.."
 
-pip_setting() {  # the value pip would use for a list setting, e.g. find-links, from any of its config files
-  python3 -m pip config list 2>/dev/null | sed -n "s/^[^.]*\\.$1='\\(.*\\)'\$/\\1/p" | tail -n 1
+pip_setting() {  # the value pip would use for a setting, e.g. find-links, from its config files (none: no pip)
+  { python3 -m pip config list 2>/dev/null || true; } | sed -n "s/^[^.]*\\.$1='\\(.*\\)'\$/\\1/p" | tail -n 1
 }
 index_url=${PIP_INDEX_URL:-$(pip_setting index-url)}
 extra_index_urls=${PIP_EXTRA_INDEX_URL:-$(pip_setting extra-index-url)}
