@@ -343,7 +343,8 @@ def test_the_launcher_runs_the_images_python_with_podman(tmp_path: Path, monkeyp
     # podman needs absolute paths on both sides; relative ones are the submitting directory's
     assert f"{tmp_path}/extra:{tmp_path}/extra" in volumes and "/data:/mnt/data:ro" in volumes
     assert f"{tmp_path}/results/mugs/pretrain:{tmp_path}/results/mugs/pretrain" in volumes
-    assert ("--workdir", str(tmp_path)) in pairs and "--device" not in command
+    assert ("--workdir", str(tmp_path)) in pairs and f"{tmp_path}:{tmp_path}" in volumes
+    assert "--device" not in command
     assert command[-4:] == ["--runtime", "runc", "localhost/mugs-pipeline", "python"]
     config.launch.gpus_per_node = 8
     with_gpus = shlex.split(container_python(config))

@@ -348,7 +348,7 @@ def container_python(config: Config) -> str | None:
     ``launch.container_bind``, so every node sees the same paths; GPUs are passed when the job asks for them.
     apptainer: ``apptainer exec [--nv] --bind DIRS IMAGE python``. podman shares nothing with the job by
     default: ``podman run`` gets the job's network and hostname (the ranks' rendezvous), shared memory, its
-    SLURM, submitit and MUGS variables, the binds and the submitting directory (which the job runs in).
+    SLURM, submitit and MUGS variables, the binds and the submitting directory, which the job runs in.
     """
     launch = config.launch
     if launch.container is None:
@@ -365,7 +365,8 @@ def container_python(config: Config) -> str | None:
         variables = ["SLURM_*", "SUBMITIT_*", "MUGS_*", *(["CUDA_VISIBLE_DEVICES"] if gpus else [])]
         command = ["podman", "run", "--rm", *shared, *(["--device", "nvidia.com/gpu=all"] if gpus else [])]
         command += [option for variable in variables for option in ("--env", variable)]
-        command += [option for bind in binds for option in ("--volume", _podman_volume(bind))]
+        # the submitting directory too, as Apptainer binds it by default
+        command += [option for bind in [*binds, os.getcwd()] for option in ("--volume", _podman_volume(bind))]
         command += ["--workdir", os.getcwd()]
     return shlex.join([*command, *launch.container_options, launch.container, "python"])
 
