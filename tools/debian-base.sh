@@ -4,7 +4,7 @@
 #   tools/debian-base.sh [CACHE_DIR]      (as root; default CACHE_DIR: ~/.cache/mugs-pipeline)
 # The root filesystem's tarball is kept in CACHE_DIR, named after a hash of everything it is made from
 # (suite, variant, mirror, debootstrap's version): a second call only imports it. Delete CACHE_DIR to reclaim
-# its ~100 MB. Override the mirror with DEBIAN_MIRROR=URL.
+# its ~120 MB. Override the mirror with DEBIAN_MIRROR=URL.
 set -euo pipefail
 CACHE=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/mugs-pipeline}
 SUITE=bookworm
@@ -39,6 +39,8 @@ if [ ! -f "$TARBALL" ]; then
   rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/*
   tar --numeric-owner -C "$ROOTFS" -cf "$TARBALL.partial" .
   mv "$TARBALL.partial" "$TARBALL"
+  # a tarball of other inputs (another mirror or debootstrap) is not used again: the cache stays one base
+  find "$CACHE" -maxdepth 1 -name "debian-$SUITE-*.tar" ! -name "${TARBALL##*/}" -delete
 fi
 if ! podman image exists "$IMAGE"; then
   podman import --quiet "$TARBALL" "$IMAGE" >/dev/null
