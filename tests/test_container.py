@@ -51,7 +51,8 @@ def install_missing_tools() -> None:
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", *missing]):
+        apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300"]
+        for command in ([*apt, "update", "-q"], [*apt, "install", "-y", "-q", *missing]):
             subprocess.run(["nice", *command], check=True, capture_output=True, env=environment, timeout=900)
 
 
@@ -111,7 +112,7 @@ def test_the_demos_first_stages_run_in_the_image(image: str, tmp_path: Path) -> 
     sh(*command, "snakemake", "--profile", "profiles/local", "--cores", "2", target, cwd=repo, timeout=900)
 
     summary = json.loads((repo / "results/data/summary.json").read_text())
-    assert summary  # prepare indexed the demo data
+    assert (summary["source"], summary["classes"], summary["bad_files"]) == ("fashion-mnist", 10, 0)
     assert (repo / f"results/{RUN}/pretrain/checkpoints/latest.pt").stat().st_size > 0
     log = (repo / f"results/{RUN}/pretrain/log.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in log], "the pretraining logged nothing"
@@ -119,3 +120,4 @@ def test_the_demos_first_stages_run_in_the_image(image: str, tmp_path: Path) -> 
     assert knn["evaluation"] == "knn"
     assert knn["fine"]["10"]["top1"] > 0.2  # 10 balanced classes: a trained backbone beats chance clearly
     assert knn["provenance"]["container_digest"] == build_digest()
+    assert knn["provenance"]["packages"]["torch"] == "2.14.1"  # the image's torch: the lock's
