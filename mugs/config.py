@@ -182,7 +182,8 @@ class LaunchConfig:
     The SLURM job has ``nodes * tasks_per_node`` ranks (one per GPU on GPU nodes). Time limits and
     preemption are survived by checkpointing on SLURM's signal (``signal_delay_s`` before the limit) and
     requeueing, at most ``max_num_timeout`` times for time limits. ``container`` runs the job's Python in
-    that Apptainer image on every node.
+    that image on every node, through ``container_runtime``: an Apptainer image (a .sif file or a URI) or
+    the name of a podman image; ``container_options`` go to the runtime before the image.
     """
 
     launcher: Literal["local", "slurm"] = "local"
@@ -201,7 +202,9 @@ class LaunchConfig:
     max_num_timeout: int = 20
     signal_delay_s: int = 120  # must cover one iteration and a checkpoint write
     container: str | None = None
-    container_bind: list[str] = field(default_factory=list)  # "SRC[:DEST[:OPTS]]" Apptainer binds
+    container_bind: list[str] = field(default_factory=list)  # "SRC[:DEST[:OPTS]]" binds
+    container_runtime: Literal["apptainer", "podman"] = "apptainer"
+    container_options: list[str] = field(default_factory=list)  # e.g. podman's ["--runtime", "runc"]
     poll_seconds: float = 10.0
 
 

@@ -1,13 +1,15 @@
 """The pinned environment and the images: the lock is current with pyproject.toml, and the conda environment,
 the Apptainer definition, the Dockerfile and their build script agree with it about every version.
 
-Neither Docker nor Apptainer runs here, so the recipes are parsed and checked, the build digest script is run,
-and Snakemake runs a rule through a stand-in ``apptainer`` that records the command it was given.
+Here the recipes are parsed and checked, the build digest script is run, and Snakemake runs a rule through a
+stand-in ``apptainer`` that records the command it was given; tests/test_container.py builds the Dockerfile
+with podman and runs the pipeline in the image.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -37,7 +39,10 @@ RECIPES = (
     "envs/mugs.yaml",
     "envs/mugs.post-deploy.sh",
 )
-DEF_SECTIONS = {"setup", "files", "environment", "post", "runscript", "startscript", "test", "labels", "help"}
+DEF_SECTIONS = {
+    "arguments", "setup", "files", "environment", "post", "runscript", "startscript", "test", "labels",
+    "help",
+}  # fmt: skip
 DOCKER_INSTRUCTIONS = {
     "FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER", "WORKDIR",
     "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL",
@@ -130,6 +135,17 @@ def parse_dockerfile(text: str) -> list[tuple[str, str]]:
         pending = ""
     assert not pending, "the Dockerfile ends inside a continued line"
     return instructions
+
+
+def dockerfile_arguments(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """``{name: default}`` of the Dockerfile's ``ARG`` instructions."""
+    words = [word for keyword, text in instructions if keyword == "ARG" for word in shlex.split(text)]
+    return dict(word.partition("=")[::2] for word in words)
+
+
+def definition_arguments(sections: dict[str, list[str]]) -> dict[str, str]:
+    """``{name: default}`` of an Apptainer definition's ``%arguments``."""
+    return dict(line.strip().partition("=")[::2] for line in sections["arguments"] if line.strip())
 
 
 def shell_value(script: str, variable: str) -> str:
@@ -225,14 +241,19 @@ def test_a_recipe_with_another_version_is_reported(lock: tuple[list[str], dict[s
 
 def test_apptainer_definition_parses(definition: tuple[dict[str, str], dict[str, list[str]]]) -> None:
     header, sections = definition
-    assert header["Bootstrap"] == "docker"
-    assert {"files", "post", "environment", "runscript", "test"} <= sections.keys()
+    assert header["Bootstrap"] == "docker" and header["From"] == "{{ BASE_IMAGE }}"
+    assert {"arguments", "files", "post", "environment", "runscript", "test"} <= sections.keys()
     for line in filter(str.strip, sections["files"]):
         source, destination = line.split()
         assert (REPO / source).exists(), f"%files copies {source}, which is not in the repository"
         assert destination.startswith("/opt/mugs/src/")
     post = [line.strip() for line in sections["post"] if line.strip()]
-    assert post == [
+    # every build argument reaches install.sh, which reads it from the environment
+    arguments = definition_arguments(sections)
+    exported = " ".join(line.rstrip("\\") for line in post if not line.startswith("bash "))
+    assert exported.startswith("export ")
+    assert all(f"{name}='{{{{ {name} }}}}'" in exported for name in arguments if name != "BASE_IMAGE")
+    assert [line for line in post if line.startswith("bash ")] == [
         "bash /opt/mugs/src/envs/install.sh environment /opt/mugs/src/envs/requirements.lock",
         "bash /opt/mugs/src/envs/install.sh package /opt/mugs/src",
     ]
@@ -241,7 +262,8 @@ def test_apptainer_definition_parses(definition: tuple[dict[str, str], dict[str,
 
 def test_dockerfile_parses(dockerfile: list[tuple[str, str]]) -> None:
     keywords = [keyword for keyword, _ in dockerfile]
-    assert keywords[0] == "FROM" and keywords.count("FROM") == 1
+    assert keywords[:2] == ["ARG", "FROM"] and keywords.count("FROM") == 1
+    assert dockerfile[1][1] == "${BASE_IMAGE}"
     ignored = (ENVS / "Dockerfile.dockerignore").read_text().splitlines()
     for keyword, arguments in dockerfile:
         if keyword == "COPY":
@@ -265,12 +287,15 @@ def test_both_images_are_built_alike(
     lock: tuple[list[str], dict[str, Version]],
     lock_python: str,
 ) -> None:
-    header, sections = definition
-    (base,) = [arguments for keyword, arguments in dockerfile if keyword == "FROM"]
-    assert header["From"] == base
-    # the base image's CUDA is the one the locked torch was built with
-    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-\w+-ubuntu\d+\.\d+", base)
+    _, sections = definition
+    # both take the same build arguments with the same defaults
+    docker_arguments = dockerfile_arguments(dockerfile)
+    assert definition_arguments(sections) == docker_arguments
+    # the default base image's CUDA is the one the locked torch was built with
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-base-rockylinux\d+", docker_arguments["BASE_IMAGE"])
     assert cuda and tuple(map(int, cuda.groups())) == lock[1]["cuda-toolkit"].release[:2]
+    # the lock's Python, never a downloaded one
+    assert docker_arguments["PYTHON"] == f"python{lock_python}"
     # the same files go into both images
     def_files = {line.split()[0] for line in sections["files"] if line.strip()}
     copied = set()
@@ -286,8 +311,9 @@ def test_both_images_are_built_alike(
     (entrypoint,) = [arguments for keyword, arguments in dockerfile if keyword == "ENTRYPOINT"]
     assert "/opt/mugs/build-digest" in environment and "/opt/mugs/build-digest" in entrypoint
     install = (ENVS / "install.sh").read_text()
-    assert shell_value(install, "PYTHON_VERSION").startswith(f"{lock_python}.")
-    assert '"$UV" venv --python "$PYTHON_VERSION"' in install
+    assert shell_value(install, "PYTHON") == "${PYTHON:-" + docker_arguments["PYTHON"] + "}"
+    assert '"$UV" venv --python "$PYTHON" --python-preference only-system' in install
+    assert "UV_PYTHON_DOWNLOADS=never" in install
     assert '"$UV" pip sync --python /opt/venv/bin/python "$2"' in install
 
 
@@ -299,6 +325,30 @@ def test_the_launcher_runs_the_images_python(tmp_path: Path) -> None:
     assert command[:3] == ["apptainer", "exec", "--nv"]
     # `python` is looked up on the image's PATH, which starts with the locked /opt/venv
     assert command[-2:] == [str(tmp_path / "mugs.sif"), "python"]
+
+
+def test_the_launcher_runs_the_images_python_with_podman(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(REPO / "params.yaml", run="mugs")
+    config.launch.container = "localhost/mugs-pipeline"
+    config.launch.container_runtime = "podman"
+    config.launch.container_bind = ["extra", "/data:/mnt/data:ro"]
+    config.launch.container_options = ["--runtime", "runc"]
+    command = shlex.split(container_python(config))
+    assert command[:3] == ["podman", "run", "--rm"]
+    # the job's environment, network and hostname reach the ranks in the container
+    pairs = set(itertools.pairwise(command))
+    assert {("--env", "SLURM_*"), ("--env", "SUBMITIT_*"), ("--network", "host"), ("--uts", "host")} <= pairs
+    volumes = [value for option, value in pairs if option == "--volume"]
+    # podman needs absolute paths on both sides; relative ones are the submitting directory's
+    assert f"{tmp_path}/extra:{tmp_path}/extra" in volumes and "/data:/mnt/data:ro" in volumes
+    assert f"{tmp_path}/results/mugs/pretrain:{tmp_path}/results/mugs/pretrain" in volumes
+    assert ("--workdir", str(tmp_path)) in pairs and f"{tmp_path}:{tmp_path}" in volumes
+    assert "--device" not in command
+    assert command[-4:] == ["--runtime", "runc", "localhost/mugs-pipeline", "python"]
+    config.launch.gpus_per_node = 8
+    with_gpus = shlex.split(container_python(config))
+    assert ("--device", "nvidia.com/gpu=all") in set(itertools.pairwise(with_gpus))
 
 
 # ------------------------------------------------------------------------------------------- build digest

@@ -286,7 +286,8 @@ def preflight_problems(config: Config, partitions: dict[str, Partition] | None) 
     else:
         problems += _partition_problems(launch, partitions)
     container = launch.container
-    if container is not None and "://" not in container and not Path(container).is_file():
+    is_image_file = launch.container_runtime == "apptainer" and "://" not in (container or "")
+    if container is not None and is_image_file and not Path(container).is_file():
         problems.append(f"container image {container} (launch.container) does not exist")
     writable = _writable_problem(Path(config.train.output_dir))
     if writable:
@@ -341,10 +342,13 @@ def check_before_submit(config: Config, partitions: dict[str, Partition] | None)
 
 # ------------------------------------------------------------------------------------- submission
 def container_python(config: Config) -> str | None:
-    """submitit's ``python``: ``apptainer exec [--nv] --bind DIRS IMAGE python`` with ``launch.container``.
+    """submitit's ``python``: the image's ``python``, run by ``launch.container_runtime`` on every node.
 
-    ``--nv`` (the host's NVIDIA driver) when the job asks for GPUs; the run's output, prepared data and
-    dataset directories are bound besides ``launch.container_bind``, so every node sees the same paths.
+    The run's output, prepared data and dataset directories are bound at their own paths besides
+    ``launch.container_bind``, so every node sees the same paths; GPUs are passed when the job asks for them.
+    apptainer: ``apptainer exec [--nv] --bind DIRS IMAGE python``. podman shares nothing with the job by
+    default: ``podman run`` gets the job's network and hostname (the ranks' rendezvous), shared memory, its
+    SLURM, submitit and MUGS variables, the binds and the submitting directory, which the job runs in.
     """
     launch = config.launch
     if launch.container is None:
@@ -353,8 +357,26 @@ def container_python(config: Config) -> str | None:
     for directory in (config.train.output_dir, config.data.prepared_dir, config.data.root):
         if not any(b.split(":")[0] == directory for b in binds):
             binds.append(directory)
-    command = ["apptainer", "exec", *(["--nv"] if launch.gpus_per_node else []), "--bind", ",".join(binds)]
-    return shlex.join([*command, launch.container, "python"])
+    gpus = launch.gpus_per_node > 0
+    if launch.container_runtime == "apptainer":
+        command = ["apptainer", "exec", *(["--nv"] if gpus else []), "--bind", ",".join(binds)]
+    else:
+        shared = ["--network", "host", "--uts", "host", "--ipc", "host"]
+        variables = ["SLURM_*", "SUBMITIT_*", "MUGS_*", *(["CUDA_VISIBLE_DEVICES"] if gpus else [])]
+        command = ["podman", "run", "--rm", *shared, *(["--device", "nvidia.com/gpu=all"] if gpus else [])]
+        command += [option for variable in variables for option in ("--env", variable)]
+        # the submitting directory too, as Apptainer binds it by default
+        command += [option for bind in [*binds, os.getcwd()] for option in ("--volume", _podman_volume(bind))]
+        command += ["--workdir", os.getcwd()]
+    return shlex.join([*command, *launch.container_options, launch.container, "python"])
+
+
+def _podman_volume(bind: str) -> str:
+    """A bind ``SRC[:DEST[:OPTS]]`` as podman's ``--volume``, which needs both paths absolute."""
+    source, _, rest = bind.partition(":")
+    destination, _, options = rest.partition(":")
+    volume = f"{Path(source).absolute()}:{Path(destination or source).absolute()}"
+    return f"{volume}:{options}" if options else volume
 
 
 def sbatch_parameters(config: Config) -> dict[str, Any]:

@@ -312,3 +312,41 @@ def test_preflight_errors_name_the_problem_and_submit_nothing(
         launch_slurm(config, progress=False)
     assert not (Path(config.train.output_dir) / "slurm" / "job.json").exists()
     assert jobs_named(cluster_env, f"mugs-{Path(config.train.output_dir).name}") == set()
+
+
+@pytest.mark.slow
+def test_a_job_in_the_podman_image_matches_the_host_run(
+    cluster_env: SlurmCluster, prepared: DataConfig, reference: Path, tmp_path: Path
+) -> None:
+    # the image of tests/test_container.py: this checkout on a debootstrap Debian base (built or reused)
+    from tests.test_container import build_test_image, runtime_options
+
+    image = build_test_image()
+    output_dir = tmp_path / f"in-image-{uuid.uuid4().hex[:8]}"
+    started = time.time()
+    config = tiny_config(
+        prepared,
+        output_dir,
+        container=image,
+        container_runtime="podman",
+        container_options=[*runtime_options(), "--label", f"mugs-test={output_dir.name}"],
+    )
+    result = launch_slurm(config, progress=False)
+    assert (result.status, result.global_iteration) == ("finished", ITERATIONS)
+    # both ranks ran in containers of the image (podman's own record of what it started)
+    filters = [
+        "--since",
+        str(int(started)),
+        "--filter",
+        "event=start",
+        "--filter",
+        f"label=mugs-test={output_dir.name}",
+    ]
+    events = subprocess.run(
+        ["podman", "events", "--stream=false", *filters, "--format", "{{.Image}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert len(events) == 2 and all(image in event for event in events), events
+    assert_bit_identical(output_dir, reference)
