@@ -14,6 +14,7 @@ import datetime
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -67,9 +68,16 @@ class PlainProgress:
     manager), printing ``[label] description: position/total (percent), rate, time left`` for every
     unfinished task each ``interval`` seconds, and once more when a task completes."""
 
-    def __init__(self, interval: float, label: str, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        interval: float,
+        label: str,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.interval, self.label = interval, label
         self.stream = stream or sys.stderr
+        self.clock = clock
         self._tasks: list[_Task] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -85,7 +93,7 @@ class PlainProgress:
 
     def add_task(self, description: str, total: float, completed: float = 0, unit: str = "items") -> int:
         with self._lock:
-            now = time.monotonic()
+            now = self.clock()
             self._tasks.append(_Task(description, total, completed, unit, completed, now))
             return len(self._tasks) - 1
 
@@ -107,10 +115,12 @@ class PlainProgress:
                 task.description = description
             if task.completed >= task.total and not task.reported_done:
                 task.reported_done = True
-                self._print(task)
+                self._print(task_id)
 
-    def line(self, task: _Task) -> str:
-        elapsed = time.monotonic() - task.started
+    def line(self, task_id: int) -> str:
+        """The progress line of task ``task_id`` now."""
+        task = self._tasks[task_id]
+        elapsed = self.clock() - task.started
         done = task.completed - task.first_completed
         percent = 100 * task.completed / max(task.total, 1)
         position = f"{task.completed:g}/{task.total:g} {task.unit} ({percent:.0f}%)"
@@ -124,15 +134,15 @@ class PlainProgress:
             f"[{self.label}] {task.description}: {position}, {rate:.3g} {task.unit}/s, {_duration(left)} left"
         )
 
-    def _print(self, task: _Task) -> None:
-        print(self.line(task), file=self.stream, flush=True)
+    def _print(self, task_id: int) -> None:
+        print(self.line(task_id), file=self.stream, flush=True)
 
     def _tick(self) -> None:
         while not self._stopped.wait(self.interval):
             with self._lock:
-                for task in self._tasks:
+                for task_id, task in enumerate(self._tasks):
                     if task.completed < task.total:
-                        self._print(task)
+                        self._print(task_id)
 
 
 class _TrainingLogFollower:

@@ -16,7 +16,7 @@ if DATA.source == "fashion-mnist":
             config_files=RUN_FILES[RUNS[0]],
             run=RUNS[0],
         shell:
-            "mugs demo-data --config {params.config_files:q} --run {params.run:q} 2>&1 | tee {log:q}"
+            "mugs demo-data --config {params.config_files:q} --run {params.run:q} > {log:q} 2>&1"
 
 
 rule prepare:
