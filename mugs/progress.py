@@ -58,8 +58,11 @@ class _Task:
     total: float
     completed: float
     unit: str
-    first_completed: float
     started: float
+    # (position, time) of the first move, where the rate is measured from (start-up is not progress),
+    # and the time of the latest move: a position read from a log lags, so the rate ends there
+    origin: tuple[float, float] | None = None
+    moved: float = 0.0
     reported_done: bool = False
 
 
@@ -94,7 +97,7 @@ class PlainProgress:
     def add_task(self, description: str, total: float, completed: float = 0, unit: str = "items") -> int:
         with self._lock:
             now = self.clock()
-            self._tasks.append(_Task(description, total, completed, unit, completed, now))
+            self._tasks.append(_Task(description, total, completed, unit, now))
             return len(self._tasks) - 1
 
     def update(
@@ -107,10 +110,14 @@ class PlainProgress:
     ) -> None:
         with self._lock:
             task = self._tasks[task_id]
+            before = task.completed
             if completed is not None:
                 task.completed = completed
             if advance is not None:
                 task.completed += advance
+            if task.completed != before:
+                task.moved = self.clock()
+                task.origin = task.origin or (task.completed, task.moved)
             if description is not None:
                 task.description = description
             if task.completed >= task.total and not task.reported_done:
@@ -119,17 +126,15 @@ class PlainProgress:
 
     def line(self, task_id: int) -> str:
         """The progress line of task ``task_id`` now."""
-        task = self._tasks[task_id]
-        elapsed = self.clock() - task.started
-        done = task.completed - task.first_completed
+        task, now = self._tasks[task_id], self.clock()
         percent = 100 * task.completed / max(task.total, 1)
         position = f"{task.completed:g}/{task.total:g} {task.unit} ({percent:.0f}%)"
         if task.completed >= task.total:
-            return f"[{self.label}] {task.description}: {position}, done in {_duration(elapsed)}"
-        if done <= 0 or elapsed <= 0:
+            return f"[{self.label}] {task.description}: {position}, done in {_duration(now - task.started)}"
+        if task.origin is None or task.completed == task.origin[0] or task.moved <= task.origin[1]:
             return f"[{self.label}] {task.description}: {position}, rate not known yet"
-        rate = done / elapsed
-        left = (task.total - task.completed) / rate
+        rate = (task.completed - task.origin[0]) / (task.moved - task.origin[1])
+        left = max((task.total - task.completed) / rate - (now - task.moved), 0.0)
         return (
             f"[{self.label}] {task.description}: {position}, {rate:.3g} {task.unit}/s, {_duration(left)} left"
         )
@@ -156,7 +161,10 @@ class _TrainingLogFollower:
         self.log_file = Path(config.train.output_dir) / "log.jsonl"
         self.display = PlainProgress(_plain["interval"], _plain["label"])
         self.task = self.display.add_task(
-            "pretrain", total=min(total, config.train.max_iterations or total), completed=self._position()
+            "pretrain",
+            total=min(total, config.train.max_iterations or total),
+            completed=self._position(),
+            unit="iterations",
         )
         self._stopped = threading.Event()
         self._reader = threading.Thread(target=self._follow, name="training-log", daemon=True)

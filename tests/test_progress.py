@@ -60,15 +60,22 @@ def test_a_line_every_interval_with_position_rate_and_time_left() -> None:
     assert not any("\x1b" in line for _, line in stream.lines)
 
 
-def test_the_rate_and_time_left_follow_the_position() -> None:
+def test_the_rate_runs_from_the_first_move_to_the_latest() -> None:
     now = [1000.0]
     display = PlainProgress(60, "pretrain mugs", TimedLines(), clock=lambda: now[0])
     task = display.add_task("pretrain", total=300, completed=100, unit="iterations")
-    assert display.line(task).endswith("100/300 iterations (33%), rate not known yet")
+    now[0] += 30  # start-up: no progress, and not counted in the rate
+    display.update(task, completed=150)
+    assert display.line(task).endswith("150/300 iterations (50%), rate not known yet")
     now[0] += 50
-    display.update(task, completed=200)
-    # 100 iterations in 50 s: 2 per second, 100 left → 50 s
+    display.update(task, completed=250)
+    # 100 iterations in 50 s: 2 per second, 50 left → 25 s
     assert (
         display.line(task)
-        == "[pretrain mugs] pretrain: 200/300 iterations (67%), 2 iterations/s, 0:00:50 left"
+        == "[pretrain mugs] pretrain: 250/300 iterations (83%), 2 iterations/s, 0:00:25 left"
     )
+    # a position read from a log lags: the time left keeps counting down between updates
+    now[0] += 10
+    assert display.line(task).endswith("250/300 iterations (83%), 2 iterations/s, 0:00:15 left")
+    now[0] += 60
+    assert display.line(task).endswith("0:00:00 left")
