@@ -102,6 +102,8 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
             assert all(key.startswith(("evaluate.", "finetune", "runs.")) for key in stage["params"])
         assert stages[f"select-{run}"]["metrics"] == [f"results/{run}/eval/selection.json"]
         assert stages[f"random_init-{run}"]["outs"] == [f"results/{run}/random-init/checkpoint.pt"]
+        # its evaluations read the prepared splits, as a trained run's do through pretraining
+        assert stages[f"random_init-{run}"]["deps"] == ["results/data"]
         assert "train.seed" in stages[f"random_init-{run}"]["params"]
         assert "optim" not in stages[f"random_init-{run}"]["params"]  # training settings change nothing
         knn = stages[f"knn-{run}-random-init"]

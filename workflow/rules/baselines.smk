@@ -5,6 +5,10 @@
 
 
 rule random_init:
+    # the networks do not read the data, but their evaluations do: as a trained run's through
+    # pretraining, they wait for (and rerun after) the prepared splits
+    input:
+        PREPARED,
     output:
         "results/{run}/random-init/checkpoint.pt",
     log:
