@@ -359,7 +359,8 @@ def test_progress_lines_reach_the_terminal_while_the_jobs_run(pipelines: dict[st
     assert positions == sorted(positions) and positions[-1] < 16
     # printed while pretraining ran: before Snakemake reports the job finished
     assert progress[0].start() < output.index("(Rule: pretrain)")
-    assert re.search(rf"^\[knn {RUN}\] features train \(teacher\): \d+/270 images", output, re.MULTILINE)
+    # which job extracts which features first depends on the order of the jobs (the others read the cache)
+    assert re.search(rf"^\[\w+ {RUN}\] features \w+ \(teacher\): \d+/\d+ images", output, re.MULTILINE)
     assert re.search(rf"^\[linear {RUN}\] linear probes.*: 2/2 epochs", output, re.MULTILINE)
     # the job logs hold the same lines, as plain text
     logs = pipelines["snakemake"] / "results/logs"
