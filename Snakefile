@@ -1,4 +1,5 @@
-# Mugs pretraining and evaluation: prepare → pretrain → select → evaluate → report.
+# Mugs pretraining and evaluation: prepare → pretrain → select → evaluate → report, with baselines
+# (random initialisation, raw pixels) evaluated beside every run.
 # `snakemake --profile slurm all` on a cluster, `snakemake --profile profiles/local all` on a laptop.
 from snakemake.utils import min_version, validate
 
@@ -23,6 +24,7 @@ include: "workflow/rules/prepare.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/select.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/baselines.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -33,4 +35,5 @@ rule all:
     input:
         expand(rules.select.output, run=RUNS),
         rules.report.input.metrics,
+        rules.report.input.baselines,
         rules.report.output,

@@ -7,6 +7,7 @@ traceback); 3 pretraining stopped on a non-finite loss or a collapse; 1 the SLUR
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import typing
@@ -117,6 +118,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             console.print(f"settings changed since the last checkpoint: earlier run moved to {moved}")
     if args.launcher:
         config.launch.launcher = args.launcher
+    from mugs.progress import follow_training_log
+
+    progress_lines = follow_training_log(config)
     if config.launch.launcher == "slurm":
         from mugs.launch.slurm import SlurmJobError, launch_slurm
 
@@ -130,6 +134,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         nprocs = args.nprocs if args.nprocs is not None else config.launch.nprocs
         result = launch_local(config, nprocs, progress=not args.no_progress)
+    if progress_lines is not None:
+        progress_lines.close()
     if result.stopped_by is not None:
         from mugs.launch.signals import stopped_by_signal
 
@@ -237,6 +243,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         args.out,
         names=args.names,
         eval_dirs=args.eval_dirs,
+        baselines=dict(zip(args.baseline_names or [], args.baseline_dirs or [], strict=True)),
         config=config,
         overrides=args.overrides,
         knn_k=args.knn_k,
@@ -249,10 +256,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return seconds
+
+
+def _add_progress_lines_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--progress-every",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        default=os.environ.get("MUGS_PROGRESS_EVERY"),
+        help="print a plain progress line (position, rate, time left) every SECONDS, for log files "
+        "(default: $MUGS_PROGRESS_EVERY, which the workflow sets; unset: none)",
+    )
+
+
+def _use_progress_lines(args: argparse.Namespace) -> None:
+    """Plain progress lines, labelled with the command and its run, when --progress-every asks for them."""
+    if getattr(args, "progress_every", None) is not None:
+        from mugs.progress import use_plain_lines
+
+        use_plain_lines(args.progress_every, " ".join(filter(None, (args.command, args.run))))
+
+
 def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: evaluate.device)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_lines_argument(parser)
 
 
 def cmd_features(args: argparse.Namespace) -> int:
@@ -288,6 +322,27 @@ def cmd_knn(args: argparse.Namespace) -> int:
     coarse = f", coarse {metrics['coarse'][k]['top1']:.4f}" if "coarse" in metrics else ""
     console.print(
         f"kNN on {metrics['split']} (k={k}): top-1 {metrics['fine'][k]['top1']:.4f}{coarse} → {args.out}"
+    )
+    return 0
+
+
+def cmd_init_checkpoint(args: argparse.Namespace) -> int:
+    from mugs.evaluation.baselines import random_init_checkpoint
+
+    out = random_init_checkpoint(_load(args), args.out)
+    console.print(f"wrote the random initialisation of the run's networks to {out}")
+    return 0
+
+
+def cmd_raw_pixel_knn(args: argparse.Namespace) -> int:
+    from mugs.evaluation.baselines import run_raw_pixel_knn
+
+    metrics = run_raw_pixel_knn(_load(args), args.out, split=args.split, progress=not args.no_progress)
+    k = "20" if "20" in metrics["fine"] else max(metrics["fine"], key=int)
+    coarse = f", coarse {metrics['coarse'][k]['top1']:.4f}" if "coarse" in metrics else ""
+    console.print(
+        f"raw-pixel kNN on {metrics['split']} (k={k}): top-1 {metrics['fine'][k]['top1']:.4f}{coarse}"
+        f" → {args.out}"
     )
     return 0
 
@@ -351,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(pretrain)
     pretrain.add_argument("--output-dir", type=Path, help="overrides train.output_dir")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_lines_argument(pretrain)
     pretrain.add_argument(
         "--launcher",
         choices=("local", "slurm"),
@@ -413,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--eval-dirs", nargs="+", type=Path, help="each run's metrics JSON directory (default: RUN/eval)"
     )
+    report.add_argument("--baseline-names", nargs="+", help="a label per baseline (e.g. 'raw pixels')")
+    report.add_argument(
+        "--baseline-dirs", nargs="+", type=Path, help="each baseline's metrics JSON directory, in that order"
+    )
     report.add_argument("--knn-k", type=_at_least(1), default=20, help="the kNN k shown (default 20)")
     report.add_argument("--tsne-samples", type=_at_least(0), default=2000, help="test images in the t-SNE")
     report.add_argument("--attention-images", type=_at_least(0), default=4, help="images with attention maps")
@@ -449,6 +509,21 @@ def build_parser() -> argparse.ArgumentParser:
     fewshot.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     _add_evaluation_arguments(fewshot)
 
+    init = commands.add_parser(
+        "init-checkpoint", help="a checkpoint of the networks as pretraining initialises them (train.seed)"
+    )
+    init.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    _add_config_arguments(init)
+    init.set_defaults(handler=cmd_init_checkpoint)
+
+    pixels = commands.add_parser("raw-pixel-knn", help="weighted kNN accuracy of the raw pixels (a baseline)")
+    pixels.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
+    pixels.add_argument("--split", choices=("val", "test"), help="query split (default: evaluate.knn_split)")
+    _add_config_arguments(pixels)
+    pixels.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_lines_argument(pixels)
+    pixels.set_defaults(handler=cmd_raw_pixel_knn)
+
     select = commands.add_parser("select", help="score a run's kept checkpoints on val and pick one")
     select.add_argument("run_dir", type=Path, help="the pretraining run (train.output_dir)")
     select.add_argument("--policy", choices=("best_knn", "last"), help="default: evaluate.selection_policy")
@@ -480,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     from mugs.training.run_lock import RunLockedError
 
     args = build_parser().parse_args(argv)
+    _use_progress_lines(args)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -24,10 +24,11 @@ SKIPPED_RULES = frozenset({"all", "demo_data"})
 # Rules whose output marker stands for a directory that must survive reruns (resumable checkpoints).
 PERSISTENT_RULES = frozenset({"pretrain"})
 # Rules whose JSON outputs are metrics.
-METRICS_RULES = frozenset({"select", "knn", "linear", "fewshot", "finetune"})
+METRICS_RULES = frozenset({"select", "knn", "linear", "fewshot", "finetune", "raw_pixel_knn"})
 # CSV outputs that DVC draws as plots: (rule, folder name) → plot properties (columns of the CSV).
 PLOTS = {("report", "curves"): {"x": "step", "y": "loss"}}
-_LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")
+# a rule's output copied into its log (`2>&1 | tee LOG`): DVC shows the output and keeps no log
+_LOG_REDIRECT = re.compile(r"\s*2>&1\s*\|\s*tee\s+\S+\s*$")
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,10 @@ def _has_key(values: dict[str, Any], dotted: str) -> bool:
 
 
 def stage_name(job: JobView) -> str:
-    run = job.wildcards.get("run")
-    return f"{job.rule}-{run}" if run else job.rule
+    """``rule``, ``rule-run``, or ``rule-run-random-init`` for an evaluation of the random-init baseline
+    (a trained run's evaluations, ``evaluated=eval``, keep the short name)."""
+    parts = [job.rule, job.wildcards.get("run"), job.wildcards.get("evaluated")]
+    return "-".join(part for part in parts if part and part != "eval")
 
 
 def build_stage(job: JobView, params_file: str, params_values: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from mugs.cli import main
 from mugs.config import DataConfig, config_from_dict
 from mugs.data.prepare import run_prepare
 from mugs.model.backbone import VIT_SIZES, MugsViT
+from mugs.report import figures
 from mugs.report.attention import last_block_cls_attention
 from mugs.report.runs import METRICS, read_run
 from mugs.training.checkpoint import FORMAT, atomic_save, kept_checkpoint_name
@@ -249,3 +250,51 @@ def test_last_block_attention_matches_timm_unfused_attention():
     torch.testing.assert_close(maps, expected)
     # the class token's own share is what the patch maps leave out of 1
     torch.testing.assert_close(maps.sum(dim=(2, 3)) + captured["w"][:, :, 0, 0], torch.ones(3, 2))
+
+
+def test_baselines_are_rows_of_the_summary_and_bars_of_the_accuracy_figure(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text(json.dumps(_iteration(2, groups=False)) + "\n")
+    _write(run / "eval" / "knn.json", {"fine": {"20": {"top1": 0.8}}, "coarse": {"20": {"top1": 0.9}}})
+    _write(
+        tmp_path / "random-init" / "knn.json",
+        {"fine": {"20": {"top1": 0.5}}, "coarse": {"20": {"top1": 0.7}}},
+    )
+    _write(tmp_path / "random-init" / "linear.json", {"test": {"top1": 0.6, "coarse_top1": 0.75}})
+    _write(
+        tmp_path / "pixels" / "knn.json", {"fine": {"20": {"top1": 0.65}}, "coarse": {"20": {"top1": 0.8}}}
+    )
+    drawn = []
+    draw = figures.plot_accuracy_bars
+    monkeypatch.setattr(
+        figures, "plot_accuracy_bars", lambda payload, path: drawn.append(payload) or draw(payload, path)
+    )
+    out = tmp_path / "report"
+    baselines = ["--baseline-names", "run at random init", "raw pixels"]
+    baselines += ["--baseline-dirs", str(tmp_path / "random-init"), str(tmp_path / "pixels")]
+    assert main(["report", "--runs", str(run), "--out", str(out), "--no-progress", *baselines]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["runs"]] == ["run"]
+    rows = {b["name"]: b for b in summary["baselines"]}
+    assert list(rows) == ["run at random init", "raw pixels"]
+    assert rows["run at random init"]["metrics"] == {
+        **dict.fromkeys(m.key for m in METRICS),
+        "knn_fine": 0.5,
+        "knn_coarse": 0.7,
+        "linear_fine": 0.6,
+        "linear_coarse": 0.75,
+    }
+    assert (
+        rows["raw pixels"]["metrics"]["knn_fine"] == 0.65
+        and rows["raw pixels"]["metrics"]["linear_fine"] is None
+    )
+    # a baseline lacks some evaluations by design: no notes about them
+    assert rows["raw pixels"]["notes"] == [] and rows["run at random init"]["notes"] == []
+    assert drawn == [summary]  # the accuracy figure draws the same rows
+    _check_png(out / "accuracy.png")
+
+    table = (out / "summary.md").read_text()
+    assert "| run at random init (baseline) | 50.0 | 70.0 | 60.0 | 75.0 | — | — | — | — | — |" in table
+    assert "| raw pixels (baseline) | 65.0 | 80.0 | — | — | — | — | — | — | — |" in table

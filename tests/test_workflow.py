@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 from workflow_helpers import (
+    BASELINE_METRICS,
+    PROGRESS_EVERY_S,
     PROTOCOLS,
     REPO,
     RUN,
@@ -82,9 +84,11 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
     stages = yaml.safe_load(generated)["stages"]
     runs = list(read_params(worktree)["runs"])
     protocols = read_params(worktree)["protocols"]
-    expected = {"prepare", "report"} | {
-        f"{rule}-{run}" for run in runs for rule in ("pretrain", "select", *protocols)
+    expected = {"prepare", "report", "raw_pixel_knn"} | {
+        f"{rule}-{run}" for run in runs for rule in ("pretrain", "select", "random_init", *protocols)
     }
+    # the random-init baseline of each run, evaluated by the same knn and linear commands
+    expected |= {f"{protocol}-{run}-random-init" for run in runs for protocol in ("knn", "linear")}
     assert set(stages) == expected
     for run in runs:
         # a resumable run directory survives `dvc repro`; its parameters are every pretraining key
@@ -97,6 +101,17 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
             assert stage["deps"] == [f"results/{run}/eval/selected.pt"]
             assert all(key.startswith(("evaluate.", "finetune", "runs.")) for key in stage["params"])
         assert stages[f"select-{run}"]["metrics"] == [f"results/{run}/eval/selection.json"]
+        assert stages[f"random_init-{run}"]["outs"] == [f"results/{run}/random-init/checkpoint.pt"]
+        # its evaluations read the prepared splits, as a trained run's do through pretraining
+        assert stages[f"random_init-{run}"]["deps"] == ["results/data"]
+        assert "train.seed" in stages[f"random_init-{run}"]["params"]
+        assert "optim" not in stages[f"random_init-{run}"]["params"]  # training settings change nothing
+        knn = stages[f"knn-{run}-random-init"]
+        assert knn["deps"] == [f"results/{run}/random-init/checkpoint.pt"]
+        assert knn["cmd"].startswith(f"mugs knn results/{run}/random-init/checkpoint.pt --out ")
+        assert knn["params"] == stages[f"knn-{run}"]["params"]
+    assert stages["raw_pixel_knn"]["deps"] == ["results/data"]
+    assert stages["raw_pixel_knn"]["metrics"] == ["results/baselines/raw-pixels/knn.json"]
     assert stages["prepare"]["deps"] == [read_params(worktree)["data"]["root"]]
     plots = [next(iter(plot)) for plot in stages["report"]["plots"]]
     assert plots == [f"results/report/curves/{run}.csv" for run in runs]
@@ -279,7 +294,19 @@ def pipelines(origin: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
     snakemake_clone = clone(repo, base / "snakemake")
     dvc_clone = clone(repo, base / "dvc", dvc_remote=remote)
     sh("dvc", "pull", "-q", "data.dvc", cwd=dvc_clone)
-    snakemake = _start(["snakemake", "--profile", "profiles/local", "all"], snakemake_clone)
+    # --config replaces the profile's: launcher=local kept; frequent progress lines for the tiny jobs
+    snakemake = _start(
+        [
+            "snakemake",
+            "--profile",
+            "profiles/local",
+            "all",
+            "--config",
+            "launcher=local",
+            f"progress_every={PROGRESS_EVERY_S}",
+        ],
+        snakemake_clone,
+    )
     dvc = _start(["dvc", "repro"], dvc_clone)
     snakemake_log = _finish(snakemake, "snakemake --profile profiles/local all")
     dvc_log = _finish(dvc, "dvc repro")
@@ -315,6 +342,32 @@ def test_snakemake_runs_the_whole_pipeline(pipelines: dict[str, Path]) -> None:
     assert (repo / "data/fashion-mnist").is_dir()
 
 
+# what `tee` copies from each job's log to Snakemake's output (the terminal of `make demo`)
+PRETRAIN_PROGRESS = re.compile(
+    rf"^\[pretrain {RUN}\] pretrain: (\d+)/16 iterations \(\d+%\), [\d.e+]+ iterations/s, "
+    r"\d+:\d\d:\d\d left$",
+    re.MULTILINE,
+)
+
+
+@pytest.mark.slow
+def test_progress_lines_reach_the_terminal_while_the_jobs_run(pipelines: dict[str, Path]) -> None:
+    output = pipelines["snakemake_log"].read_text()
+    progress = list(PRETRAIN_PROGRESS.finditer(output))
+    assert progress, output[-6000:]
+    positions = [int(match[1]) for match in progress]
+    assert positions == sorted(positions) and positions[-1] < 16
+    # printed while pretraining ran: before Snakemake reports the job finished
+    assert progress[0].start() < output.index("(Rule: pretrain)")
+    # which job extracts which features first depends on the order of the jobs (the others read the cache)
+    assert re.search(rf"^\[\w+ {RUN}\] features \w+ \(teacher\): \d+/\d+ images", output, re.MULTILINE)
+    assert re.search(rf"^\[linear {RUN}\] linear probes.*: 2/2 epochs", output, re.MULTILINE)
+    # the job logs hold the same lines, as plain text
+    logs = pipelines["snakemake"] / "results/logs"
+    assert PRETRAIN_PROGRESS.search((logs / f"pretrain-{RUN}.log").read_text())
+    assert all("\x1b" not in log.read_text() for log in logs.glob("*.log"))
+
+
 @pytest.mark.slow
 def test_snakemake_second_run_has_nothing_to_do(pipelines: dict[str, Path]) -> None:
     assert _plan(pipelines["snakemake"]) == {}
@@ -322,20 +375,27 @@ def test_snakemake_second_run_has_nothing_to_do(pipelines: dict[str, Path]) -> N
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("protocol", "section", "update"),
+    ("section", "update", "rerun"),
     [
-        ("knn", "evaluate", {"knn_k": [5, 20]}),
-        ("linear", "evaluate", {"linear_epochs": 3}),
-        ("fewshot", "evaluate", {"fewshot_c": [0.5]}),
+        # the run's and its random init's kNN, and the raw pixels'
+        ("evaluate", {"knn_k": [5, 20]}, {"knn": 2, "raw_pixel_knn": 1}),
+        ("evaluate", {"linear_epochs": 3}, {"linear": 2}),
+        ("evaluate", {"fewshot_c": [0.5]}, {"fewshot": 1}),
+        # the networks' construction: the baseline's checkpoint and its evaluations
+        (
+            "train",
+            {"seed": 1},
+            {"pretrain": 1, "select": 1, "random_init": 1, "knn": 2, "linear": 2, "fewshot": 1},
+        ),
     ],
 )
 def test_snakemake_reruns_only_the_evaluation_whose_parameter_changed(
-    pipelines: dict[str, Path], protocol: str, section: str, update: dict
+    pipelines: dict[str, Path], section: str, update: dict, rerun: dict[str, int]
 ) -> None:
     repo = pipelines["snakemake"]
     before = update_params(repo, {section: update})
     try:
-        assert _plan(repo) == {protocol: 1, "report": 1, "all": 1}
+        assert _plan(repo) == {**rerun, "report": 1, "all": 1}
     finally:
         write_params(repo, before)
 
@@ -361,8 +421,9 @@ def test_a_configfile_that_adds_a_run_leaves_the_finished_run_alone(pipelines: d
         planned = planned_jobs(done.stdout + done.stderr)
     finally:
         (repo / "second.yaml").unlink()
-    # only the new run's jobs and the report that compares the two: nothing of the finished run
-    assert planned == dict.fromkeys(ALL_AFTER_PRETRAIN, 1)
+    # only the new run's jobs, its random-init baseline and the report that compares the two: nothing
+    # of the finished run
+    assert planned == {**dict.fromkeys(ALL_AFTER_PRETRAIN, 1), "random_init": 1, "knn": 2, "linear": 2}
     assert "--run second" in done.stdout and f"--run {RUN}" not in done.stdout
 
 
@@ -407,7 +468,8 @@ def test_dvc_metrics_show_reads_every_metrics_file(pipelines: dict[str, Path]) -
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
     metrics = next(iter(shown.values()))["data"]
     eval_dir = f"results/{RUN}/eval"
-    assert set(metrics) == {f"{eval_dir}/{name}.json" for name in ("selection", *PROTOCOLS)}
+    trained = {f"{eval_dir}/{name}.json" for name in ("selection", *PROTOCOLS)}
+    assert set(metrics) == trained | set(BASELINE_METRICS)
     knn = json.loads((repo / eval_dir / "knn.json").read_text())
     assert metrics[f"{eval_dir}/knn.json"]["data"]["fine"]["10"]["top1"] == knn["fine"]["10"]["top1"]
 
@@ -415,10 +477,12 @@ def test_dvc_metrics_show_reads_every_metrics_file(pipelines: dict[str, Path]) -
 @pytest.mark.slow
 def test_snakemake_and_dvc_write_the_same_metrics(pipelines: dict[str, Path]) -> None:
     eval_dir = Path("results", RUN, "eval")
-    for name in ("selection", *PROTOCOLS):
-        by_snakemake = comparable_metrics(pipelines["snakemake"] / eval_dir / f"{name}.json")
-        by_dvc = comparable_metrics(pipelines["dvc"] / eval_dir / f"{name}.json")
-        assert by_snakemake == by_dvc, f"{name}.json differs between the Snakemake and the DVC run"
+    paths = [eval_dir / f"{name}.json" for name in ("selection", *PROTOCOLS)]
+    paths += [Path(path) for path in BASELINE_METRICS]
+    for path in paths:
+        by_snakemake = comparable_metrics(pipelines["snakemake"] / path)
+        by_dvc = comparable_metrics(pipelines["dvc"] / path)
+        assert by_snakemake == by_dvc, f"{path} differs between the Snakemake and the DVC run"
 
 
 @pytest.mark.slow
@@ -433,8 +497,9 @@ def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
-    # prepare, pretrain, select (checkpoint + selection), evaluations, report (7 files + 2 per run)
-    assert len(outs) == 1 + 1 + 2 + len(PROTOCOLS) + 9
+    # prepare, pretrain, select (checkpoint + selection), evaluations, random-init checkpoint, baseline
+    # metrics, report (7 files + 2 per run)
+    assert len(outs) == 1 + 1 + 2 + len(PROTOCOLS) + 1 + len(BASELINE_METRICS) + 9
     for path in outs:
         assert (fresh / path).exists(), f"dvc pull did not restore {path}"
         assert tree_hashes(fresh / path) == tree_hashes(repo / path), f"{path} differs after dvc pull"
@@ -451,9 +516,11 @@ def test_dvc_reruns_only_the_evaluation_whose_parameter_changed(pipelines: dict[
     assert _dvc_status(repo) == {}
 
     update_params(repo, {"evaluate": {"knn_k": [5, 20]}})
-    assert set(_dvc_status(repo)) == {f"knn-{RUN}"}
+    knn_stages = {f"knn-{RUN}", f"knn-{RUN}-random-init", "raw_pixel_knn"}
+    assert set(_dvc_status(repo)) == knn_stages
     output = sh("dvc", "repro", cwd=repo).stdout
-    assert _stages_run(output) == [f"knn-{RUN}", "report"]
+    *evaluations, report = _stages_run(output)
+    assert sorted(evaluations) == sorted(knn_stages) and report == "report"
     knn = json.loads((repo / "results" / RUN / "eval" / "knn.json").read_text())
     assert set(knn["fine"]) == {"5", "20"}
     assert _dvc_status(repo) == {}

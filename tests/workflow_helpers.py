@@ -23,16 +23,23 @@ from mugs.config import merge_values
 REPO = Path(__file__).resolve().parents[1]
 RUN = "mugs"
 PROTOCOLS = ("knn", "linear", "fewshot")
+# the baselines' metrics files: the run's networks at their random initialisation (knn, linear) and raw pixels
+RANDOM_INIT = f"results/{RUN}/random-init"
+RAW_PIXELS = "results/baselines/raw-pixels"
+BASELINE_METRICS = (f"{RANDOM_INIT}/knn.json", f"{RANDOM_INIT}/linear.json", f"{RAW_PIXELS}/knn.json")
+# plain progress lines every this many seconds (`--config progress_every=...`): several per tiny job
+PROGRESS_EVERY_S = 0.3
 
 # A few seconds of pretraining on 2 cores: 270 training images (30 per class), a 2-block ViT, tiny heads
-# and queues, 2 epochs of 8 iterations, one checkpoint kept per epoch; evaluations cut to one setting each.
+# and queues, 2 epochs of 8 iterations, one checkpoint kept per epoch, a log line every 2 (so that
+# pretraining's progress lines move); evaluations cut to one setting each.
 TINY: dict[str, dict[str, Any]] = {
     "model": {"depth": 2, "hidden_dim": 64, "out_dim": 32, "predictor_hidden_dim": 64, "group_out_dim": 64},
     "loss": {"instance_queue_size": 64, "local_group_queue_size": 64, "local_group_knn_top_n": 4},
     "optim": {"epochs": 2, "batch_size": 32, "warmup_epochs": 1},
     "data": {"max_per_class": 30, "train_subset": None, "workers": 1},
     # one torch thread: on 2 busy cores, two threads spinning on tiny tensors run ~50x slower
-    "train": {"num_workers": 0, "keep_every_epochs": 1, "checkpoint_every": 0, "threads": 1},
+    "train": {"num_workers": 0, "keep_every_epochs": 1, "checkpoint_every": 0, "threads": 1, "log_every": 2},
     "evaluate": {
         "num_workers": 0,
         "knn_k": [5, 10],
@@ -159,6 +166,10 @@ def expected_outputs(run: str = RUN, protocols: tuple[str, ...] = PROTOCOLS) -> 
         f"results/{run}/eval/selection.json",
         f"results/{run}/eval/selected.pt",
         *(f"results/{run}/eval/{protocol}.json" for protocol in protocols),
+        f"results/{run}/random-init/checkpoint.pt",
+        f"results/{run}/random-init/knn.json",
+        f"results/{run}/random-init/linear.json",
+        f"{RAW_PIXELS}/knn.json",
         "results/report/summary.md",
         "results/report/summary.json",
         "results/report/curves.png",
@@ -190,8 +201,26 @@ def assert_outputs(repo: Path, run: str = RUN, protocols: tuple[str, ...] = PROT
     assert set(knn["fine"]) == {"5", "10"}
     # 10 balanced classes: a trained backbone's kNN must beat chance clearly, even after 16 iterations
     assert knn["fine"]["10"]["top1"] > 0.2
+    random_init = repo / "results" / run / "random-init"
+    for protocol in ("knn", "linear"):
+        metrics = json.loads((random_init / f"{protocol}.json").read_text())
+        assert metrics["evaluation"] == protocol
+        assert metrics["provenance"]["checkpoint_sha256"] == file_sha256(random_init / "checkpoint.pt")
+    pixels = json.loads((repo / RAW_PIXELS / "knn.json").read_text())
+    assert set(pixels["fine"]) == {"5", "10"} and pixels["provenance"]["checkpoint"] is None
+    assert pixels["fine"]["10"]["top1"] > 0.2
     summary = json.loads((repo / "results/report/summary.json").read_text())
-    assert run in json.dumps(summary)
+    assert [r["name"] for r in summary["runs"]] == [run]
+    # the baselines are rows of the summary and of the accuracy figure, which draws summary.json's rows
+    baselines = {b["name"]: b["metrics"] for b in summary["baselines"]}
+    assert list(baselines) == [f"{run} at random init", "raw pixels"]
+    # the report shows k=20 or, when it was not evaluated, the smallest k
+    random_init_knn = json.loads((random_init / "knn.json").read_text())
+    assert baselines[f"{run} at random init"]["knn_fine"] == random_init_knn["fine"]["5"]["top1"]
+    assert baselines[f"{run} at random init"]["linear_fine"] is not None
+    assert baselines["raw pixels"]["knn_fine"] == pixels["fine"]["5"]["top1"]
+    table = (repo / "results/report/summary.md").read_text()
+    assert f"| {run} at random init (baseline) |" in table and "| raw pixels (baseline) |" in table
 
 
 def comparable_metrics(path: Path) -> dict[str, Any]:

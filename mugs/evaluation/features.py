@@ -36,6 +36,7 @@ from torchvision import transforms as T
 from mugs.config import Config, ConfigError, config_from_dict
 from mugs.evaluation.metrics_io import file_sha256
 from mugs.model.backbone import MugsViT, create_backbone
+from mugs.progress import progress_display
 
 __all__ = [
     "FeatureSet",
@@ -244,18 +245,6 @@ def _load_verified_cache(path: Path) -> FeatureSet | None:
     return None
 
 
-def progress_bar(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def _features_of_batch(backbone: MugsViT, images: Tensor, layers: int, avgpool: bool) -> Tensor:
     outputs = backbone.get_intermediate_layers(images, n=layers, return_prefix_tokens=True, norm=True)
     parts = [prefix[:, 0] for _, prefix in outputs]
@@ -319,8 +308,8 @@ def extract_features(
     try:
         features = torch.from_file(buffer_path, shared=True, size=len(dataset) * dim, dtype=torch.float32)
         features = features.view(len(dataset), dim)
-        with progress_bar(progress) as bar:
-            task = bar.add_task(f"features {split} ({network})", total=len(dataset))
+        with progress_display(progress) as bar:
+            task = bar.add_task(f"features {split} ({network})", total=len(dataset), unit="images")
             start = 0
             for images, _labels in loader:
                 batch = _features_of_batch(backbone, images.to(device, non_blocking=True), layers, avgpool)

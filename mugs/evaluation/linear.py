@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mugs.config import Config
-from mugs.evaluation.features import FeatureSet, evaluation_features, progress_bar
+from mugs.evaluation.features import FeatureSet, evaluation_features
 from mugs.evaluation.metrics_io import write_metrics
+from mugs.progress import progress_display
 
 __all__ = [
     "ProbeSweep",
@@ -119,8 +120,8 @@ def train_linear_probes(
     total_steps = epochs * steps_per_epoch
     train_labels = train_labels.to(device)
 
-    with progress_bar(progress) as bar:
-        task = bar.add_task(f"linear probes ({len(pairs)} heads)", total=epochs)
+    with progress_display(progress) as bar:
+        task = bar.add_task(f"linear probes ({len(pairs)} heads)", total=epochs, unit="epochs")
         step = 0
         for epoch in range(1, epochs + 1):
             order = torch.randperm(n, generator=generator)

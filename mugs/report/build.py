@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,15 @@ import torch
 from mugs.config import Config, config_from_dict, load_config
 from mugs.report import figures
 from mugs.report.attention import last_block_cls_attention
-from mugs.report.runs import RunRecord, read_run, slug, summary_markdown, summary_payload, write_curves
+from mugs.report.runs import (
+    RunRecord,
+    read_baseline,
+    read_run,
+    slug,
+    summary_markdown,
+    summary_payload,
+    write_curves,
+)
 
 __all__ = ["find_checkpoint", "run_report"]
 
@@ -147,6 +155,7 @@ def run_report(
     *,
     names: Sequence[str] | None = None,
     eval_dirs: Sequence[str | Path] | None = None,
+    baselines: Mapping[str, str | Path] | None = None,
     config: Config | None = None,
     overrides: Sequence[str] = (),
     knn_k: int = 20,
@@ -162,6 +171,8 @@ def run_report(
     ``attention-<slug>.png`` per run, ``summary.md``, ``summary.json`` and ``curves/<slug>.{csv,json}``,
     where ``<slug>`` is the run's name with characters other than letters, digits, ``.``, ``_``, ``-``
     replaced by ``_``.
+    ``baselines`` maps a label to a directory of metrics files (a network at its random
+    initialisation, raw pixels): each is a row of the summary and a bar of ``accuracy.png``.
     ``config`` (data location, feature settings) applies to every run; without it each run's own
     ``config.yaml`` is read, with ``overrides`` applied. Missing inputs are noted in the summary,
     never fatal.
@@ -210,7 +221,9 @@ def run_report(
             panels.append(panel)
     written["tsne.png"] = figures.plot_tsne(panels, out / "tsne.png")
 
-    payload = summary_payload(records, knn_k)
+    payload = summary_payload(
+        records, knn_k, [read_baseline(name, directory) for name, directory in (baselines or {}).items()]
+    )
     written["accuracy.png"] = figures.plot_accuracy_bars(payload, out / "accuracy.png")
     (out / "summary.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / "summary.md").write_text(summary_markdown(payload))

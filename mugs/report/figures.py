@@ -154,8 +154,10 @@ def plot_checkpoint_knn(records: list[RunRecord], path: Path) -> Path:
 
 
 def plot_accuracy_bars(payload: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: one group per evaluation, one bar per run (test top-1 %), values printed on top."""
-    runs = payload["runs"]
+    """Grouped bars: one group per evaluation, one bar per run and then per baseline (hatched), test
+    top-1 %, values printed on top."""
+    baselines = payload.get("baselines", [])
+    runs = [*payload["runs"], *baselines]
     metrics = [m for m in payload["metrics"] if any(r["metrics"][m["key"]] is not None for r in runs)]
     if not metrics:
         return plot_message(
@@ -173,7 +175,16 @@ def plot_accuracy_bars(payload: dict[str, Any], path: Path) -> Path:
         values = [run["metrics"][m["key"]] for m in metrics]
         x = positions - 0.4 + width * (i + 0.5)
         heights = [100 * v if v is not None else 0.0 for v in values]
-        bars = axes.bar(x, heights, width, color=colour, label=run["name"])
+        baseline = run in baselines
+        bars = axes.bar(
+            x,
+            heights,
+            width,
+            color=colour,
+            hatch="//" if baseline else None,
+            edgecolor="white" if baseline else None,
+            label=f"{run['name']} (baseline)" if baseline else run["name"],
+        )
         for bar, value in zip(bars, values, strict=True):
             text = "n/a" if value is None else f"{100 * value:.1f}"
             axes.annotate(
@@ -194,7 +205,9 @@ def plot_accuracy_bars(payload: dict[str, Any], path: Path) -> Path:
     axes.set_ylim(0, 112)
     axes.set_title("Accuracy per evaluation")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(title="run", fontsize=9, loc="upper right", ncols=min(len(runs), 4))
+    axes.legend(
+        title="run / baseline" if baselines else "run", fontsize=9, loc="upper right", ncols=min(len(runs), 4)
+    )
     if missing:
         figure.text(
             0.01, 0.005, "not available for any run: " + ", ".join(missing), fontsize=8, color="dimgray"

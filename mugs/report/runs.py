@@ -10,7 +10,7 @@ import csv
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ __all__ = [
     "Metric",
     "RunRecord",
     "knn_key",
+    "read_baseline",
     "read_curves",
     "read_run",
     "slug",
@@ -215,6 +216,20 @@ def read_run(
     return record
 
 
+def read_baseline(name: str, directory: str | Path) -> RunRecord:
+    """A baseline (no training, no checkpoint selection): only the metrics files found in
+    ``directory``. A baseline has only some evaluations, so a missing file is not noted; an
+    unreadable one is."""
+    directory = Path(directory)
+    record = RunRecord(name=name, run_dir=directory, eval_dir=directory)
+    for file in dict.fromkeys(metric.file for metric in METRICS):
+        if (directory / file).is_file() and isinstance(
+            data := _read_json(directory / file, record.notes), dict
+        ):
+            record.metric_files[file] = data
+    return record
+
+
 def read_curves(record: RunRecord) -> list[dict[str, float]]:
     """One row per logged iteration, with the :data:`CURVE_COLUMNS` present in that line."""
     rows = []
@@ -248,8 +263,11 @@ def write_curves(record: RunRecord, directory: str | Path) -> tuple[Path, Path]:
     return csv_path, json_path
 
 
-def summary_payload(records: list[RunRecord], knn_k: int) -> dict[str, Any]:
-    """The summary table as plain data: metric definitions, then per run its values and notes."""
+def summary_payload(
+    records: list[RunRecord], knn_k: int, baselines: Sequence[RunRecord] = ()
+) -> dict[str, Any]:
+    """The summary table as plain data: metric definitions, then per run its values and notes, then
+    per baseline (see :func:`read_baseline`) its values and notes."""
     return {
         "knn_k": knn_k,
         "metrics": [{"key": m.key, "label": m.label, "file": m.file} for m in METRICS],
@@ -264,6 +282,10 @@ def summary_payload(records: list[RunRecord], knn_k: int) -> dict[str, Any]:
             }
             for r in records
         ],
+        "baselines": [
+            {"name": b.name, "eval_dir": str(b.eval_dir), "metrics": b.metrics(knn_k), "notes": list(b.notes)}
+            for b in baselines
+        ],
     }
 
 
@@ -277,17 +299,23 @@ def summary_markdown(payload: dict[str, Any]) -> str:
         "| run | " + " | ".join(labels) + " | selected epoch |",
         "|---|" + "---:|" * (len(labels) + 1),
     ]
-    for run in payload["runs"]:
+    baselines = payload.get("baselines", [])
+    for run in [*payload["runs"], *baselines]:
         cells = [
             "—" if run["metrics"][m["key"]] is None else f"{100 * run['metrics'][m['key']]:.1f}"
             for m in payload["metrics"]
         ]
-        epoch = run["selected_epoch"]
-        lines.append(
-            f"| {run['name']} | " + " | ".join(cells) + f" | {'—' if epoch is None else int(epoch)} |"
-        )
+        epoch = run.get("selected_epoch")
+        name = f"{run['name']} (baseline)" if run in baselines else run["name"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if epoch is None else int(epoch)} |")
     lines += ["", "Test top-1 accuracy in %; — marks a metric whose file is missing or lacks it."]
-    notes = [f"- {run['name']}: {note}" for run in payload["runs"] for note in run["notes"]]
+    if baselines:
+        lines += [
+            "Baselines use the same splits and evaluation settings: a run's networks at their random "
+            "initialisation (same seed, no training) and raw pixels; what pretraining added is a run's "
+            "lead over them."
+        ]
+    notes = [f"- {run['name']}: {note}" for run in [*payload["runs"], *baselines] for note in run["notes"]]
     if notes:
         lines += ["", "Notes:", "", *notes]
     return "\n".join(lines) + "\n"

@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # conftest is pytest's to import; importing it again would ma
 pytestmark = pytest.mark.slurm
 
 WORKFLOW_TIMEOUT_S = 420
-SLURM_RULES = {"prepare", "select", *PROTOCOLS, "report"}
+# one job per rule, plus the baselines: the random init's checkpoint, its knn and linear, raw pixels
+SLURM_RULES = ["prepare", "select", *PROTOCOLS, "report", "random_init", "knn", "linear", "raw_pixel_knn"]
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 SACCT_FIELDS = ("JobID", "JobName", "State", "AllocNodes", "NodeList", "WorkDir")
 

@@ -41,6 +41,56 @@ DATA = RUN_CONFIGS[RUNS[0]].data  # data.* is shared by every run
 PREPARED = DATA.prepared_dir
 
 
+# Plain progress lines (position, rate, time left) every `progress_every` seconds in each job's log,
+# which the rules also `tee` to the terminal. The `mugs` commands read it from the environment (the
+# local jobs inherit it, `envvars` passes it to cluster jobs): no result depends on it, so changing it
+# reruns nothing.
+os.environ["MUGS_PROGRESS_EVERY"] = str(config.get("progress_every", 10))
+
+
+envvars:
+    "MUGS_PROGRESS_EVERY",
+
+
+wildcard_constraints:
+    run="[A-Za-z0-9_-]+",
+    evaluated="eval|random-init",
+
+
+# What the knn and linear rules evaluate: a run's selected checkpoint (results/{run}/eval/) or the
+# same networks at their random initialisation (results/{run}/random-init/, a baseline).
+EVALUATED_CHECKPOINTS = {
+    "eval": "results/{run}/eval/selected.pt",
+    "random-init": "results/{run}/random-init/checkpoint.pt",
+}
+BASELINE_PROTOCOLS = {"random-init": ("knn", "linear"), "raw-pixels": ("knn",)}
+RAW_PIXELS = "results/baselines/raw-pixels"
+
+
+def evaluated_checkpoint(wildcards):
+    return EVALUATED_CHECKPOINTS[wildcards.evaluated].format(run=wildcards.run)
+
+
+def baselines():
+    """(name in the report, metrics directory, metrics files) of every baseline `all` asks for: each
+    run's random initialisation and the raw pixels, with the protocols they have among `protocols:`.
+    """
+    chosen = [
+        (f"{run} at random init", f"results/{run}/random-init", "random-init")
+        for run in RUNS
+    ] + [("raw pixels", RAW_PIXELS, "raw-pixels")]
+    listed = []
+    for name, directory, kind in chosen:
+        files = [
+            f"{directory}/{protocol}.json"
+            for protocol in BASELINE_PROTOCOLS[kind]
+            if protocol in config["protocols"]
+        ]
+        if files:
+            listed.append((name, directory, files))
+    return listed
+
+
 def run_config(run):
     return RUN_CONFIGS[run]
 

@@ -2,13 +2,15 @@
 # metrics JSON with its provenance. The top-level `protocols:` list chooses which ones `all` asks for.
 
 
+# knn and linear also evaluate the random-init baseline (workflow/rules/baselines.smk): the same
+# command on the checkpoint of `evaluated_checkpoint`, writing into results/{run}/random-init/.
 rule knn:
     input:
-        "results/{run}/eval/selected.pt",
+        evaluated_checkpoint,
     output:
-        "results/{run}/eval/knn.json",
+        "results/{run}/{evaluated}/knn.json",
     log:
-        "results/logs/knn-{run}.log",
+        "results/logs/knn-{run}-{evaluated}.log",
     conda:
         "../../envs/mugs.yaml"
     threads: rule_threads("knn")
@@ -19,16 +21,16 @@ rule knn:
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["knn"]),
     shell:
         "mugs knn {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " > {log:q} 2>&1"
+        " 2>&1 | tee {log:q}"
 
 
 rule linear:
     input:
-        "results/{run}/eval/selected.pt",
+        evaluated_checkpoint,
     output:
-        "results/{run}/eval/linear.json",
+        "results/{run}/{evaluated}/linear.json",
     log:
-        "results/logs/linear-{run}.log",
+        "results/logs/linear-{run}-{evaluated}.log",
     conda:
         "../../envs/mugs.yaml"
     threads: rule_threads("linear")
@@ -39,7 +41,7 @@ rule linear:
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["linear"]),
     shell:
         "mugs linear {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " > {log:q} 2>&1"
+        " 2>&1 | tee {log:q}"
 
 
 rule fewshot:
@@ -59,7 +61,7 @@ rule fewshot:
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["fewshot"]),
     shell:
         "mugs fewshot {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " > {log:q} 2>&1"
+        " 2>&1 | tee {log:q}"
 
 
 rule finetune:
@@ -79,4 +81,4 @@ rule finetune:
         settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["finetune"]),
     shell:
         "mugs finetune {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " > {log:q} 2>&1"
+        " 2>&1 | tee {log:q}"

@@ -45,4 +45,4 @@ rule prepare:
             "data.on_bad_image",
         ),
     shell:
-        "mugs prepare --config {params.config_files:q} --run {params.run:q} --no-progress > {log:q} 2>&1"
+        "mugs prepare --config {params.config_files:q} --run {params.run:q} --no-progress 2>&1 | tee {log:q}"

@@ -34,4 +34,4 @@ rule pretrain:
         launcher=LAUNCHER,
     shell:
         "mugs pretrain --config {params.config_files:q} --run {wildcards.run:q} --launcher {params.launcher:q}"
-        " --restart-if-changed --no-progress > {log:q} 2>&1"
+        " --restart-if-changed --no-progress 2>&1 | tee {log:q}"

@@ -1,5 +1,6 @@
-# The report: training curves, kNN per kept checkpoint, every run's accuracies side by side, a t-SNE
-# of test features and last-block attention maps; a summary table in markdown and JSON.
+# The report: training curves, kNN per kept checkpoint, every run's accuracies side by side with the
+# baselines', a t-SNE of test features and last-block attention maps; a summary table in markdown and
+# JSON.
 
 REPORT = "results/report"
 
@@ -9,6 +10,7 @@ rule report:
         done=expand("results/{run}/pretrain/DONE", run=RUNS),
         selections=expand("results/{run}/eval/selection.json", run=RUNS),
         metrics=[path for run in RUNS for path in evaluation_outputs(run)],
+        baselines=[path for _, _, files in baselines() for path in files],
     output:
         summary=f"{REPORT}/summary.md",
         table=f"{REPORT}/summary.json",
@@ -50,6 +52,9 @@ rule report:
         names=RUNS,
         eval_dirs=lambda w, input: [os.path.dirname(s) for s in input.selections],
         out=lambda w, output: os.path.dirname(output.summary),
+        baseline_names=[name for name, _, _ in baselines()],
+        baseline_dirs=[directory for _, directory, _ in baselines()],
     shell:
         "mugs report --runs {params.runs:q} --names {params.names:q} --eval-dirs {params.eval_dirs:q}"
-        " --out {params.out:q} --no-progress > {log:q} 2>&1"
+        " --baseline-names {params.baseline_names:q} --baseline-dirs {params.baseline_dirs:q}"
+        " --out {params.out:q} --no-progress 2>&1 | tee {log:q}"

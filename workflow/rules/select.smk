@@ -27,4 +27,4 @@ rule select:
         eval_dir=lambda w, output: os.path.dirname(output.selection),
     shell:
         "mugs select {params.pretrain_dir:q} --out-dir {params.eval_dir:q}"
-        " --config {params.config_files:q} --run {wildcards.run:q} --no-progress > {log:q} 2>&1"
+        " --config {params.config_files:q} --run {wildcards.run:q} --no-progress 2>&1 | tee {log:q}"
