@@ -10,8 +10,6 @@ link, or a copy where links are impossible, replaced atomically) next to ``<run>
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -38,16 +36,6 @@ def candidate_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if latest.is_file():
         return [(int(ckpt.load_checkpoint(latest)["epoch"]), latest)]
     raise FileNotFoundError(f"{directory} holds no checkpoint (neither epochNNNN.pt nor {ckpt.LATEST})")
-
-
-def _publish(source: Path, target: Path) -> None:
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
 
 
 def select_checkpoint(
@@ -109,7 +97,7 @@ def select_checkpoint(
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = out_dir / SELECTED
-    _publish(Path(chosen["path"]), selected)
+    ckpt.publish_link(chosen["path"], selected)
     result = {
         "policy": policy,
         "selected": {**chosen, "published_as": str(selected)},

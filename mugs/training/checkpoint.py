@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, plain-data contents, and the keep-every-N policy.
+"""Checkpoint files: their format, atomic writes and links, and the keep-every-N policy.
 
 Every checkpoint this project writes loads with ``torch.load(..., weights_only=True)``: it holds
 only tensors, numbers, strings, lists, tuples and dicts (the config as a plain dict, RNG states as
@@ -18,6 +18,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
+from mugs.config import Config, ConfigError, config_from_dict
 
 FORMAT = "mugs-pipeline/1"
 DIRECTORY = "checkpoints"  # in a run directory
@@ -82,6 +85,30 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def atomic_copy(source: str | Path, target: str | Path) -> Path:
+    """Replace ``target`` with a copy of ``source`` atomically (as :func:`atomic_save`)."""
+    with open(source, "rb") as original:
+        return _atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
+
+
+def publish_link(source: str | Path, target: str | Path) -> Path:
+    """Make ``target`` name the same file as ``source`` (a hard link: no second write; a copy on file
+    systems without hard links).
+
+    The link is made under a temporary name and renamed, so ``target`` is either absent (or its old
+    self) or complete whenever the process dies.
+    """
+    source, target = Path(source), Path(target)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        os.link(source, temporary)
+    except OSError:  # file systems without hard links
+        return atomic_copy(source, target)
+    os.replace(temporary, target)
+    _sync_directory(target.parent)
+    return target
+
+
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temporary files that writers killed before their rename left in ``directory``.
 
@@ -111,27 +138,85 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def training_payload(
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    losses: dict[str, nn.Module],
+    config: Config,
+    epoch: int,
+    optimizer: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
+    start_epoch: int = 0,
+    iteration_in_epoch: int = 0,
+    global_iteration: int | None = None,
+    iterations_per_epoch: int | None = None,
+    world_size: int | None = None,
+    rng: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The contents of a pretraining checkpoint, as the trainer writes and :func:`load_checkpoint` reads
+    them: the networks', losses' (by name), optimizer's and scaler's states, where the run stands (in
+    finished epochs and iterations), every rank's RNG states and the config as a plain dict. What the
+    writer does not know (an imported file has no optimizer, data size or RNG states) is ``None``.
+    """
+    return {
+        "format": FORMAT,
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict(),
+        "losses": {name: loss.state_dict() for name, loss in losses.items()},
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "epoch": epoch,
+        "start_epoch": start_epoch,
+        "iteration_in_epoch": iteration_in_epoch,
+        "global_iteration": global_iteration,
+        "iterations_per_epoch": iterations_per_epoch,
+        "world_size": world_size,
+        "rng": rng,
+        "config": config.to_dict(),
+    }
+
+
+def trained_config(payload: dict[str, Any], source: str | Path = "the checkpoint") -> Config:
+    """The validated config a checkpoint was trained with; an invalid one is a ``ConfigError`` naming
+    ``source``."""
+    try:
+        return config_from_dict(payload["config"])
+    except ConfigError as error:
+        raise ConfigError(f"{source}: its recorded config is invalid: {error}") from None
+
+
+def backbone_state(
+    payload: dict[str, Any],
+    network: str,
+    *,
+    relation_block: bool = True,
+    source: str | Path = "the checkpoint",
+) -> dict[str, Tensor]:
+    """The ViT backbone weights of ``payload[network]`` under timm's names (``backbone.`` stripped);
+    ``relation_block=False`` leaves out the local-group relation block, which a stock ViT lacks."""
+    state = payload.get(network)
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} has no {network!r} network (keys: {', '.join(sorted(payload))})")
+    left_out = () if relation_block else ("backbone.relation_blocks.",)
+    backbone = {
+        name.removeprefix("backbone."): value
+        for name, value in state.items()
+        if name.startswith("backbone.") and not name.startswith(left_out)
+    }
+    if not backbone:
+        raise ValueError(f"{source}: its {network!r} network holds no backbone.* weights")
+    return backbone
+
+
 def kept_checkpoint_name(epoch: int) -> str:
     """File name of the copy kept after ``epoch`` epochs (1-based count of finished epochs)."""
     return f"epoch{epoch:04d}.pt"
 
 
 def keep_checkpoint(directory: Path, epoch: int) -> Path:
-    """Keep the current ``latest.pt`` as the copy for ``epoch`` (a hard link: no second write).
-
-    The link is made under a temporary name and renamed, so ``epochNNNN.pt`` is either absent or
-    complete whenever the process dies.
-    """
-    target = directory / kept_checkpoint_name(epoch)
-    temporary = directory / f".{target.name}.link.tmp"
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(directory / LATEST, temporary)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(directory / LATEST, temporary)
-    os.replace(temporary, target)
-    _sync_directory(directory)
-    return target
+    """Keep the current ``latest.pt`` as the copy for ``epoch`` (a hard link: no second write)."""
+    return publish_link(directory / LATEST, directory / kept_checkpoint_name(epoch))
 
 
 def kept_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:

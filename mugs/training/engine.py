@@ -439,23 +439,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        rng = self._gather_rng_states()
-        return {
-            "format": ckpt.FORMAT,
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
-            "losses": {name: loss.state_dict() for name, loss in self.losses.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.epoch,
-            "start_epoch": self.start_epoch,
-            "iteration_in_epoch": self.iteration_in_epoch,
-            "global_iteration": self.global_iteration,
-            "iterations_per_epoch": self.iterations_per_epoch,
-            "world_size": self.world_size,
-            "rng": rng,
-            "config": self.config.to_dict(),
-        }
+        return ckpt.training_payload(
+            student=self.student,
+            teacher=self.teacher,
+            losses=self.losses,
+            config=self.config,
+            epoch=self.epoch,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            start_epoch=self.start_epoch,
+            iteration_in_epoch=self.iteration_in_epoch,
+            global_iteration=self.global_iteration,
+            iterations_per_epoch=self.iterations_per_epoch,
+            world_size=self.world_size,
+            rng=self._gather_rng_states(),
+        )
 
     def _gather_rng_states(self) -> list[dict[str, Any]]:
         state = ckpt.capture_rng_state()
