@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from mugs.config import Config, config_from_dict
+from mugs.losses import build_losses
+from mugs.model import build_networks
 from mugs.model.backbone import VIT_SIZES
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import build_losses, build_networks
 
 __all__ = [
     "CheckpointError",

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mugs.config import Config
 from mugs.distributed import all_gather_cat, all_reduce_mean
 
 
@@ -187,3 +188,27 @@ class GroupLoss(nn.Module):
     def _update_center(self, teacher_logits: Tensor) -> None:
         batch_center = all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+def build_losses(config: Config) -> dict[str, nn.Module]:
+    loss, n_crops = config.loss, 2 + config.augment.n_local
+    losses: dict[str, nn.Module] = {}
+    if loss.instance_weight > 0:
+        losses["instance"] = InfoNCEQueueLoss(
+            config.model.out_dim, loss.instance_queue_size, loss.instance_temp, n_crops
+        )
+    if loss.local_group_weight > 0:
+        losses["local_group"] = InfoNCEQueueLoss(
+            config.model.out_dim, loss.local_group_queue_size, loss.local_group_temp, n_crops
+        )
+    if loss.group_weight > 0:
+        losses["group"] = GroupLoss(
+            config.model.group_out_dim,
+            n_crops=n_crops,
+            warmup_teacher_temp=loss.group_warmup_teacher_temp,
+            teacher_temp=loss.group_teacher_temp,
+            warmup_teacher_temp_epochs=loss.group_warmup_teacher_temp_epochs,
+            epochs=config.optim.epochs,
+            student_temp=loss.group_student_temp,
+        )
+    return losses

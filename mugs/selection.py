@@ -51,9 +51,9 @@ def select_checkpoint(
     write ``selection.json`` and ``selected.pt`` into ``out_dir`` (default ``run_dir``), and return what
     was written.
     """
+    from mugs.distributed import resolve_device
     from mugs.evaluation.features import evaluation_features
     from mugs.evaluation.knn import knn_evaluate
-    from mugs.training.engine import resolve_device
 
     policy = policy or config.evaluate.selection_policy
     if policy not in ("best_knn", "last"):

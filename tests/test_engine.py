@@ -16,7 +16,8 @@ from mugs.testing.compare import assert_same
 from mugs.testing.configs import tiny_training_config
 from mugs.testing.synthetic import SyntheticImages
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import NonFiniteLossError, Trainer, incompatible_keys
+from mugs.training.checkpoint import incompatible_keys
+from mugs.training.engine import NonFiniteLossError, Trainer
 from mugs.training.pretrain import run_pretraining, set_aside_if_changed
 
 MEAN_STD = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

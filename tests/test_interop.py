@@ -18,8 +18,9 @@ from mugs.interop import (
     import_official_checkpoint,
     timm_model_name,
 )
+from mugs.losses import build_losses
+from mugs.model import build_networks
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import build_losses, build_networks
 
 GAIN, DIRECTION = (
     "group_head.last_layer.parametrizations.weight.original0",

@@ -279,8 +279,8 @@ def extract_features(
     (default ``config.evaluate.device``) and writes the cache atomically.
     """
     from mugs.data.datasets import open_split, read_stats
+    from mugs.distributed import resolve_device
     from mugs.training.checkpoint import load_checkpoint
-    from mugs.training.engine import resolve_device
 
     if layers <= 0:
         raise ValueError(f"layers must be positive, got {layers}")

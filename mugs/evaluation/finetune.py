@@ -225,8 +225,8 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from mugs.data.datasets import open_split, read_stats
+    from mugs.distributed import resolve_device
     from mugs.evaluation.metrics_io import write_metrics
-    from mugs.training.engine import resolve_device
 
     tune = config.finetune
     _seed_everything(config.train.seed + distributed.rank())

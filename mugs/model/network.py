@@ -7,11 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mugs.config import Config
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.model.heads import GroupHead, ProjectionPredictionHead
 from mugs.model.memory import NeighbourMemory
 
-__all__ = ["MugsNetwork", "NetworkOutput", "create_mugs_network"]
+__all__ = ["MugsNetwork", "NetworkOutput", "build_networks", "create_mugs_network"]
 
 
 @dataclass
@@ -158,3 +159,34 @@ def create_mugs_network(
         ),
         memory=NeighbourMemory(memory_size, dim, top_n, memory_pointer) if local_group else None,
     )
+
+
+def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
+    """Student and teacher; the teacher starts from the student's parameters (not its memory)."""
+    model, loss = config.model, config.loss
+    common = dict(
+        patch_size=model.patch_size,
+        img_size=config.augment.global_size,
+        instance=loss.instance_weight > 0,
+        local_group=loss.local_group_weight > 0,
+        group=loss.group_weight > 0,
+        hidden_dim=model.hidden_dim,
+        out_dim=model.out_dim,
+        predictor_hidden_dim=model.predictor_hidden_dim,
+        group_out_dim=model.group_out_dim,
+        use_bn_in_head=model.use_bn_in_head,
+        norm_last_layer=model.norm_last_layer,
+        norm_before_pred=model.norm_before_pred,
+        memory_size=loss.local_group_queue_size,
+        top_n=loss.local_group_knn_top_n,
+        memory_pointer=loss.memory_pointer,
+        depth=model.depth,
+    )
+    student = create_mugs_network(model.arch, student=True, drop_path_rate=model.drop_path_rate, **common)
+    teacher = create_mugs_network(model.arch, student=False, drop_path_rate=0.0, **common)
+    student_parameters = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, parameter in teacher.named_parameters():
+            parameter.copy_(student_parameters[name])
+            parameter.requires_grad_(False)
+    return student, teacher

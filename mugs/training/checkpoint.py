@@ -12,6 +12,7 @@ import random
 import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mugs import distributed
 from mugs.config import Config, ConfigError, config_from_dict
 
 FORMAT = "mugs-pipeline/1"
@@ -209,6 +211,48 @@ def backbone_state(
     return backbone
 
 
+# What a pretraining run's result depends on: every key under these prefixes (the evaluation,
+# fine-tuning, launch and bookkeeping settings can change between a run and its resumption).
+_RESULT_PREFIXES = ("model.", "loss.", "augment.", "optim.", "data.", "train.seed")
+_DATA_LOCATION = frozenset({"data.workers", "data.prepared_dir", "data.root"})
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Config keys whose change would make a resumed run differ from an uninterrupted one."""
+    old, new = _flatten(saved), _flatten(current)
+    return sorted(
+        key
+        for key in old.keys() | new.keys()
+        if old.get(key) != new.get(key) and key.startswith(_RESULT_PREFIXES) and key not in _DATA_LOCATION
+    )
+
+
+def check_resumable(payload: dict[str, Any], config: Config, iterations_per_epoch: int, path: Path) -> None:
+    """Refuse (``ValueError`` naming ``path``) to resume from a run's own checkpoint when going on
+    would not reproduce the uninterrupted run: other result settings, or another data size."""
+    changed = incompatible_keys(payload["config"], config.to_dict())
+    if changed:
+        raise ValueError(
+            f"{path} was written with a different configuration ({', '.join(changed)}); "
+            "resuming would not reproduce an uninterrupted run. Use a new train.output_dir."
+        )
+    if payload["iterations_per_epoch"] != iterations_per_epoch:
+        raise ValueError(
+            f"{path}: {payload['iterations_per_epoch']} iterations per epoch, "
+            f"now {iterations_per_epoch} (did the dataset change?)"
+        )
+
+
 def kept_checkpoint_name(epoch: int) -> str:
     """File name of the copy kept after ``epoch`` epochs (1-based count of finished epochs)."""
     return f"epoch{epoch:04d}.pt"
@@ -251,6 +295,16 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`capture_rng_state`, in rank order (a collective: every rank calls it)."""
+    state = capture_rng_state()
+    if not distributed.is_distributed():
+        return [state]
+    gathered: list[Any] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -259,3 +313,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rank_rng_state(states: list[dict[str, Any]], path: Path) -> None:
+    """Restore this rank's RNG states from a checkpoint's ``rng`` list (one entry per rank); written
+    by another number of ranks, rank ``r`` takes entry ``r mod n``, with a warning."""
+    if len(states) != distributed.world_size():
+        warnings.warn(
+            f"{path} was written by {len(states)} ranks, this run has {distributed.world_size()}: "
+            "drop-path randomness will differ from an uninterrupted run",
+            stacklevel=2,
+        )
+    restore_rng_state(states[distributed.rank() % len(states)])
