@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mugs.config import Config, config_from_dict
-from mugs.losses import build_losses
+from mugs.losses import MugsObjective
 from mugs.model import build_networks
 from mugs.model.backbone import VIT_SIZES
 from mugs.training import checkpoint as ckpt
@@ -461,7 +461,7 @@ def import_official_checkpoint(
     # Every tensor comes from the file, so the networks are built without storage or random init.
     with torch.device("meta"):
         student, teacher = build_networks(config)
-        losses = build_losses(config)
+        losses = MugsObjective.from_config(config).losses
     local_group = student.memory is not None
     for network, name in ((student, "student"), (teacher, "teacher")):
         mapped = _network_state(payload[name], payload.get(f"{name}_mem"), name, local_group=local_group)

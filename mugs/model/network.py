@@ -5,14 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from mugs import distributed
 from mugs.config import Config
+from mugs.losses import loss_weights
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.model.heads import GroupHead, ProjectionPredictionHead
 from mugs.model.memory import NeighbourMemory
 
-__all__ = ["MugsNetwork", "NetworkOutput", "build_networks", "create_mugs_network"]
+__all__ = ["MugsNetwork", "NetworkOutput", "build_networks", "create_mugs_network", "update_memories"]
 
 
 @dataclass
@@ -163,13 +166,13 @@ def create_mugs_network(
 
 def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
     """Student and teacher; the teacher starts from the student's parameters (not its memory)."""
-    model, loss = config.model, config.loss
+    model, loss, enabled = config.model, config.loss, loss_weights(config)
     common = dict(
         patch_size=model.patch_size,
         img_size=config.augment.global_size,
-        instance=loss.instance_weight > 0,
-        local_group=loss.local_group_weight > 0,
-        group=loss.group_weight > 0,
+        instance="instance" in enabled,
+        local_group="local_group" in enabled,
+        group="group" in enabled,
         hidden_dim=model.hidden_dim,
         out_dim=model.out_dim,
         predictor_hidden_dim=model.predictor_hidden_dim,
@@ -190,3 +193,27 @@ def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
             parameter.copy_(student_parameters[name])
             parameter.requires_grad_(False)
     return student, teacher
+
+
+@torch.no_grad()
+def update_memories(
+    student: MugsNetwork,
+    teacher: MugsNetwork,
+    student_feature: torch.Tensor,
+    teacher_feature: torch.Tensor,
+    weak: torch.Tensor,
+    host_group: dist.ProcessGroup | None,
+) -> None:
+    """Student memory: weak-flagged first student global crops; teacher memory: all first teacher ones;
+    both gathered over ranks.
+
+    ``weak`` is the loader's flags, on the host: the rows to keep are numbered there, so the device
+    never has to report how many there are (``rows[mask]`` on a GPU would wait for it).
+    """
+    if student.memory is None:
+        return
+    flags = distributed.all_gather_cat(weak, host_group)
+    keep = flags.nonzero().squeeze(1).to(student_feature.device, non_blocking=True)
+    student_rows = distributed.all_gather_cat(student_feature.float())
+    student.memory.enqueue(student_rows.index_select(0, keep))
+    teacher.memory.enqueue(distributed.all_gather_cat(teacher_feature.float()))

@@ -13,7 +13,7 @@ import re
 import secrets
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -144,7 +144,7 @@ def training_payload(
     *,
     student: nn.Module,
     teacher: nn.Module,
-    losses: dict[str, nn.Module],
+    losses: Mapping[str, nn.Module],
     config: Config,
     epoch: int,
     optimizer: dict[str, Any] | None = None,
@@ -177,6 +177,23 @@ def training_payload(
         "rng": rng,
         "config": config.to_dict(),
     }
+
+
+def load_weights(
+    payload: dict[str, Any],
+    path: Path,
+    student: nn.Module,
+    teacher: nn.Module,
+    losses: Mapping[str, nn.Module],
+) -> None:
+    """Load a checkpoint's networks and losses (strictly); a mismatch is a ``ValueError`` naming ``path``."""
+    try:
+        student.load_state_dict(payload["student"])
+        teacher.load_state_dict(payload["teacher"])
+        for name, loss in losses.items():
+            loss.load_state_dict(payload["losses"][name])
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(f"{path} does not fit this run's model and loss settings: {error}") from None
 
 
 def trained_config(payload: dict[str, Any], source: str | Path = "the checkpoint") -> Config:
@@ -272,6 +289,22 @@ def kept_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def kept_epochs(finished: Iterable[int], total_epochs: int, keep_every: int) -> list[int]:
+    """Those of the ``finished`` epoch counts whose checkpoint the keep policy keeps."""
+    return [epoch for epoch in finished if should_keep(epoch, total_epochs, keep_every)]
+
+
+def check_kept_checkpoints(directory: Path, epochs: Iterable[int]) -> None:
+    """Raise :class:`MissingCheckpointError` unless the kept copies of ``epochs`` are all in ``directory``."""
+    missing = [name for name in map(kept_checkpoint_name, epochs) if not (directory / name).exists()]
+    if missing:
+        raise MissingCheckpointError(
+            f"{directory}: the kept checkpoints {', '.join(missing)} are missing and "
+            f"{LATEST} has moved past them, so they cannot be rebuilt; DONE is not written. "
+            "Restore them from a copy, or retrain in a new train.output_dir"
+        )
 
 
 def should_keep(finished_epochs: int, total_epochs: int, keep_every: int) -> bool:

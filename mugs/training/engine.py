@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,45 +23,33 @@ from mugs import distributed
 from mugs.config import Config
 from mugs.data.loader import GlobalBatchSampler, build_loader
 from mugs.data.transforms import CropFinisher
-from mugs.losses import build_losses
-from mugs.model import build_networks
-from mugs.monitoring import collapse_warnings, effective_rank, feature_std, normalised_group_entropy
+from mugs.losses import MugsObjective
+from mugs.model import build_networks, update_memories
 from mugs.training import checkpoint as ckpt
 from mugs.training.ema import ema_update
-from mugs.training.log import LogWindow, MetricsLog, NonFiniteWatch, progress_bar
+from mugs.training.log import (
+    CollapseError,
+    LogWindow,
+    MetricsLog,
+    NonFiniteLossError,
+    NonFiniteWatch,
+    collapse_alarm,
+    collapse_watch,
+    progress_bar,
+)
 from mugs.training.optim import (
     apply_schedules,
     build_optimizer,
     cancel_last_layer_gradients,
     clip_gradients_per_tensor,
+    clip_norm,
+    mixed_precision,
     parameter_groups,
 )
-from mugs.training.schedules import cosine_schedule
+from mugs.training.schedules import pretraining_schedules
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing was written after the last good checkpoint.
-
-    ``iteration`` is the first bad one (0-based, as ``Trainer.global_iteration`` before that step),
-    ``losses`` its values; ``checked_after`` the number of iterations run when the check found it.
-    """
-
-    def __init__(
-        self, epoch: int, iteration: int, losses: dict[str, float], checked_after: int | None = None
-    ) -> None:
-        self.epoch, self.iteration, self.losses = epoch, iteration, losses
-        found = f"; found after {checked_after} iterations" if checked_after is not None else ""
-        super().__init__(
-            f"non-finite loss at global iteration {iteration} (epoch {epoch}): {losses}{found}; "
-            "the last good checkpoint is left untouched and no log line follows it"
-        )
-
-
-class CollapseError(RuntimeError):
-    """The collapse watch fired with ``train.stop_on_collapse``; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -99,20 +86,20 @@ class Trainer:
         self.iteration_in_epoch = 0
         self.global_iteration = 0
         self._last_teacher = None
-        self._non_finite = NonFiniteWatch(["loss", *self.losses], self.device)
+        self._non_finite = NonFiniteWatch(["loss", *self.objective.losses], self.device)
 
     def _build_networks(self) -> None:
         config = self.config
         # identical initial weights on every rank, then a per-rank stream for drop path
         torch.manual_seed(config.train.seed)
         self.student, self.teacher = build_networks(config)
-        self.losses = build_losses(config)
+        self.objective = MugsObjective.from_config(config)
         # every RNG a checkpoint records is seeded, so equal runs write byte-identical files
         rank_seed = config.train.seed + 1 + self.rank
         torch.manual_seed(rank_seed)
         random.seed(rank_seed)
         np.random.seed(rank_seed)
-        for module in (self.student, self.teacher, *self.losses.values()):
+        for module in (self.student, self.teacher, self.objective):
             module.to(self.device)
         self.student_ddp: nn.Module = self.student
         if distributed.is_distributed():
@@ -126,11 +113,6 @@ class Trainer:
         if config.train.compile:
             self.student_ddp = torch.compile(self.student_ddp)
             self.teacher_forward = torch.compile(self.teacher)
-        self.loss_weights = {
-            "instance": config.loss.instance_weight,
-            "local_group": config.loss.local_group_weight,
-            "group": config.loss.group_weight,
-        }
 
     def _build_input(self, dataset: Dataset, mean_std: tuple[tuple, tuple]) -> None:
         config = self.config
@@ -151,27 +133,11 @@ class Trainer:
 
     def _build_optimisation(self) -> None:
         optim, per_epoch = self.config.optim, self.iterations_per_epoch
-        self.lr_schedule = cosine_schedule(
-            optim.lr * optim.batch_size / 256.0,
-            optim.min_lr,
-            optim.epochs,
-            per_epoch,
-            warmup_epochs=optim.warmup_epochs,
-        )
-        self.wd_schedule = cosine_schedule(
-            optim.weight_decay, optim.weight_decay_end, optim.epochs, per_epoch
-        )
-        self.momentum_schedule = cosine_schedule(optim.momentum_teacher, 1.0, optim.epochs, per_epoch)
-        assert len(self.lr_schedule) == optim.epochs * per_epoch
+        self.lr_schedule, self.wd_schedule, self.momentum_schedule = pretraining_schedules(optim, per_epoch)
         self.optimizer = build_optimizer(
             parameter_groups(self.student, patch_embed_lr_mult=optim.patch_embed_lr_mult)
         )
-        use_cuda_amp = self.device.type == "cuda" and optim.precision != "fp32"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(optim.precision)
-        self.use_autocast = use_cuda_amp
-        self.scaler = torch.amp.GradScaler("cuda") if use_cuda_amp and optim.precision == "fp16" else None
-        if optim.precision != "fp32" and self.device.type == "cpu":
-            warnings.warn(f"optim.precision={optim.precision} is ignored on CPU (fp32 is used)", stacklevel=3)
+        self.autocast_dtype, self.use_autocast, self.scaler = mixed_precision(optim.precision, self.device)
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, crops: list[torch.Tensor], weak_flags: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -184,24 +150,11 @@ class Trainer:
             with torch.no_grad():
                 teacher_out = self.teacher_forward(crops[:2])
             student_out = self.student_ddp(crops[2:])
-        # the losses run in fp32 whatever the forward precision: softmaxes over 65536 prototypes and
-        # queues with temperature 0.04-0.2 lose too much in half precision
-        pairs = {
-            "instance": (student_out.instance, teacher_out.instance),
-            "local_group": (student_out.local_group, teacher_out.local_group),
-            "group": (student_out.group, teacher_out.group),
-        }
-        losses = {}
-        for name, loss_fn in self.losses.items():
-            student_pred, teacher_target = (t.float() for t in pairs[name])
-            extra = (epoch,) if name == "group" else ()
-            losses[name] = loss_fn(student_pred, teacher_target, *extra)
-        total = sum(self.loss_weights[n] * v for n, v in losses.items()) / sum(
-            self.loss_weights[n] for n in losses
-        )
+        total, losses = self.objective(student_out, teacher_out, epoch)
 
-        self._update_memories(student_out.memory_feature, teacher_out.memory_feature, weak_flags)
-        step_losses = {"loss": total.detach(), **{n: v.detach() for n, v in losses.items()}}
+        features = student_out.memory_feature, teacher_out.memory_feature
+        update_memories(self.student, self.teacher, *features, weak_flags, self.host_group)
+        step_losses = {"loss": total.detach(), **losses}
         # noted on the device; check_finite reads it at log intervals and before every checkpoint, so
         # a bad step still updates the weights in memory, but they never reach the disk or the log
         self._non_finite.observe(it, step_losses)
@@ -213,7 +166,7 @@ class Trainer:
         else:
             total.backward()
         if self.config.optim.clip_grad > 0:
-            clip_gradients_per_tensor(self.student.parameters(), self._clip_value(epoch))
+            clip_gradients_per_tensor(self.student.parameters(), clip_norm(self.config.optim, epoch))
         cancel_last_layer_gradients(self.student, epoch, self.config.optim.freeze_last_layer)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -225,65 +178,19 @@ class Trainer:
         self._last_teacher = teacher_out
         return step_losses
 
-    def _clip_value(self, epoch: int) -> float:
-        optim = self.config.optim
-        if optim.clip_grad_late_epoch is not None and epoch > optim.clip_grad_late_epoch:
-            return optim.clip_grad * optim.clip_grad_late_factor
-        return optim.clip_grad
-
-    @torch.no_grad()
-    def _update_memories(
-        self, student_feature: torch.Tensor, teacher_feature: torch.Tensor, weak: torch.Tensor
-    ) -> None:
-        """Student memory: weak-flagged first student global crops; teacher memory: all first teacher ones.
-
-        ``weak`` is the loader's flags, on the host: the rows to keep are numbered there, so the device
-        never has to report how many there are (``rows[mask]`` on a GPU would wait for it).
-        """
-        if self.student.memory is None:
-            return
-        flags = distributed.all_gather_cat(weak, self.host_group)
-        keep = flags.nonzero().squeeze(1).to(self.device, non_blocking=True)
-        student_rows = distributed.all_gather_cat(student_feature.float())
-        self.student.memory.enqueue(student_rows.index_select(0, keep))
-        self.teacher.memory.enqueue(distributed.all_gather_cat(teacher_feature.float()))
-
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLossError` naming the first iteration, over all ranks, with a
         non-finite loss. It reads the device (and gathers over ranks), so it runs only at log
         intervals and before every checkpoint write, the last one included.
         """
-        rows = distributed.all_gather_cat(self._non_finite.summary()[None]).tolist()
-        bad = [row for row in rows if row[0]]
-        if not bad:
-            return
-        _, iteration, *values = min(bad, key=lambda row: row[1])
-        iteration = int(iteration)
-        raise NonFiniteLossError(
-            iteration // self.iterations_per_epoch,
-            iteration,
-            dict(zip(self._non_finite.names, values, strict=True)),
-            checked_after=self.global_iteration,
-        )
-
-    # ------------------------------------------------------------------ monitoring
-    @torch.no_grad()
-    def collapse_signals(self) -> dict[str, float]:
-        """Std of normalised teacher CLS features, normalised group entropy, effective rank."""
-        teacher_out = self._last_teacher
-        cls = teacher_out.cls.float()
-        signals = {"teacher_feature_std": feature_std(cls), "effective_rank": effective_rank(cls)}
-        if teacher_out.group is not None and "group" in self.losses:
-            probs = self.losses["group"].teacher_probabilities(teacher_out.group.float(), self.epoch)
-            signals["group_entropy_ratio"] = normalised_group_entropy(probs)
-        return signals
+        self._non_finite.check(self.iterations_per_epoch, checked_after=self.global_iteration)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         return ckpt.training_payload(
             student=self.student,
             teacher=self.teacher,
-            losses=self.losses,
+            losses=self.objective.losses,
             config=self.config,
             epoch=self.epoch,
             optimizer=self.optimizer.state_dict(),
@@ -313,7 +220,7 @@ class Trainer:
         """Resume exactly where ``path`` (this run's own checkpoint) left off."""
         payload = ckpt.load_checkpoint(path, map_location="cpu")
         ckpt.check_resumable(payload, self.config, self.iterations_per_epoch, path)
-        self._load_weights(payload, path)
+        ckpt.load_weights(payload, path, self.student, self.teacher, self.objective.losses)
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.scaler is not None and payload["scaler"] is not None:
             self.scaler.load_state_dict(payload["scaler"])
@@ -327,19 +234,10 @@ class Trainer:
         """Start a new run from the weights, memories, queues and centre of another checkpoint (for
         example an imported release), at the epoch it had finished; the optimizer starts afresh."""
         payload = ckpt.load_checkpoint(path, map_location="cpu")
-        self._load_weights(payload, path)
+        ckpt.load_weights(payload, path, self.student, self.teacher, self.objective.losses)
         self.epoch = self.start_epoch = payload["epoch"]
         self.iteration_in_epoch = 0
         self.global_iteration = self.epoch * self.iterations_per_epoch
-
-    def _load_weights(self, payload: dict[str, Any], path: Path) -> None:
-        try:
-            self.student.load_state_dict(payload["student"])
-            self.teacher.load_state_dict(payload["teacher"])
-            for name, loss in self.losses.items():
-                loss.load_state_dict(payload["losses"][name])
-        except (RuntimeError, KeyError) as error:
-            raise ValueError(f"{path} does not fit this run's model and loss settings: {error}") from None
 
     # ------------------------------------------------------------------ the loop
     def fit(
@@ -442,8 +340,7 @@ class Trainer:
     def _kept_epochs(self) -> list[int]:
         """The finished-epoch counts whose checkpoint this run keeps, up to now."""
         keep_every, epochs = self.config.train.keep_every_epochs, self.config.optim.epochs
-        finished = range(self.start_epoch + 1, self.epoch + 1)
-        return [e for e in finished if ckpt.should_keep(e, epochs, keep_every)]
+        return ckpt.kept_epochs(range(self.start_epoch + 1, self.epoch + 1), epochs, keep_every)
 
     def _close_epoch(self, log: MetricsLog) -> None:
         """What follows an epoch-end checkpoint (rank 0): the epoch's log line and, if the policy keeps
@@ -460,17 +357,7 @@ class Trainer:
         """Write the ``DONE`` marker the workflow waits for (rank 0), once every kept checkpoint is there."""
         if self.rank != 0:
             return
-        missing = [
-            name
-            for name in map(ckpt.kept_checkpoint_name, self._kept_epochs())
-            if not (self.checkpoint_dir / name).exists()
-        ]
-        if missing:
-            raise ckpt.MissingCheckpointError(
-                f"{self.checkpoint_dir}: the kept checkpoints {', '.join(missing)} are missing and "
-                f"{ckpt.LATEST} has moved past them, so they cannot be rebuilt; DONE is not written. "
-                "Restore them from a copy, or retrain in a new train.output_dir"
-            )
+        ckpt.check_kept_checkpoints(self.checkpoint_dir, self._kept_epochs())
         ckpt.atomic_write_text(
             self.output_dir / "DONE", json.dumps({"global_iteration": self.global_iteration}) + "\n"
         )
@@ -489,28 +376,21 @@ class Trainer:
             "teacher_momentum": float(self.momentum_schedule[it]),
             "images_per_second": window.images_per_second() * self.world_size,
             "data_wait_fraction": window.data_wait_fraction(),
-            **self.collapse_signals(),
+            **collapse_watch(
+                self._last_teacher,
+                self.objective.group_loss,
+                self.epoch,
+                dim=self.student.backbone.embed_dim,
+            ),
         }
-        if "group" in self.losses:
-            record["teacher_temperature"] = self.losses["group"].teacher_temperature(self.epoch)
-        record["warnings"] = collapse_warnings(
-            record["teacher_feature_std"],
-            record.get("group_entropy_ratio"),
-            record["effective_rank"],
-            dim=self.student.backbone.embed_dim,
-            n_samples=self._last_teacher.cls.shape[0],
-        )
         log.write(record)
         window.reset()
-        for message in record["warnings"]:
-            if self.rank == 0:
-                warnings.warn(f"collapse watch at iteration {self.global_iteration}: {message}", stacklevel=2)
-        if record["warnings"] and self.config.train.stop_on_collapse:
-            raise CollapseError(
-                f"collapse detected at global iteration {self.global_iteration}: "
-                f"{'; '.join(record['warnings'])}"
-                "; the last good checkpoint is kept"
-            )
+        collapse_alarm(
+            record["warnings"],
+            self.global_iteration,
+            announce=self.rank == 0,
+            stop=self.config.train.stop_on_collapse,
+        )
         return record
 
 

@@ -17,7 +17,32 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mugs import distributed
+from mugs.losses import GroupLoss
+from mugs.model import NetworkOutput
+from mugs.monitoring import collapse_warnings, effective_rank, feature_std, normalised_group_entropy
 from mugs.training.checkpoint import atomic_write_text
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing was written after the last good checkpoint.
+
+    ``iteration`` is the first bad one (0-based, as ``Trainer.global_iteration`` before that step),
+    ``losses`` its values; ``checked_after`` the number of iterations run when the check found it.
+    """
+
+    def __init__(
+        self, epoch: int, iteration: int, losses: dict[str, float], checked_after: int | None = None
+    ) -> None:
+        self.epoch, self.iteration, self.losses = epoch, iteration, losses
+        found = f"; found after {checked_after} iterations" if checked_after is not None else ""
+        super().__init__(
+            f"non-finite loss at global iteration {iteration} (epoch {epoch}): {losses}{found}; "
+            "the last good checkpoint is left untouched and no log line follows it"
+        )
+
+
+class CollapseError(RuntimeError):
+    """The collapse watch fired with ``train.stop_on_collapse``; the last good checkpoint is kept."""
 
 
 class NonFiniteWatch:
@@ -43,6 +68,59 @@ class NonFiniteWatch:
     def summary(self) -> torch.Tensor:
         """``[seen, iteration, *losses]`` as float64 (exact for any iteration count), to gather over ranks."""
         return torch.cat((torch.stack((self.seen.double(), self.iteration.double())), self.losses.double()))
+
+    def check(self, iterations_per_epoch: int, *, checked_after: int) -> None:
+        """Raise :class:`NonFiniteLossError` for the first bad iteration over all ranks, if any (a
+        collective, and it reads the device)."""
+        rows = distributed.all_gather_cat(self.summary()[None]).tolist()
+        bad = [row for row in rows if row[0]]
+        if not bad:
+            return
+        _, iteration, *values = min(bad, key=lambda row: row[1])
+        iteration = int(iteration)
+        raise NonFiniteLossError(
+            iteration // iterations_per_epoch,
+            iteration,
+            dict(zip(self.names, values, strict=True)),
+            checked_after=checked_after,
+        )
+
+
+@torch.no_grad()
+def collapse_watch(
+    teacher: NetworkOutput, group_loss: GroupLoss | None, epoch: int, *, dim: int
+) -> dict[str, Any]:
+    """The collapse signals of the teacher's outputs (std of its normalised CLS features, effective
+    rank, normalised group entropy), the group loss's teacher temperature, and the ``warnings`` they
+    raise (:func:`mugs.monitoring.collapse_warnings`)."""
+    cls = teacher.cls.float()
+    signals: dict[str, Any] = {"teacher_feature_std": feature_std(cls), "effective_rank": effective_rank(cls)}
+    if teacher.group is not None and group_loss is not None:
+        probabilities = group_loss.teacher_probabilities(teacher.group.float(), epoch)
+        signals["group_entropy_ratio"] = normalised_group_entropy(probabilities)
+    if group_loss is not None:
+        signals["teacher_temperature"] = group_loss.teacher_temperature(epoch)
+    signals["warnings"] = collapse_warnings(
+        signals["teacher_feature_std"],
+        signals.get("group_entropy_ratio"),
+        signals["effective_rank"],
+        dim=dim,
+        n_samples=cls.shape[0],
+    )
+    return signals
+
+
+def collapse_alarm(messages: list[str], global_iteration: int, *, announce: bool, stop: bool) -> None:
+    """Warn of each collapse-watch message (when ``announce``); with ``stop``
+    (``train.stop_on_collapse``), any message ends the run with :class:`CollapseError`."""
+    for message in messages:
+        if announce:
+            warnings.warn(f"collapse watch at iteration {global_iteration}: {message}", stacklevel=3)
+    if messages and stop:
+        raise CollapseError(
+            f"collapse detected at global iteration {global_iteration}: {'; '.join(messages)}"
+            "; the last good checkpoint is kept"
+        )
 
 
 class LogWindow:
