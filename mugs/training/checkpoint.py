@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from mugs import distributed
 from mugs.config import Config, ConfigError, config_from_dict
+from mugs.result_keys import depends_on, flatten, pretraining_keys
 
 FORMAT = "mugs-pipeline/1"
 DIRECTORY = "checkpoints"  # in a run directory
@@ -228,29 +229,13 @@ def backbone_state(
     return backbone
 
 
-# What a pretraining run's result depends on: every key under these prefixes (the evaluation,
-# fine-tuning, launch and bookkeeping settings can change between a run and its resumption).
-_RESULT_PREFIXES = ("model.", "loss.", "augment.", "optim.", "data.", "train.seed")
-_DATA_LOCATION = frozenset({"data.workers", "data.prepared_dir", "data.root"})
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Config keys whose change would make a resumed run differ from an uninterrupted one."""
-    old, new = _flatten(saved), _flatten(current)
+    """Config keys whose change would make a resumed run differ from an uninterrupted one (those
+    :func:`mugs.result_keys.pretraining_keys` names; the evaluation, fine-tuning, launch and
+    bookkeeping settings can change between a run and its resumption)."""
+    old, new, dependent = flatten(saved), flatten(current), pretraining_keys()
     return sorted(
-        key
-        for key in old.keys() | new.keys()
-        if old.get(key) != new.get(key) and key.startswith(_RESULT_PREFIXES) and key not in _DATA_LOCATION
+        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and depends_on(key, dependent)
     )
 
 
