@@ -1,5 +1,6 @@
-"""What a pretraining run reports while it trains: the JSON-lines metrics log, the window of losses
-and timings between two log lines, the watch for non-finite losses, and the progress bar."""
+"""What a pretraining run reports and watches while it trains: the JSON-lines metrics log, the window
+of losses and timings between two log lines, the non-finite-loss and collapse watches with the errors
+that end a run, and the progress bar."""
 
 from __future__ import annotations
 
