@@ -11,7 +11,7 @@ ImageFolder tree, prepared by ``mugs prepare`` and read from its manifests as a 
 them (size and SHA-256 checked, decoded, converted to RGB). ``demo``: the demo preset's crops
 (4 × 28 + 2 × 14) of 28×28 grayscale images read from an IDX array, as the prepared Fashion-MNIST is.
 
-Both run the training loop's own loader (``mugs.training.engine.build_loader``: seeded multi-crop
+Both run the training loop's own loader (``mugs.data.loader.build_loader``: seeded multi-crop
 dataset, global batch sampler, collate); the image pool is cycled so that an epoch is as long as the
 timing needs. The per-process rate is that loader with ``num_workers=0`` and one torch thread, which is
 what one worker process does: the median of ``--repeats`` passes of ``--batches`` batches. With
@@ -44,8 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mugs.config import Config, config_from_dict
 from mugs.data.datasets import ArrayManifestDataset, open_split, read_stats
-from mugs.data.loader import GlobalBatchSampler
-from mugs.training.engine import build_loader
+from mugs.data.loader import GlobalBatchSampler, build_loader
 
 PRESETS = {"paper": "vit_small_100ep", "demo": "demo"}
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]

@@ -187,7 +187,7 @@ def instrument(trainer: Trainer, clock: PhaseClock, warmup: int, stack: ExitStac
     trainer.finish_crops = clock.timed("data", trainer.finish_crops)
     trainer.teacher_forward = clock.timed("forward", trainer.teacher_forward)
     trainer.student_ddp = clock.timed("forward", trainer.student_ddp)
-    for loss in trainer.losses.values():
+    for loss in trainer.objective.losses.values():
         loss.forward = clock.timed("forward", loss.forward)
     stack.enter_context(
         mock.patch.object(torch.Tensor, "backward", clock.timed("backward", torch.Tensor.backward))
@@ -195,10 +195,9 @@ def instrument(trainer: Trainer, clock: PhaseClock, warmup: int, stack: ExitStac
     for name in ("clip_gradients_per_tensor", "cancel_last_layer_gradients"):
         stack.enter_context(mock.patch.object(engine, name, clock.timed("optimizer", getattr(engine, name))))
     trainer.optimizer.step = clock.timed("optimizer", trainer.optimizer.step)
-    stack.enter_context(
-        mock.patch.object(engine, "ema_update", clock.timed("ema_memories", engine.ema_update))
-    )
-    trainer._update_memories = clock.timed("ema_memories", trainer._update_memories)
+    for name in ("ema_update", "update_memories"):
+        timed = clock.timed("ema_memories", getattr(engine, name))
+        stack.enter_context(mock.patch.object(engine, name, timed))
 
     def save() -> None:
         # no checkpoint is written; the one after the last iteration ends the timed window

@@ -203,6 +203,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     from mugs.dvc_stages import generate
+    from mugs.training.checkpoint import atomic_write_text
 
     text = generate(Path.cwd(), args.params)
     target = Path("dvc.yaml")
@@ -212,7 +213,7 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
             return 1
         console.print("dvc.yaml is current")
         return 0
-    target.write_text(text)
+    atomic_write_text(target, text)
     console.print(f"wrote {target}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Collective helpers that degrade to no-ops in a single, non-distributed process.
+"""Device and rank helpers, and collectives that degrade to no-ops in a single, non-distributed process.
 
 The model, the losses and the training engine call these instead of ``torch.distributed``
 directly, so the same code runs in one CPU process and under gloo or NCCL.
@@ -30,6 +30,19 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def resolve_device(choice: str) -> torch.device:
+    """The device of a ``device`` setting: "auto" is this process's current GPU when one is visible."""
+    if choice == "auto":
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    return torch.device(choice)
+
+
 def host_group() -> dist.ProcessGroup | None:
     """A group over all ranks for collectives on CPU tensors (host values such as flags), which then
     never wait for a GPU: the default group when it is gloo, else a new gloo group. None when not
@@ -51,6 +64,22 @@ def ranks_sharing_cores(group: dist.ProcessGroup | None = None) -> int:
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     return sum(host == mine[0] and bool(cores & mine[1]) for host, cores in everyone)
+
+
+def loader_workers(
+    setting: int | str, device: torch.device, host_group: dist.ProcessGroup | None = None
+) -> int:
+    """``train.num_workers`` as a number. "auto", training on a GPU: an equal share of the cores this
+    rank may use with the other ranks on its host (:func:`ranks_sharing_cores`), less one
+    core for the rank itself. Training on the CPU, or with no core to spare: 0, augmenting in the
+    training process, since worker processes would compete with the training's own threads.
+    """
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    share = len(os.sched_getaffinity(0)) // ranks_sharing_cores(host_group)
+    return max(0, share - 1)
 
 
 @torch.no_grad()
@@ -95,3 +124,13 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def any_rank(flag: bool, host_group: dist.ProcessGroup | None) -> bool:
+    """True on every rank when any rank's flag is set, so all ranks stop at the same iteration.
+
+    Asked every iteration, so it goes over the host group: through a GPU it would wait for the device.
+    """
+    if not is_distributed():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)]), host_group).item() > 0)

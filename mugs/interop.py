@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from mugs.config import Config, config_from_dict
+from mugs.losses import MugsObjective
+from mugs.model import build_networks
 from mugs.model.backbone import VIT_SIZES
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import build_losses, build_networks
 
 __all__ = [
     "CheckpointError",
@@ -460,7 +461,7 @@ def import_official_checkpoint(
     # Every tensor comes from the file, so the networks are built without storage or random init.
     with torch.device("meta"):
         student, teacher = build_networks(config)
-        losses = build_losses(config)
+        losses = MugsObjective.from_config(config).losses
     local_group = student.memory is not None
     for network, name in ((student, "student"), (teacher, "teacher")):
         mapped = _network_state(payload[name], payload.get(f"{name}_mem"), name, local_group=local_group)
@@ -476,25 +477,15 @@ def import_official_checkpoint(
         }
         _load_strict(losses[ours], mapped, f"{path} {official_name}")
 
-    return ckpt.atomic_save(
-        {
-            "format": ckpt.FORMAT,
-            "student": student.state_dict(),
-            "teacher": teacher.state_dict(),
-            "losses": {name: loss.state_dict() for name, loss in losses.items()},
-            "optimizer": None,
-            "scaler": payload.get("fp16_scaler"),
-            "epoch": int(payload["epoch"]),
-            "iteration_in_epoch": 0,
-            "global_iteration": None,
-            "iterations_per_epoch": None,
-            "world_size": None,
-            "rng": None,
-            "config": config.to_dict(),
-            "imported_from": str(path),
-        },
-        out,
+    imported = ckpt.training_payload(
+        student=student,
+        teacher=teacher,
+        losses=losses,
+        config=config,
+        epoch=int(payload["epoch"]),
+        scaler=payload.get("fp16_scaler"),
     )
+    return ckpt.atomic_save({**imported, "imported_from": str(path)}, out)
 
 
 def timm_model_name(arch: str, patch_size: int, img_size: int) -> str:
@@ -531,11 +522,7 @@ def export_backbone(
     checkpoint, out = Path(checkpoint), Path(out)
     check_output(out, [checkpoint])
     payload = read_checkpoint(checkpoint, network)
-    state = {
-        key.removeprefix("backbone."): value
-        for key, value in payload[network].items()
-        if key.startswith("backbone.") and not key.startswith("backbone.relation_blocks.")
-    }
+    state = ckpt.backbone_state(payload, network, relation_block=False, source=checkpoint)
     pos_embed, patch_weight = state["pos_embed"], state["patch_embed.proj.weight"]
     embed_dim, patch_size = pos_embed.shape[-1], patch_weight.shape[-1]
     img_size = math.isqrt(pos_embed.shape[1] - 1) * patch_size

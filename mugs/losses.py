@@ -1,4 +1,5 @@
-"""The two Mugs loss families: InfoNCE against a queue of negatives, and the DINO-like group loss.
+"""The two Mugs loss families, InfoNCE against a queue of negatives and the DINO-like group loss, and
+:class:`MugsObjective`, their weighted mean over the enabled supervisions.
 
 Both take the student outputs of all ``C = 2 + L`` crops (2 global crops first, then L local ones)
 and the teacher outputs of the 2 global crops, each stacked crop-major along dim 0. A student crop is
@@ -7,11 +8,17 @@ never compared with the teacher crop it shares an image view with (``p == t``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mugs.config import Config
 from mugs.distributed import all_gather_cat, all_reduce_mean
+
+if TYPE_CHECKING:
+    from mugs.model import NetworkOutput
 
 
 def _average_pairs(pair_losses: Tensor, n_crops: int) -> Tensor:
@@ -187,3 +194,72 @@ class GroupLoss(nn.Module):
     def _update_center(self, teacher_logits: Tensor) -> None:
         batch_center = all_reduce_mean(teacher_logits.float().mean(dim=0, keepdim=True))
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+
+
+def loss_weights(config: Config) -> dict[str, float]:
+    """The enabled supervisions (weight > 0) and their weights, in METHOD order: which heads the
+    networks have and which losses the objective sums are both read from here."""
+    loss = config.loss
+    weights = {
+        "instance": loss.instance_weight,
+        "local_group": loss.local_group_weight,
+        "group": loss.group_weight,
+    }
+    return {name: weight for name, weight in weights.items() if weight > 0}
+
+
+class MugsObjective(nn.Module):
+    """The Mugs objective (METHOD §1): the weighted mean of the enabled supervisions, each between the
+    student outputs of every crop and the teacher outputs of the global crops of the same head.
+
+    ``losses`` holds the loss modules by name (their queues and centre are what a checkpoint stores
+    under ``"losses"``); the group loss also takes the epoch, which schedules its teacher temperature.
+    """
+
+    def __init__(self, losses: dict[str, nn.Module], weights: dict[str, float]) -> None:
+        super().__init__()
+        self.losses = nn.ModuleDict(losses)
+        self.weights = weights
+
+    @classmethod
+    def from_config(cls, config: Config) -> MugsObjective:
+        loss, n_crops, weights = config.loss, 2 + config.augment.n_local, loss_weights(config)
+        losses: dict[str, nn.Module] = {}
+        if "instance" in weights:
+            losses["instance"] = InfoNCEQueueLoss(
+                config.model.out_dim, loss.instance_queue_size, loss.instance_temp, n_crops
+            )
+        if "local_group" in weights:
+            losses["local_group"] = InfoNCEQueueLoss(
+                config.model.out_dim, loss.local_group_queue_size, loss.local_group_temp, n_crops
+            )
+        if "group" in weights:
+            losses["group"] = GroupLoss(
+                config.model.group_out_dim,
+                n_crops=n_crops,
+                warmup_teacher_temp=loss.group_warmup_teacher_temp,
+                teacher_temp=loss.group_teacher_temp,
+                warmup_teacher_temp_epochs=loss.group_warmup_teacher_temp_epochs,
+                epochs=config.optim.epochs,
+                student_temp=loss.group_student_temp,
+            )
+        return cls(losses, weights)
+
+    def forward(
+        self, student: NetworkOutput, teacher: NetworkOutput, epoch: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted mean to back-propagate, and each loss by name (detached)."""
+        losses = {}
+        for name, loss_fn in self.losses.items():
+            # in fp32 whatever the forward precision: softmaxes over 65536 prototypes and queues with
+            # temperature 0.04-0.2 lose too much in half precision
+            student_pred, teacher_target = getattr(student, name).float(), getattr(teacher, name).float()
+            schedule = (epoch,) if isinstance(loss_fn, GroupLoss) else ()
+            losses[name] = loss_fn(student_pred, teacher_target, *schedule)
+        total = sum(self.weights[n] * v for n, v in losses.items()) / sum(self.weights[n] for n in losses)
+        return total, {n: v.detach() for n, v in losses.items()}
+
+    @property
+    def group_loss(self) -> GroupLoss | None:
+        """The group loss, whose centre and temperature the collapse watch reads; None when disabled."""
+        return dict(self.losses.items()).get("group")

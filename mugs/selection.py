@@ -10,8 +10,6 @@ link, or a copy where links are impossible, replaced atomically) next to ``<run>
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -40,16 +38,6 @@ def candidate_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     raise FileNotFoundError(f"{directory} holds no checkpoint (neither epochNNNN.pt nor {ckpt.LATEST})")
 
 
-def _publish(source: Path, target: Path) -> None:
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(source, temporary)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(source, temporary)
-    os.replace(temporary, target)
-
-
 def select_checkpoint(
     run_dir: Path,
     config: Config,
@@ -63,9 +51,9 @@ def select_checkpoint(
     write ``selection.json`` and ``selected.pt`` into ``out_dir`` (default ``run_dir``), and return what
     was written.
     """
+    from mugs.distributed import resolve_device
     from mugs.evaluation.features import evaluation_features
     from mugs.evaluation.knn import knn_evaluate
-    from mugs.training.engine import resolve_device
 
     policy = policy or config.evaluate.selection_policy
     if policy not in ("best_knn", "last"):
@@ -109,7 +97,7 @@ def select_checkpoint(
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = out_dir / SELECTED
-    _publish(Path(chosen["path"]), selected)
+    ckpt.publish_link(chosen["path"], selected)
     result = {
         "policy": policy,
         "selected": {**chosen, "published_as": str(selected)},

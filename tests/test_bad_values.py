@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from mugs.cli import main
+from mugs.model import build_networks
 from mugs.testing.configs import tiny_training_config
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import build_networks
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mugs.config import Config
 from mugs.launch.local import launch_local
+from mugs.model import update_memories
 from mugs.testing.compare import assert_same
 from mugs.testing.configs import tiny_training_config
 from mugs.testing.synthetic import SyntheticImages
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import NonFiniteLossError, Trainer, incompatible_keys
+from mugs.training.checkpoint import incompatible_keys
+from mugs.training.engine import NonFiniteLossError, Trainer
 from mugs.training.pretrain import run_pretraining, set_aside_if_changed
 
 MEAN_STD = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -279,8 +281,9 @@ def test_weak_flagged_rows_fill_the_student_memory_in_order(tmp_path: Path) -> N
     dim = trainer.student.memory.dim
     student = torch.arange(8 * dim, dtype=torch.float32).view(8, dim)
     weak = torch.tensor([True, False, True, True, False, False, False, True])
-    trainer._update_memories(student, -student, weak)
-    trainer._update_memories(student + 1000, -student, torch.zeros(8, dtype=torch.bool))
+    networks = trainer.student, trainer.teacher
+    update_memories(*networks, student, -student, weak, None)
+    update_memories(*networks, student + 1000, -student, torch.zeros(8, dtype=torch.bool), None)
     memory = trainer.student.memory
     assert int(memory.pointer) == 4
     assert torch.equal(memory.values[:4], student[[0, 2, 3, 7]])

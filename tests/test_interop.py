@@ -18,8 +18,9 @@ from mugs.interop import (
     import_official_checkpoint,
     timm_model_name,
 )
+from mugs.losses import MugsObjective
+from mugs.model import build_networks
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import build_losses, build_networks
 
 GAIN, DIRECTION = (
     "group_head.last_layer.parametrizations.weight.original0",
@@ -64,7 +65,7 @@ def original():
     torch.manual_seed(0)
     config = config_from_dict(TINY)
     student, teacher = build_networks(config)
-    losses = build_losses(config)
+    losses = MugsObjective.from_config(config).losses
     with torch.no_grad():
         for parameter in teacher.parameters():
             parameter.add_(0.01 * torch.randn_like(parameter))

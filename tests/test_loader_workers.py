@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 
 from mugs import distributed
 from mugs.config import ConfigError, config_from_dict
+from mugs.distributed import loader_workers
 from mugs.launch.local import free_port
-from mugs.training.engine import loader_workers
 
 GPU, CPU = torch.device("cuda"), torch.device("cpu")  # loader_workers only reads the device type
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mugs.losses import GroupLoss, InfoNCEQueueLoss
+from mugs.config import config_from_dict
+from mugs.losses import GroupLoss, InfoNCEQueueLoss, MugsObjective
+from mugs.model import NetworkOutput
 
 
 def _dot(a: list[float], b: list[float]) -> float:
@@ -260,3 +263,52 @@ def test_losses_stay_float32_under_bf16_autocast():
     )
     expected, _ = group_reference(logits_s.float(), logits_t.float(), torch.zeros(1, 6), 3, 0.04, 0.1)
     assert group_loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def _outputs(rows: int, generator: torch.Generator) -> NetworkOutput:
+    """Instance and group outputs of ``rows`` crop rows, in bf16 as an autocast forward gives them."""
+    return NetworkOutput(
+        instance=F.normalize(torch.randn(rows, 4, generator=generator), dim=-1).bfloat16(),
+        local_group=None,
+        group=torch.randn(rows, 6, generator=generator).bfloat16(),
+        cls=torch.randn(rows, 8, generator=generator),
+        memory_feature=torch.randn(rows, 8, generator=generator),
+    )
+
+
+def test_objective_weights_the_enabled_losses_in_fp32_and_gives_the_group_loss_its_epoch():
+    config = config_from_dict(
+        {
+            "augment": {"n_local": 1},
+            "model": {"out_dim": 4, "group_out_dim": 6},
+            "optim": {"epochs": 3, "warmup_epochs": 1},
+            "loss": {
+                "instance_weight": 1.0,
+                "local_group_weight": 0.0,
+                "group_weight": 3.0,
+                "instance_queue_size": 8,
+                "group_warmup_teacher_temp": 0.04,
+                "group_teacher_temp": 0.07,
+                "group_warmup_teacher_temp_epochs": 2,
+            },
+        }
+    )
+    torch.manual_seed(0)
+    objective = MugsObjective.from_config(config)
+    assert list(objective.losses) == ["instance", "group"]
+    assert objective.group_loss is objective.losses["group"]
+    instance_loss, group_loss = (copy.deepcopy(objective.losses[name]) for name in ("instance", "group"))
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = _outputs(3 * 2, generator), _outputs(2 * 2, generator)
+
+    total, losses = objective(student, teacher, epoch=1)
+
+    # epoch 1 of a 2-epoch warm-up: the group loss's teacher temperature is 0.07, not epoch 0's 0.04
+    instance = instance_loss(student.instance.float(), teacher.instance.float())
+    group = group_loss(student.group.float(), teacher.group.float(), 1)
+    assert losses.keys() == {"instance", "group"}
+    assert torch.equal(losses["instance"], instance) and torch.equal(losses["group"], group)
+    assert total.dtype == torch.float32 and torch.equal(total, (1.0 * instance + 3.0 * group) / 4.0)
+    # the losses updated their queue and centre as the step does
+    assert torch.equal(objective.losses["instance"].queue, instance_loss.queue)
+    assert torch.equal(objective.losses["group"].center, group_loss.center)

@@ -24,7 +24,7 @@ import pytest
 
 from mugs.testing.compare import assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import MetricsLog
+from mugs.training.log import MetricsLog
 from mugs.training.run_lock import LOCK_NAME
 
 FAULTS = [sys.executable, "-m", "mugs.testing.faults"]

@@ -15,12 +15,12 @@ from PIL import Image
 from mugs.cli import main
 from mugs.config import DataConfig, config_from_dict
 from mugs.data.prepare import run_prepare
+from mugs.model import build_networks
 from mugs.model.backbone import VIT_SIZES, MugsViT
 from mugs.report import figures
 from mugs.report.attention import last_block_cls_attention
 from mugs.report.runs import METRICS, read_run
 from mugs.training.checkpoint import FORMAT, atomic_save, kept_checkpoint_name
-from mugs.training.engine import build_networks
 
 FIGURES = ("curves.png", "knn_checkpoints.png", "accuracy.png", "tsne.png")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from mugs.monitoring import (
     group_entropy,
     normalised_group_entropy,
 )
+from mugs.training import checkpoint as ckpt
 from mugs.training.ema import ema_update
 from mugs.training.optim import (
     apply_schedules,
@@ -281,3 +283,33 @@ def test_collapse_warnings_on_collapsed_and_healthy_batches():
     # A batch of 8 can reach rank 8 at most: rank 1.2 warns, rank 3 does not (threshold max(1.5, 0.4)).
     assert len(collapse_warnings(None, None, 1.2, dim=256, n_samples=8)) == 1
     assert collapse_warnings(None, None, 3.0, dim=256, n_samples=8) == []
+
+
+def test_publish_link_hard_links_else_copies_and_leaves_no_temporary(tmp_path, monkeypatch):
+    source = tmp_path / "latest.pt"
+    source.write_bytes(b"weights")
+    linked = ckpt.publish_link(source, tmp_path / "epoch0001.pt")
+    assert linked.read_bytes() == b"weights" and linked.stat().st_ino == source.stat().st_ino
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError("hard links are not supported here")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    (tmp_path / "selected.pt").write_bytes(b"an older choice")
+    copied = ckpt.publish_link(source, tmp_path / "selected.pt")
+    assert copied.read_bytes() == b"weights" and copied.stat().st_ino != source.stat().st_ino
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_backbone_state_strips_the_prefix_and_leaves_out_the_relation_block_on_request():
+    pos_embed, relation, head = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    payload = {
+        "teacher": {"backbone.pos_embed": pos_embed, "backbone.relation_blocks.0.w": relation, "head.w": head}
+    }
+    state = ckpt.backbone_state(payload, "teacher")
+    assert state.keys() == {"pos_embed", "relation_blocks.0.w"} and state["pos_embed"] is pos_embed
+    assert ckpt.backbone_state(payload, "teacher", relation_block=False).keys() == {"pos_embed"}
+    with pytest.raises(ValueError, match=r"^run\.pt has no 'student' network \(keys: teacher\)$"):
+        ckpt.backbone_state(payload, "student", source="run.pt")
+    with pytest.raises(ValueError, match=r"^run\.pt: its 'teacher' network holds no backbone"):
+        ckpt.backbone_state({"teacher": {"head.w": head}}, "teacher", source="run.pt")

@@ -15,7 +15,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from mugs import distributed
+from mugs.config import Config
+from mugs.data.transforms import MultiCropAugmentation, collate_multicrop
 
 
 def _mix(*entropy: int) -> int:
@@ -114,3 +119,50 @@ class GlobalBatchSampler:
         for iteration in range(self.start_iteration, self.iterations_per_epoch):
             first = iteration * self.global_batch + self.rank * self.local_batch
             yield [(self.epoch, int(i)) for i in order[first : first + self.local_batch]]
+
+
+def build_transform(config: Config, mean: tuple[float, ...]) -> MultiCropAugmentation:
+    """The multi-crop views of a run's images; ``mean`` (the data's) fills what RandAugment uncovers."""
+    augment = config.augment
+    return MultiCropAugmentation(
+        global_size=augment.global_size,
+        local_size=augment.local_size,
+        n_local=augment.n_local,
+        global_scale=augment.global_scale,
+        local_scale=augment.local_scale,
+        weak_prob=augment.weak_prob,
+        mean=mean,
+        rand_augment=augment.rand_augment,
+        erasing_prob=augment.erasing_prob,
+    )
+
+
+def build_loader(
+    config: Config,
+    dataset: Dataset,
+    mean_std: tuple[tuple[float, ...], tuple[float, ...]],
+    sampler: GlobalBatchSampler,
+    *,
+    device: torch.device,
+    host_group: dist.ProcessGroup | None = None,
+) -> DataLoader:
+    """The pretraining input: seeded multi-crop views of ``dataset`` in the sampler's batches, augmented
+    by ``train.num_workers`` persistent processes (or in this process when it is 0). Its batches hold
+    uint8 crops (``MultiCropBatch``); a ``CropFinisher`` with the same ``mean_std`` finishes them.
+    """
+    augmented = SeededAugmentedDataset(dataset, build_transform(config, mean_std[0]), config.train.seed)
+    workers = distributed.loader_workers(config.train.num_workers, device, host_group)
+    return DataLoader(
+        augmented,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_multicrop,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        # each iter() draws its workers' base seed from this generator; without one it would come
+        # from the global torch RNG, which drop path also uses and a checkpoint restores, so a
+        # resumed run would draw once more than an uninterrupted one and diverge from it
+        generator=torch.Generator().manual_seed(config.train.seed),
+        worker_init_fn=ignore_stop_signals,
+    )

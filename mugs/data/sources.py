@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mugs.training.checkpoint import atomic_copy
+
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_FILES = {
@@ -194,9 +196,7 @@ def install_demo_data(dest: Path, system_dir: Path = FASHION_MNIST_SYSTEM_DIR) -
             )
         if target.is_file() and _same_bytes(source, target):
             continue
-        partial = target.with_name(f".{name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, partial)
-        os.replace(partial, target)
+        atomic_copy(source, target)
 
 
 def _same_bytes(a: Path, b: Path) -> bool:

@@ -31,19 +31,15 @@ __all__ = ["pixel_features", "random_init_checkpoint", "run_raw_pixel_knn"]
 def random_init_checkpoint(config: Config, out: str | Path) -> Path:
     """Write the student and teacher of ``config`` as pretraining initialises them (seeded by
     ``train.seed``), with the config, to the checkpoint ``out``."""
+    from mugs.model import build_networks
     from mugs.training import checkpoint as ckpt
-    from mugs.training.engine import build_networks
 
     torch.manual_seed(config.train.seed)
     student, teacher = build_networks(config)
-    payload = {
-        "format": ckpt.FORMAT,
-        "student": student.state_dict(),
-        "teacher": teacher.state_dict(),
-        "epoch": 0,
-        "global_iteration": 0,
-        "config": config.to_dict(),
-    }
+    # no losses: their queues and centre are not part of a backbone's evaluation
+    payload = ckpt.training_payload(
+        student=student, teacher=teacher, losses={}, config=config, epoch=0, global_iteration=0
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return ckpt.atomic_save(payload, out)

@@ -33,10 +33,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from mugs.config import Config, ConfigError, config_from_dict
+from mugs.config import Config
 from mugs.evaluation.metrics_io import file_sha256
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.progress import progress_display
+from mugs.training.checkpoint import backbone_state, trained_config
 
 __all__ = [
     "FeatureSet",
@@ -119,15 +120,8 @@ def load_backbone(
     """
     if network not in ("teacher", "student"):
         raise ValueError(f"network must be 'teacher' or 'student', got {network!r}")
-    try:
-        trained = config_from_dict(checkpoint["config"])
-    except ConfigError as error:
-        raise ConfigError(f"{source}: its recorded config is invalid: {error}") from None
-    state = {
-        name.removeprefix("backbone."): value
-        for name, value in checkpoint[network].items()
-        if name.startswith("backbone.")
-    }
+    trained = trained_config(checkpoint, source)
+    state = backbone_state(checkpoint, network, source=source)
     # built on the meta device: the random initialisation would be overwritten anyway (and costs seconds)
     with torch.device("meta"):
         backbone = create_backbone(
@@ -274,8 +268,8 @@ def extract_features(
     (default ``config.evaluate.device``) and writes the cache atomically.
     """
     from mugs.data.datasets import open_split, read_stats
+    from mugs.distributed import resolve_device
     from mugs.training.checkpoint import load_checkpoint
-    from mugs.training.engine import resolve_device
 
     if layers <= 0:
         raise ValueError(f"layers must be positive, got {layers}")

@@ -32,7 +32,7 @@ from mugs.config import Config, FinetuneConfig
 from mugs.data.transforms import SeededRandAugment
 from mugs.evaluation.features import eval_transform
 from mugs.model.backbone import MugsViT, create_backbone
-from mugs.training.checkpoint import load_checkpoint
+from mugs.training.checkpoint import backbone_state, load_checkpoint
 from mugs.training.schedules import cosine_schedule
 
 __all__ = [
@@ -205,18 +205,6 @@ def evaluate_classifier(
     return result
 
 
-def _backbone_state(payload: dict[str, Any], key: str) -> dict[str, Tensor]:
-    if key not in payload:
-        raise ValueError(f"the checkpoint has no {key!r} network (keys: {', '.join(sorted(payload))})")
-    prefix = "backbone."
-    # the student of a DDP-saved official file carries a "module." prefix
-    names = {k.removeprefix("module."): v for k, v in payload[key].items()}
-    state = {k[len(prefix) :]: v for k, v in names.items() if k.startswith(prefix)}
-    if not state:
-        raise ValueError(f"the checkpoint's {key!r} network holds no backbone.* weights")
-    return state
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -237,8 +225,8 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     from mugs.data.datasets import open_split, read_stats
+    from mugs.distributed import resolve_device
     from mugs.evaluation.metrics_io import write_metrics
-    from mugs.training.engine import resolve_device
 
     tune = config.finetune
     _seed_everything(config.train.seed + distributed.rank())
@@ -256,7 +244,7 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
     num_classes = len(train_set.classes)
 
     model = build_finetune_model(
-        _backbone_state(payload, tune.checkpoint_key),
+        backbone_state(payload, tune.checkpoint_key, source=checkpoint),
         arch=model_config["arch"],
         patch_size=model_config["patch_size"],
         img_size=size,

@@ -209,7 +209,7 @@ def run_knn(
     """kNN of ``split`` (default ``evaluate.knn_split``) against the train bank for every
     ``evaluate.knn_k``; writes the metrics JSON ``out`` and returns its contents without provenance.
     """
-    from mugs.training.engine import resolve_device
+    from mugs.distributed import resolve_device
 
     settings = config.evaluate
     split = split or settings.knn_split

@@ -246,7 +246,7 @@ def run_linear(
     """The linear-probe sweep of ``evaluate.linear_*`` on ``checkpoint``'s frozen features (train / val /
     test); writes the metrics JSON ``out`` and returns its contents without provenance.
     """
-    from mugs.training.engine import resolve_device
+    from mugs.distributed import resolve_device
 
     settings = config.evaluate
     resolved = torch.device(device) if device else resolve_device(settings.device)

@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import yaml
 
 from mugs.config import Config
+from mugs.training.checkpoint import atomic_write_text
 
 __all__ = ["data_hash", "file_sha256", "git_commit", "package_versions", "provenance", "write_metrics"]
 
@@ -133,17 +133,4 @@ def write_metrics(
         if reserved in metrics:
             raise ValueError(f"metrics must not contain the reserved key {reserved!r}")
     payload = {**metrics, "provenance": provenance(config, checkpoint), "timing": dict(timing or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")

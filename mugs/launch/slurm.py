@@ -420,9 +420,7 @@ class JobRecord:
         return JobRecord(**json.loads(path.read_text())) if path.exists() else None
 
     def save(self, slurm_dir: Path) -> None:
-        temporary = slurm_dir / f".{RECORD_NAME}.tmp"
-        temporary.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
-        temporary.replace(slurm_dir / RECORD_NAME)
+        ckpt.atomic_write_text(slurm_dir / RECORD_NAME, json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
 
 def decide(status: JobStatus | None, finished: bool) -> Literal["attach", "finished", "submit"]:

@@ -3,7 +3,13 @@
 from mugs.model.backbone import VIT_SIZES, MugsViT, create_backbone
 from mugs.model.heads import GroupHead, ProjectionPredictionHead
 from mugs.model.memory import POINTER_MODES, NeighbourMemory
-from mugs.model.network import MugsNetwork, NetworkOutput, create_mugs_network
+from mugs.model.network import (
+    MugsNetwork,
+    NetworkOutput,
+    build_networks,
+    create_mugs_network,
+    update_memories,
+)
 
 __all__ = [
     "POINTER_MODES",
@@ -14,6 +20,8 @@ __all__ = [
     "NeighbourMemory",
     "NetworkOutput",
     "ProjectionPredictionHead",
+    "build_networks",
     "create_backbone",
     "create_mugs_network",
+    "update_memories",
 ]

@@ -5,13 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from mugs import distributed
+from mugs.config import Config
+from mugs.losses import loss_weights
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.model.heads import GroupHead, ProjectionPredictionHead
 from mugs.model.memory import NeighbourMemory
 
-__all__ = ["MugsNetwork", "NetworkOutput", "create_mugs_network"]
+__all__ = ["MugsNetwork", "NetworkOutput", "build_networks", "create_mugs_network", "update_memories"]
 
 
 @dataclass
@@ -158,3 +162,58 @@ def create_mugs_network(
         ),
         memory=NeighbourMemory(memory_size, dim, top_n, memory_pointer) if local_group else None,
     )
+
+
+def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
+    """Student and teacher; the teacher starts from the student's parameters (not its memory)."""
+    model, loss, enabled = config.model, config.loss, loss_weights(config)
+    common = dict(
+        patch_size=model.patch_size,
+        img_size=config.augment.global_size,
+        instance="instance" in enabled,
+        local_group="local_group" in enabled,
+        group="group" in enabled,
+        hidden_dim=model.hidden_dim,
+        out_dim=model.out_dim,
+        predictor_hidden_dim=model.predictor_hidden_dim,
+        group_out_dim=model.group_out_dim,
+        use_bn_in_head=model.use_bn_in_head,
+        norm_last_layer=model.norm_last_layer,
+        norm_before_pred=model.norm_before_pred,
+        memory_size=loss.local_group_queue_size,
+        top_n=loss.local_group_knn_top_n,
+        memory_pointer=loss.memory_pointer,
+        depth=model.depth,
+    )
+    student = create_mugs_network(model.arch, student=True, drop_path_rate=model.drop_path_rate, **common)
+    teacher = create_mugs_network(model.arch, student=False, drop_path_rate=0.0, **common)
+    student_parameters = dict(student.named_parameters())
+    with torch.no_grad():
+        for name, parameter in teacher.named_parameters():
+            parameter.copy_(student_parameters[name])
+            parameter.requires_grad_(False)
+    return student, teacher
+
+
+@torch.no_grad()
+def update_memories(
+    student: MugsNetwork,
+    teacher: MugsNetwork,
+    student_feature: torch.Tensor,
+    teacher_feature: torch.Tensor,
+    weak: torch.Tensor,
+    host_group: dist.ProcessGroup | None,
+) -> None:
+    """Student memory: weak-flagged first student global crops; teacher memory: all first teacher ones;
+    both gathered over ranks.
+
+    ``weak`` is the loader's flags, on the host: the rows to keep are numbered there, so the device
+    never has to report how many there are (``rows[mask]`` on a GPU would wait for it).
+    """
+    if student.memory is None:
+        return
+    flags = distributed.all_gather_cat(weak, host_group)
+    keep = flags.nonzero().squeeze(1).to(student_feature.device, non_blocking=True)
+    student_rows = distributed.all_gather_cat(student_feature.float())
+    student.memory.enqueue(student_rows.index_select(0, keep))
+    teacher.memory.enqueue(distributed.all_gather_cat(teacher_feature.float()))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import MetricsLog, incompatible_keys
+from mugs.training.log import MetricsLog
 
 # measured, not computed: they differ between any two runs
 TIMING_KEYS = frozenset({"images_per_second", "data_wait_fraction"})
@@ -38,7 +38,7 @@ def assert_same_checkpoint(path: Path, expected: Path) -> None:
     """Everything in the two checkpoints; of their configs, the settings the result depends on (a
     resumed run may change the others, such as ``train.max_iterations`` or ``train.num_workers``)."""
     payload, reference = ckpt.load_checkpoint(path), ckpt.load_checkpoint(expected)
-    assert incompatible_keys(payload.pop("config"), reference.pop("config")) == [], path
+    assert ckpt.incompatible_keys(payload.pop("config"), reference.pop("config")) == [], path
     assert_same(payload, reference, path.name)
 
 

@@ -82,7 +82,7 @@ class _Counter:
 def install_kill_point(point: str, occurrence: int) -> None:
     """Patch this process so that it SIGKILLs itself at the ``occurrence``-th time it reaches ``point``."""
     from mugs.training import checkpoint as ckpt
-    from mugs.training import engine
+    from mugs.training import engine, log
 
     counter = _Counter(point, occurrence)
 
@@ -123,7 +123,7 @@ def install_kill_point(point: str, occurrence: int) -> None:
 
     os.replace = killing_replace
 
-    def torn_write(self: engine.MetricsLog, record: dict[str, Any]) -> None:
+    def torn_write(self: log.MetricsLog, record: dict[str, Any]) -> None:
         if self.enabled and counter.reached("log-write"):
             with self.path.open("a") as handle:
                 line = json.dumps(record)
@@ -131,8 +131,8 @@ def install_kill_point(point: str, occurrence: int) -> None:
             _die()
         log_write(self, record)
 
-    log_write = engine.MetricsLog.write
-    engine.MetricsLog.write = torn_write
+    log_write = log.MetricsLog.write
+    log.MetricsLog.write = torn_write
 
 
 def slow_down_steps(seconds: float) -> None:

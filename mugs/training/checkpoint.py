@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic writes, plain-data contents, and the keep-every-N policy.
+"""Checkpoint files: their format, atomic writes and links, and the keep-every-N policy.
 
 Every checkpoint this project writes loads with ``torch.load(..., weights_only=True)``: it holds
 only tensors, numbers, strings, lists, tuples and dicts (the config as a plain dict, RNG states as
@@ -12,12 +12,18 @@ import random
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
+from mugs import distributed
+from mugs.config import Config, ConfigError, config_from_dict
+from mugs.result_keys import depends_on, flatten, pretraining_keys
 
 FORMAT = "mugs-pipeline/1"
 DIRECTORY = "checkpoints"  # in a run directory
@@ -82,6 +88,30 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return _atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def atomic_copy(source: str | Path, target: str | Path) -> Path:
+    """Replace ``target`` with a copy of ``source`` atomically (as :func:`atomic_save`)."""
+    with open(source, "rb") as original:
+        return _atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
+
+
+def publish_link(source: str | Path, target: str | Path) -> Path:
+    """Make ``target`` name the same file as ``source`` (a hard link: no second write; a copy on file
+    systems without hard links).
+
+    The link is made under a temporary name and renamed, so ``target`` is either absent (or its old
+    self) or complete whenever the process dies.
+    """
+    source, target = Path(source), Path(target)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        os.link(source, temporary)
+    except OSError:  # file systems without hard links
+        return atomic_copy(source, target)
+    os.replace(temporary, target)
+    _sync_directory(target.parent)
+    return target
+
+
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     """Delete the temporary files that writers killed before their rename left in ``directory``.
 
@@ -111,27 +141,128 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
+def training_payload(
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    losses: Mapping[str, nn.Module],
+    config: Config,
+    epoch: int,
+    optimizer: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
+    start_epoch: int = 0,
+    iteration_in_epoch: int = 0,
+    global_iteration: int | None = None,
+    iterations_per_epoch: int | None = None,
+    world_size: int | None = None,
+    rng: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The contents of a pretraining checkpoint, as the trainer writes and :func:`load_checkpoint` reads
+    them: the networks', losses' (by name), optimizer's and scaler's states, where the run stands (in
+    finished epochs and iterations), every rank's RNG states and the config as a plain dict. What the
+    writer does not know (an imported file has no optimizer, data size or RNG states) is ``None``.
+    """
+    return {
+        "format": FORMAT,
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict(),
+        "losses": {name: loss.state_dict() for name, loss in losses.items()},
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "epoch": epoch,
+        "start_epoch": start_epoch,
+        "iteration_in_epoch": iteration_in_epoch,
+        "global_iteration": global_iteration,
+        "iterations_per_epoch": iterations_per_epoch,
+        "world_size": world_size,
+        "rng": rng,
+        "config": config.to_dict(),
+    }
+
+
+def load_weights(
+    payload: dict[str, Any],
+    path: Path,
+    student: nn.Module,
+    teacher: nn.Module,
+    losses: Mapping[str, nn.Module],
+) -> None:
+    """Load a checkpoint's networks and losses (strictly); a mismatch is a ``ValueError`` naming ``path``."""
+    try:
+        student.load_state_dict(payload["student"])
+        teacher.load_state_dict(payload["teacher"])
+        for name, loss in losses.items():
+            loss.load_state_dict(payload["losses"][name])
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(f"{path} does not fit this run's model and loss settings: {error}") from None
+
+
+def trained_config(payload: dict[str, Any], source: str | Path = "the checkpoint") -> Config:
+    """The validated config a checkpoint was trained with; an invalid one is a ``ConfigError`` naming
+    ``source``."""
+    try:
+        return config_from_dict(payload["config"])
+    except ConfigError as error:
+        raise ConfigError(f"{source}: its recorded config is invalid: {error}") from None
+
+
+def backbone_state(
+    payload: dict[str, Any],
+    network: str,
+    *,
+    relation_block: bool = True,
+    source: str | Path = "the checkpoint",
+) -> dict[str, Tensor]:
+    """The ViT backbone weights of ``payload[network]`` under timm's names (``backbone.`` stripped);
+    ``relation_block=False`` leaves out the local-group relation block, which a stock ViT lacks."""
+    state = payload.get(network)
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} has no {network!r} network (keys: {', '.join(sorted(payload))})")
+    left_out = () if relation_block else ("backbone.relation_blocks.",)
+    backbone = {
+        name.removeprefix("backbone."): value
+        for name, value in state.items()
+        if name.startswith("backbone.") and not name.startswith(left_out)
+    }
+    if not backbone:
+        raise ValueError(f"{source}: its {network!r} network holds no backbone.* weights")
+    return backbone
+
+
+def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Config keys whose change would make a resumed run differ from an uninterrupted one (those
+    :func:`mugs.result_keys.pretraining_keys` names; the evaluation, fine-tuning, launch and
+    bookkeeping settings can change between a run and its resumption)."""
+    old, new, dependent = flatten(saved), flatten(current), pretraining_keys()
+    return sorted(
+        key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and depends_on(key, dependent)
+    )
+
+
+def check_resumable(payload: dict[str, Any], config: Config, iterations_per_epoch: int, path: Path) -> None:
+    """Refuse (``ValueError`` naming ``path``) to resume from a run's own checkpoint when going on
+    would not reproduce the uninterrupted run: other result settings, or another data size."""
+    changed = incompatible_keys(payload["config"], config.to_dict())
+    if changed:
+        raise ValueError(
+            f"{path} was written with a different configuration ({', '.join(changed)}); "
+            "resuming would not reproduce an uninterrupted run. Use a new train.output_dir."
+        )
+    if payload["iterations_per_epoch"] != iterations_per_epoch:
+        raise ValueError(
+            f"{path}: {payload['iterations_per_epoch']} iterations per epoch, "
+            f"now {iterations_per_epoch} (did the dataset change?)"
+        )
+
+
 def kept_checkpoint_name(epoch: int) -> str:
     """File name of the copy kept after ``epoch`` epochs (1-based count of finished epochs)."""
     return f"epoch{epoch:04d}.pt"
 
 
 def keep_checkpoint(directory: Path, epoch: int) -> Path:
-    """Keep the current ``latest.pt`` as the copy for ``epoch`` (a hard link: no second write).
-
-    The link is made under a temporary name and renamed, so ``epochNNNN.pt`` is either absent or
-    complete whenever the process dies.
-    """
-    target = directory / kept_checkpoint_name(epoch)
-    temporary = directory / f".{target.name}.link.tmp"
-    temporary.unlink(missing_ok=True)
-    try:
-        os.link(directory / LATEST, temporary)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(directory / LATEST, temporary)
-    os.replace(temporary, target)
-    _sync_directory(directory)
-    return target
+    """Keep the current ``latest.pt`` as the copy for ``epoch`` (a hard link: no second write)."""
+    return publish_link(directory / LATEST, directory / kept_checkpoint_name(epoch))
 
 
 def kept_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
@@ -143,6 +274,22 @@ def kept_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def kept_epochs(finished: Iterable[int], total_epochs: int, keep_every: int) -> list[int]:
+    """Those of the ``finished`` epoch counts whose checkpoint the keep policy keeps."""
+    return [epoch for epoch in finished if should_keep(epoch, total_epochs, keep_every)]
+
+
+def check_kept_checkpoints(directory: Path, epochs: Iterable[int]) -> None:
+    """Raise :class:`MissingCheckpointError` unless the kept copies of ``epochs`` are all in ``directory``."""
+    missing = [name for name in map(kept_checkpoint_name, epochs) if not (directory / name).exists()]
+    if missing:
+        raise MissingCheckpointError(
+            f"{directory}: the kept checkpoints {', '.join(missing)} are missing and "
+            f"{LATEST} has moved past them, so they cannot be rebuilt; DONE is not written. "
+            "Restore them from a copy, or retrain in a new train.output_dir"
+        )
 
 
 def should_keep(finished_epochs: int, total_epochs: int, keep_every: int) -> bool:
@@ -166,6 +313,16 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`capture_rng_state`, in rank order (a collective: every rank calls it)."""
+    state = capture_rng_state()
+    if not distributed.is_distributed():
+        return [state]
+    gathered: list[Any] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered
+
+
 def restore_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -174,3 +331,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rank_rng_state(states: list[dict[str, Any]], path: Path) -> None:
+    """Restore this rank's RNG states from a checkpoint's ``rng`` list (one entry per rank); written
+    by another number of ranks, rank ``r`` takes entry ``r mod n``, with a warning."""
+    if len(states) != distributed.world_size():
+        warnings.warn(
+            f"{path} was written by {len(states)} ranks, this run has {distributed.world_size()}: "
+            "drop-path randomness will differ from an uninterrupted run",
+            stacklevel=2,
+        )
+    restore_rng_state(states[distributed.rank() % len(states)])

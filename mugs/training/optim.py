@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+
+from mugs.config import OptimConfig
 
 
 def parameter_groups(
@@ -96,3 +99,24 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
         group["weight_decay"] = weight_decay if group.get("apply_weight_decay", False) else 0.0
+
+
+def mixed_precision(
+    precision: str, device: torch.device
+) -> tuple[torch.dtype | None, bool, torch.amp.GradScaler | None]:
+    """``optim.precision`` on ``device``: the autocast dtype, whether autocast is on (CUDA only), and
+    the gradient scaler fp16 needs."""
+    use_cuda_amp = device.type == "cuda" and precision != "fp32"
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cuda") if use_cuda_amp and precision == "fp16" else None
+    if precision != "fp32" and device.type == "cpu":
+        warnings.warn(f"optim.precision={precision} is ignored on CPU (fp32 is used)", stacklevel=4)
+    return autocast_dtype, use_cuda_amp, scaler
+
+
+def clip_norm(optim: OptimConfig, epoch: int) -> float:
+    """The per-tensor gradient norm limit at ``epoch``: ``optim.clip_grad``, times
+    ``optim.clip_grad_late_factor`` after ``optim.clip_grad_late_epoch``."""
+    if optim.clip_grad_late_epoch is not None and epoch > optim.clip_grad_late_epoch:
+        return optim.clip_grad * optim.clip_grad_late_factor
+    return optim.clip_grad

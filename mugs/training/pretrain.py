@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, Subset
 from mugs import distributed
 from mugs.config import Config
 from mugs.training import checkpoint as ckpt
-from mugs.training.engine import Trainer, TrainResult, incompatible_keys
+from mugs.training.engine import Trainer, TrainResult
 from mugs.training.run_lock import RunLockedError, exclusive_run
 
 
@@ -67,7 +67,7 @@ def set_aside_if_changed(config: Config) -> Path | None:
     if not latest.exists():
         return None
     saved = ckpt.load_checkpoint(latest)["config"]
-    if not incompatible_keys(saved, config.to_dict()):
+    if not ckpt.incompatible_keys(saved, config.to_dict()):
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = output_dir.with_name(f"{output_dir.name}.superseded-{stamp}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from mugs.config import OptimConfig
+
 
 def cosine_schedule(
     base: float,
@@ -31,3 +33,21 @@ def cosine_schedule(
     phase = np.arange(cosine_iters, dtype=np.float64) / max(cosine_iters, 1)
     cosine = final + 0.5 * (base - final) * (1.0 + np.cos(np.pi * phase))
     return np.concatenate((warmup, cosine))
+
+
+def pretraining_schedules(
+    optim: OptimConfig, iterations_per_epoch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Learning rate (scaled by the batch size over 256, after a linear warm-up), weight decay and
+    teacher momentum (rising to 1), one value per iteration of the run."""
+    epochs = optim.epochs
+    lr = cosine_schedule(
+        optim.lr * optim.batch_size / 256.0,
+        optim.min_lr,
+        epochs,
+        iterations_per_epoch,
+        warmup_epochs=optim.warmup_epochs,
+    )
+    weight_decay = cosine_schedule(optim.weight_decay, optim.weight_decay_end, epochs, iterations_per_epoch)
+    momentum = cosine_schedule(optim.momentum_teacher, 1.0, epochs, iterations_per_epoch)
+    return lr, weight_decay, momentum

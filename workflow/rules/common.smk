@@ -3,6 +3,7 @@ import json
 import os
 
 from mugs.config import files_shaping_run, load_config, read_yaml
+from mugs.result_keys import RESULT_KEYS
 
 # The parameter files in the order Snakemake merges them (params.yaml, then each --configfile on
 # top), relative so that commands (and the dvc.yaml generated from them) do not depend on where the
@@ -124,30 +125,8 @@ def rule_resources(rule_name):
 
 
 PROTOCOL_SETTINGS = {
-    "knn": (
-        "evaluate.network",
-        "evaluate.knn_k",
-        "evaluate.knn_temperature",
-        "evaluate.knn_split",
-    ),
-    "linear": (
-        "evaluate.network",
-        "evaluate.linear_n_last_blocks",
-        "evaluate.linear_avgpool",
-        "evaluate.linear_epochs",
-        "evaluate.linear_batch_size",
-        "evaluate.linear_lrs",
-        "evaluate.linear_weight_decays",
-        "evaluate.linear_seed",
-    ),
-    "fewshot": (
-        "evaluate.network",
-        "evaluate.fewshot_fractions",
-        "evaluate.fewshot_seed",
-        "evaluate.fewshot_c",
-        "evaluate.fewshot_max_iter",
-    ),
-    "finetune": ("finetune",),
+    protocol: RESULT_KEYS[protocol]
+    for protocol in ("knn", "linear", "fewshot", "finetune")
 }
 
 

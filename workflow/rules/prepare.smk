@@ -34,15 +34,6 @@ rule prepare:
     params:
         config_files=RUN_FILES[RUNS[0]],
         run=RUNS[0],
-        settings=settings(
-            None,
-            "data.source",
-            "data.root",
-            "data.classes",
-            "data.max_per_class",
-            "data.val_fraction",
-            "data.split_seed",
-            "data.on_bad_image",
-        ),
+        settings=settings(None, *RESULT_KEYS["prepare"]),
     shell:
         "mugs prepare --config {params.config_files:q} --run {params.run:q} --no-progress 2>&1 | tee {log:q}"

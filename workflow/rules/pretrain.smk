@@ -21,16 +21,7 @@ rule pretrain:
     threads: rule_threads("pretrain")
     params:
         config_files=lambda w: RUN_FILES[w.run],
-        settings=lambda w: settings(
-            w.run,
-            "model",
-            "loss",
-            "augment",
-            "optim",
-            "data.train_subset",
-            "train.seed",
-            "train.init_from",
-        ),
+        settings=lambda w: settings(w.run, *RESULT_KEYS["pretrain"]),
         launcher=LAUNCHER,
     shell:
         "mugs pretrain --config {params.config_files:q} --run {wildcards.run:q} --launcher {params.launcher:q}"

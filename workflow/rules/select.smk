@@ -16,13 +16,7 @@ rule select:
         **rule_resources("select"),
     params:
         config_files=lambda w: RUN_FILES[w.run],
-        settings=lambda w: settings(
-            w.run,
-            "evaluate.network",
-            "evaluate.selection_policy",
-            "evaluate.selection_k",
-            "evaluate.knn_temperature",
-        ),
+        settings=lambda w: settings(w.run, *RESULT_KEYS["select"]),
         pretrain_dir=lambda w: pretrain_dir(w.run),
         eval_dir=lambda w, output: os.path.dirname(output.selection),
     shell:

@@ -1,0 +1,86 @@
+"""What each stage's result depends on: the one table that the workflow's rerun triggers (and with
+them the generated ``dvc.yaml``'s params) and a pretraining run's resume check read.
+
+A key names a setting or a whole section (``"model"``: every ``model.*`` key).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RESULT_KEYS: dict[str, tuple[str, ...]] = {
+    "prepare": (
+        "data.source",
+        "data.root",
+        "data.classes",
+        "data.max_per_class",
+        "data.val_fraction",
+        "data.split_seed",
+        "data.on_bad_image",
+    ),
+    "pretrain": (
+        "model",
+        "loss",
+        "augment",
+        "optim",
+        "data.train_subset",
+        "train.seed",
+        "train.init_from",
+    ),
+    "select": (
+        "evaluate.network",
+        "evaluate.selection_policy",
+        "evaluate.selection_k",
+        "evaluate.knn_temperature",
+    ),
+    "knn": (
+        "evaluate.network",
+        "evaluate.knn_k",
+        "evaluate.knn_temperature",
+        "evaluate.knn_split",
+    ),
+    "linear": (
+        "evaluate.network",
+        "evaluate.linear_n_last_blocks",
+        "evaluate.linear_avgpool",
+        "evaluate.linear_epochs",
+        "evaluate.linear_batch_size",
+        "evaluate.linear_lrs",
+        "evaluate.linear_weight_decays",
+        "evaluate.linear_seed",
+    ),
+    "fewshot": (
+        "evaluate.network",
+        "evaluate.fewshot_fractions",
+        "evaluate.fewshot_seed",
+        "evaluate.fewshot_c",
+        "evaluate.fewshot_max_iter",
+    ),
+    "finetune": ("finetune",),
+}
+
+# where the raw data lie, not what they are: moving them prepares the data again, but a pretraining
+# run may resume across the move
+DATA_LOCATION = ("data.root",)
+
+
+def pretraining_keys() -> tuple[str, ...]:
+    """What a pretraining run's result depends on: its own settings and those of the data it trains on."""
+    prepared = tuple(key for key in RESULT_KEYS["prepare"] if key not in DATA_LOCATION)
+    return prepared + RESULT_KEYS["pretrain"]
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings dict as ``{"section.key": value}``."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def depends_on(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether the dotted ``key`` is one of ``keys`` or lies in a section ``keys`` names."""
+    return any(key == entry or key.startswith(f"{entry}.") for entry in keys)
