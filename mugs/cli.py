@@ -118,9 +118,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             console.print(f"settings changed since the last checkpoint: earlier run moved to {moved}")
     if args.launcher:
         config.launch.launcher = args.launcher
-    from mugs.progress import follow_training_log
-
-    progress_lines = follow_training_log(config)
     if config.launch.launcher == "slurm":
         from mugs.launch.slurm import SlurmJobError, launch_slurm
 
@@ -134,8 +131,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
         nprocs = args.nprocs if args.nprocs is not None else config.launch.nprocs
         result = launch_local(config, nprocs, progress=not args.no_progress)
-    if progress_lines is not None:
-        progress_lines.close()
     if result.stopped_by is not None:
         from mugs.launch.signals import stopped_by_signal
 

@@ -1,50 +1,56 @@
 """Progress a person can follow in a log file: plain-text lines (no terminal control sequences) with the
 position, the rate and the time left, printed every few seconds.
 
-``mugs <command> --progress-every SECONDS`` turns the lines on for that process (the workflow's rules
-do, so that SLURM logs and ``tee``'d terminals read the same); :func:`progress_display` then hands the
-evaluation code a :class:`PlainProgress` instead of rich's live bar, which only draws on a terminal.
-Pretraining's position comes from the ``log.jsonl`` its engine appends to every ``train.log_every``
-iterations (:func:`follow_training_log`).
+``mugs <command> --progress-every SECONDS`` turns the lines on for that process and the processes it
+starts (the workflow's rules do, so that SLURM logs and ``tee``'d terminals read the same);
+:func:`progress_display`, the one progress factory of the package, then hands out a
+:class:`PlainProgress` instead of rich's live bar, which only draws on a terminal.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
+# rich draws from Python's global RNG when first imported: at import time (the training engine imports
+# this module), before any seeding, so that the draw can never fall between restoring a checkpoint's
+# RNG states and the next step
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mugs.config import Config
+__all__ = ["PlainProgress", "progress_display", "use_plain_lines"]
 
-__all__ = ["PlainProgress", "follow_training_log", "progress_display", "use_plain_lines"]
-
-_plain: dict[str, Any] = {}  # {"interval": seconds, "label": text} once use_plain_lines was called
+# the settings live in the environment so that the ranks a launcher spawns and the SLURM jobs it
+# submits (both inherit it) print the lines too
+INTERVAL_VARIABLE = "MUGS_PROGRESS_EVERY"
+LABEL_VARIABLE = "MUGS_PROGRESS_LABEL"
 
 
 def use_plain_lines(interval: float, label: str) -> None:
-    """From now on, :func:`progress_display` prints a line per task every ``interval`` seconds, each
-    starting with ``[label]`` (so that the lines of parallel jobs can be told apart)."""
-    _plain.update(interval=interval, label=label)
+    """From now on, :func:`progress_display` here and in the processes started from here prints a line
+    per task every ``interval`` seconds, each starting with ``[label]`` (so that the lines of parallel
+    jobs can be told apart)."""
+    os.environ.update({INTERVAL_VARIABLE: str(interval), LABEL_VARIABLE: label})
 
 
-def progress_display(enabled: bool) -> Progress | PlainProgress:
-    """Plain lines when :func:`use_plain_lines` was called; otherwise rich's bar (drawn only when
-    ``enabled``)."""
-    if _plain:
-        return PlainProgress(_plain["interval"], _plain["label"])
+def progress_display(enabled: bool, *, main_process: bool = True) -> Progress | PlainProgress:
+    """Plain lines when :func:`use_plain_lines` was called (whatever ``enabled``: they are for logs);
+    otherwise rich's bar, drawn only when ``enabled``. Tasks take a ``unit`` (``add_task(..., unit=)``)
+    that the plain lines name. ``main_process=False`` (the other ranks of a distributed run) shows
+    nothing."""
+    if main_process and LABEL_VARIABLE in os.environ:
+        return PlainProgress(float(os.environ[INTERVAL_VARIABLE]), os.environ[LABEL_VARIABLE])
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
-        disable=not enabled,
+        disable=not (enabled and main_process),
     )
 
 
@@ -148,50 +154,3 @@ class PlainProgress:
                 for task_id, task in enumerate(self._tasks):
                     if task.completed < task.total:
                         self._print(task_id)
-
-
-class _TrainingLogFollower:
-    """Reads the run's last ``iteration`` record every second into a :class:`PlainProgress` task."""
-
-    def __init__(self, config: Config) -> None:
-        from mugs.training.pretrain import training_dataset
-
-        dataset, _ = training_dataset(config)
-        total = config.optim.epochs * (len(dataset) // config.optim.batch_size)
-        self.log_file = Path(config.train.output_dir) / "log.jsonl"
-        self.display = PlainProgress(_plain["interval"], _plain["label"])
-        self.task = self.display.add_task(
-            "pretrain",
-            total=min(total, config.train.max_iterations or total),
-            completed=self._position(),
-            unit="iterations",
-        )
-        self._stopped = threading.Event()
-        self._reader = threading.Thread(target=self._follow, name="training-log", daemon=True)
-
-    def _position(self) -> int:
-        from mugs.launch.slurm import read_progress
-
-        record = read_progress(self.log_file)
-        return 0 if record is None else int(record["global_iteration"])
-
-    def _follow(self) -> None:
-        while not self._stopped.wait(min(1.0, self.display.interval)):
-            self.display.update(self.task, completed=self._position())
-
-    def __enter__(self) -> _TrainingLogFollower:
-        self.display.__enter__()
-        self._reader.start()
-        return self
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._reader.join()
-        self.display.__exit__(None, None, None)
-
-
-def follow_training_log(config: Config) -> _TrainingLogFollower | None:
-    """With plain lines on (:func:`use_plain_lines`), start printing pretraining's progress as read from
-    ``train.output_dir/log.jsonl``; ``close()`` the returned follower when training ends. ``None``
-    when plain lines are off."""
-    return _TrainingLogFollower(config).__enter__() if _plain else None

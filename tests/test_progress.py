@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import time
+from pathlib import Path
 
-from mugs.progress import PlainProgress
+import pytest
+
+from mugs.progress import INTERVAL_VARIABLE, LABEL_VARIABLE, PlainProgress, use_plain_lines
+from mugs.testing.configs import tiny_training_config
+from mugs.testing.synthetic import SyntheticImages
+from mugs.training.pretrain import run_pretraining
 
 INTERVAL_S = 0.2
 # a busy 2-core machine may delay a wake-up; a line missing for a whole extra interval is a failure
@@ -79,3 +86,26 @@ def test_the_rate_runs_from_the_first_move_to_the_latest() -> None:
     assert display.line(task).endswith("250/300 iterations (83%), 2 iterations/s, 0:00:15 left")
     now[0] += 60
     assert display.line(task).endswith("0:00:00 left")
+
+
+def test_pretraining_prints_its_position_per_iteration_not_per_log_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for variable in (INTERVAL_VARIABLE, LABEL_VARIABLE):  # restored after the test
+        monkeypatch.setenv(variable, "")
+    use_plain_lines(0.01, "pretrain tiny")
+    # log.jsonl is written only at iteration 1000, so positions come from the training loop itself
+    config = tiny_training_config(tmp_path, None, "train.log_every=1000")
+    dataset = SyntheticImages(size=24, side=20)  # 3 iterations per epoch at batch 8, 2 epochs
+    result = run_pretraining(config, dataset=dataset, mean_std=((0.5,) * 3, (0.25,) * 3), progress=False)
+    assert result.global_iteration == 6
+    lines = capsys.readouterr().err.splitlines()
+    positions = [
+        int(match[1])
+        for line in lines
+        if (match := re.match(r"^\[pretrain tiny\] pretrain: (\d)/6 iterations \(\d+%\), ", line))
+    ]
+    assert any(0 < position < 6 for position in positions), lines
+    assert positions == sorted(positions) and positions[-1] == 6, lines
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [record["type"] for record in records] == ["epoch", "epoch"]

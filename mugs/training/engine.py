@@ -25,6 +25,7 @@ from mugs.data.loader import GlobalBatchSampler, build_loader
 from mugs.data.transforms import CropFinisher
 from mugs.losses import MugsObjective
 from mugs.model import build_networks, update_memories
+from mugs.progress import PlainProgress, progress_display
 from mugs.training import checkpoint as ckpt
 from mugs.training.ema import ema_update
 from mugs.training.log import (
@@ -35,7 +36,6 @@ from mugs.training.log import (
     NonFiniteWatch,
     collapse_alarm,
     collapse_watch,
-    progress_bar,
 )
 from mugs.training.optim import (
     apply_schedules,
@@ -49,7 +49,7 @@ from mugs.training.optim import (
 from mugs.training.schedules import pretraining_schedules
 
 if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
+    from rich.progress import Progress
 
 
 @dataclass
@@ -249,7 +249,7 @@ class Trainer:
         end = min(total, self.config.train.max_iterations or total)
         if self.global_iteration >= end:
             return self._finish(interrupted=False, trained=False)
-        bar = progress_bar(enabled=progress and self.rank == 0)
+        bar = progress_display(progress, main_process=self.rank == 0)
         with bar:
             interrupted = self._iterate(end, log, stop_requested, bar)
         return self._finish(interrupted=interrupted, trained=True)
@@ -270,9 +270,11 @@ class Trainer:
             self._close_epoch(log)
         return log
 
-    def _iterate(self, end: int, log: MetricsLog, stop_requested: Callable[[], bool], bar: Progress) -> bool:
+    def _iterate(
+        self, end: int, log: MetricsLog, stop_requested: Callable[[], bool], bar: Progress | PlainProgress
+    ) -> bool:
         """Train up to global iteration ``end``; True when stopped early by ``stop_requested``."""
-        task = bar.add_task("pretrain", total=end, completed=self.global_iteration)
+        task = bar.add_task("pretrain", total=end, completed=self.global_iteration, unit="iterations")
         while self.global_iteration < end:
             self.sampler.set_position(self.epoch, self.iteration_in_epoch)
             window = LogWindow()
@@ -299,8 +301,8 @@ class Trainer:
         self,
         window: LogWindow,
         log: MetricsLog,
-        bar: Progress,
-        task: TaskID,
+        bar: Progress | PlainProgress,
+        task: int,
         end: int,
         stop_requested: Callable[[], bool],
     ) -> Literal["continue", "end", "interrupted"]:

@@ -1,6 +1,6 @@
 """What a pretraining run reports and watches while it trains: the JSON-lines metrics log, the window
 of losses and timings between two log lines, the non-finite-loss and collapse watches with the errors
-that end a run, and the progress bar."""
+that end a run."""
 
 from __future__ import annotations
 
@@ -11,11 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-# rich draws from Python's global RNG when first imported: at import time (the engine imports this
-# module), before any seeding, so that the draw can never fall between restoring a checkpoint's RNG
-# states and the next step
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mugs import distributed
 from mugs.losses import GroupLoss
@@ -206,13 +201,3 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as handle:
             handle.write(json.dumps(record, allow_nan=True) + "\n")
-
-
-def progress_bar(*, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
