@@ -12,7 +12,6 @@ same weighted kNN vote (cosine, ``exp(s / T)``, every ``evaluate.knn_k``) on the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from torchvision import transforms as T
 from mugs.config import Config
 from mugs.evaluation.features import FeatureSet
 from mugs.evaluation.knn import knn_evaluate
-from mugs.evaluation.metrics_io import write_metrics
+from mugs.evaluation.metrics_io import run_evaluation
 from mugs.progress import progress_display
 
 __all__ = ["pixel_features", "random_init_checkpoint", "run_raw_pixel_knn"]
@@ -87,25 +86,25 @@ def run_raw_pixel_knn(
     ``evaluate.knn_k``; writes the metrics JSON ``out`` and returns its contents without provenance."""
     settings = config.evaluate
     split = split or settings.knn_split
-    started = time.perf_counter()
-    bank, queries = (
-        pixel_features(config.data.prepared_dir, name, config.augment.global_size, progress=progress)
-        for name in ("train", split)
-    )
-    extracted = time.perf_counter()
-    metrics = {
-        "evaluation": "knn",
-        "split": split,
-        "features": f"raw pixels: grey level of the {config.augment.global_size}-px centre crop",
-        **knn_evaluate(
-            bank,
-            queries,
+    return run_evaluation(
+        config,
+        out,
+        checkpoint=None,
+        features=lambda: [
+            pixel_features(config.data.prepared_dir, name, config.augment.global_size, progress=progress)
+            for name in ("train", split)
+        ],
+        header={
+            "evaluation": "knn",
+            "split": split,
+            "features": f"raw pixels: grey level of the {config.augment.global_size}-px centre crop",
+        },
+        evaluate=lambda features: knn_evaluate(
+            *features,
             ks=settings.knn_k,
             temperature=settings.knn_temperature,
             chunk_size=settings.knn_chunk_size,
             bank_chunk_size=settings.knn_bank_chunk_size,
         ),
-    }
-    timing = {"features_seconds": extracted - started, "knn_seconds": time.perf_counter() - extracted}
-    write_metrics(out, metrics, config=config, checkpoint=None, timing=timing)
-    return metrics
+        timing_key="knn_seconds",
+    )

@@ -10,7 +10,6 @@ scored once, with that ``C``. Coarse accuracy is the fine prediction mapped to i
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from mugs.config import Config
 from mugs.evaluation.features import FeatureSet, evaluation_features
-from mugs.evaluation.metrics_io import write_metrics
+from mugs.evaluation.metrics_io import run_evaluation
 
 __all__ = ["fewshot_evaluate", "logistic_regression", "run_fewshot", "stratified_subset"]
 
@@ -123,25 +122,24 @@ def run_fewshot(
     features; writes the metrics JSON ``out`` and returns its contents without provenance.
     """
     settings = config.evaluate
-    started = time.perf_counter()
-    train, val, test = evaluation_features(
-        checkpoint, config, ("train", "val", "test"), device=device, progress=progress
-    )
-    extracted = time.perf_counter()
-    metrics = {
-        "evaluation": "fewshot",
-        "network": settings.network,
-        "classifier": "multinomial logistic regression (scikit-learn) on L2-normalised features",
-        **fewshot_evaluate(
-            train,
-            val,
-            test,
+    return run_evaluation(
+        config,
+        out,
+        checkpoint=checkpoint,
+        features=lambda: evaluation_features(
+            checkpoint, config, ("train", "val", "test"), device=device, progress=progress
+        ),
+        header={
+            "evaluation": "fewshot",
+            "network": settings.network,
+            "classifier": "multinomial logistic regression (scikit-learn) on L2-normalised features",
+        },
+        evaluate=lambda features: fewshot_evaluate(
+            *features,
             fractions=settings.fewshot_fractions,
             seed=settings.fewshot_seed,
             cs=settings.fewshot_c,
             max_iter=settings.fewshot_max_iter,
         ),
-    }
-    timing = {"features_seconds": extracted - started, "fit_seconds": time.perf_counter() - extracted}
-    write_metrics(out, metrics, config=config, checkpoint=checkpoint, timing=timing)
-    return metrics
+        timing_key="fit_seconds",
+    )

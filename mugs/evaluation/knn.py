@@ -18,7 +18,6 @@ itself may stay memory-mapped on the host (a cached feature file).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from mugs.config import Config
 from mugs.evaluation.features import FeatureSet, evaluation_features
-from mugs.evaluation.metrics_io import write_metrics
+from mugs.evaluation.metrics_io import run_evaluation
 
 __all__ = [
     "KnnPrediction",
@@ -214,25 +213,21 @@ def run_knn(
     settings = config.evaluate
     split = split or settings.knn_split
     resolved = torch.device(device) if device else resolve_device(settings.device)
-    started = time.perf_counter()
-    train, queries = evaluation_features(
-        checkpoint, config, ("train", split), device=resolved, progress=progress
-    )
-    extracted = time.perf_counter()
-    metrics = {
-        "evaluation": "knn",
-        "split": split,
-        "network": settings.network,
-        **knn_evaluate(
-            train,
-            queries,
+    return run_evaluation(
+        config,
+        out,
+        checkpoint=checkpoint,
+        features=lambda: evaluation_features(
+            checkpoint, config, ("train", split), device=resolved, progress=progress
+        ),
+        header={"evaluation": "knn", "split": split, "network": settings.network},
+        evaluate=lambda features: knn_evaluate(
+            *features,
             ks=settings.knn_k,
             temperature=settings.knn_temperature,
             chunk_size=settings.knn_chunk_size,
             bank_chunk_size=settings.knn_bank_chunk_size,
             device=resolved,
         ),
-    }
-    timing = {"features_seconds": extracted - started, "knn_seconds": time.perf_counter() - extracted}
-    write_metrics(out, metrics, config=config, checkpoint=checkpoint, timing=timing)
-    return metrics
+        timing_key="knn_seconds",
+    )

@@ -21,7 +21,6 @@ cost seconds instead of 100 backbone passes, at a small cost in accuracy on larg
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from mugs.config import Config
 from mugs.evaluation.features import FeatureSet, evaluation_features
-from mugs.evaluation.metrics_io import write_metrics
+from mugs.evaluation.metrics_io import run_evaluation
 from mugs.progress import progress_display
 
 __all__ = [
@@ -250,21 +249,22 @@ def run_linear(
 
     settings = config.evaluate
     resolved = torch.device(device) if device else resolve_device(settings.device)
-    started = time.perf_counter()
-    train, val, test = evaluation_features(
-        checkpoint, config, ("train", "val", "test"), linear=True, device=resolved, progress=progress
-    )
-    extracted = time.perf_counter()
-    metrics = {
-        "evaluation": "linear",
-        "network": settings.network,
-        "n_last_blocks": settings.linear_n_last_blocks,
-        "avgpool": settings.linear_avgpool,
-        "coarse": "derived from the fine prediction through the fine-to-coarse class map",
-        **linear_evaluate(
-            train,
-            val,
-            test,
+    return run_evaluation(
+        config,
+        out,
+        checkpoint=checkpoint,
+        features=lambda: evaluation_features(
+            checkpoint, config, ("train", "val", "test"), linear=True, device=resolved, progress=progress
+        ),
+        header={
+            "evaluation": "linear",
+            "network": settings.network,
+            "n_last_blocks": settings.linear_n_last_blocks,
+            "avgpool": settings.linear_avgpool,
+            "coarse": "derived from the fine prediction through the fine-to-coarse class map",
+        },
+        evaluate=lambda features: linear_evaluate(
+            *features,
             lrs=settings.linear_lrs,
             weight_decays=settings.linear_weight_decays,
             epochs=settings.linear_epochs,
@@ -273,7 +273,5 @@ def run_linear(
             device=resolved,
             progress=progress,
         ),
-    }
-    timing = {"features_seconds": extracted - started, "train_seconds": time.perf_counter() - extracted}
-    write_metrics(out, metrics, config=config, checkpoint=checkpoint, timing=timing)
-    return metrics
+        timing_key="train_seconds",
+    )

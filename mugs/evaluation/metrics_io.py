@@ -13,16 +13,29 @@ import json
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mugs.config import Config
 from mugs.training.checkpoint import atomic_write_text
 
-__all__ = ["data_hash", "file_sha256", "git_commit", "package_versions", "provenance", "write_metrics"]
+if TYPE_CHECKING:
+    from mugs.evaluation.features import FeatureSet
+
+__all__ = [
+    "data_hash",
+    "file_sha256",
+    "git_commit",
+    "package_versions",
+    "provenance",
+    "run_evaluation",
+    "write_metrics",
+]
 
 _CHUNK = 1 << 22
 # (path, size, mtime_ns) -> digest: a multi-GB checkpoint is hashed once per process
@@ -134,3 +147,26 @@ def write_metrics(
             raise ValueError(f"metrics must not contain the reserved key {reserved!r}")
     payload = {**metrics, "provenance": provenance(config, checkpoint), "timing": dict(timing or {})}
     return atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=False) + "\n")
+
+
+def run_evaluation(
+    config: Config,
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None,
+    features: Callable[[], Sequence[FeatureSet]],
+    header: dict[str, Any],
+    evaluate: Callable[[Sequence[FeatureSet]], dict[str, Any]],
+    timing_key: str,
+) -> dict[str, Any]:
+    """The steps every evaluation command shares: ``features()`` (loading ``checkpoint``'s network, or
+    the cache), ``evaluate`` on them, and the metrics JSON ``out``, ``{**header, **evaluate(...)}`` with
+    provenance and the two durations (``features_seconds`` and ``timing_key``). Returns the metrics
+    without provenance."""
+    started = time.perf_counter()
+    feature_sets = features()
+    extracted = time.perf_counter()
+    metrics = {**header, **evaluate(feature_sets)}
+    timing = {"features_seconds": extracted - started, timing_key: time.perf_counter() - extracted}
+    write_metrics(out, metrics, config=config, checkpoint=checkpoint, timing=timing)
+    return metrics
