@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from mugs.cli import main
-from mugs.config import DataConfig, FinetuneConfig, config_from_dict
+from mugs.config import ConfigError, DataConfig, FinetuneConfig, config_from_dict
 from mugs.data.prepare import run_prepare
 from mugs.evaluation.finetune import (
     build_finetune_model,
@@ -209,3 +210,33 @@ def test_tiny_finetune_run_writes_metrics_of_the_best_validation_epoch(tmp_path,
         assert written["fine"][key] * 12 == pytest.approx(round(written["fine"][key] * 12))
     assert written["coarse"]["top1"] >= written["fine"]["top1"]
     assert written["fine"]["top5"] == 1.0  # 4 classes: the top 5 hold every class
+
+
+def test_the_recorded_config_is_read_validated_and_an_invalid_one_names_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setitem(VIT_SIZES, "vit_tiny", (16, 2, 2))
+    config = config_from_dict(
+        {
+            "model": {"arch": "vit_tiny", "patch_size": 4},
+            "augment": {"global_size": 8, "local_size": 4},
+            "data": {"source": "imagefolder", "prepared_dir": str(_prepared(tmp_path))},
+            "train": {"num_workers": 0, "device": "cpu"},
+            "finetune": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0},
+        }
+    )
+    recorded = config.to_dict()
+    recorded["model"]["patch_sise"] = 4  # a misspelt key: not a config this package wrote
+    backbone = create_backbone("vit_tiny", patch_size=4, img_size=8, relation_block=True)
+    checkpoint = atomic_save(
+        {
+            "format": FORMAT,
+            "teacher": {f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+            "config": recorded,
+        },
+        tmp_path / "ckpt.pt",
+    )
+    out = tmp_path / "eval" / "finetune.json"
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(str(checkpoint))}: its recorded config is invalid.*patch_sise"
+    ):
+        run_finetune(checkpoint, config, out, progress=False)
+    assert not out.exists()

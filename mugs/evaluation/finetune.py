@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import random
 import re
 import time
@@ -32,7 +31,7 @@ from mugs.config import Config, FinetuneConfig
 from mugs.data.transforms import SeededRandAugment
 from mugs.evaluation.features import eval_transform
 from mugs.model.backbone import MugsViT, create_backbone
-from mugs.training.checkpoint import backbone_state, load_checkpoint
+from mugs.training.checkpoint import backbone_state, load_checkpoint, trained_config
 from mugs.training.schedules import cosine_schedule
 
 __all__ = [
@@ -232,10 +231,10 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
     _seed_everything(config.train.seed + distributed.rank())
     device = resolve_device(config.train.device)
     payload = load_checkpoint(checkpoint)
-    trained = payload.get("config", {})
-    model_config = {**dataclasses.asdict(config.model), **trained.get("model", {})}
-    # the resolution the backbone was pretrained at, as for the frozen-feature evaluations
-    size = trained.get("augment", {}).get("global_size", config.augment.global_size)
+    # the architecture and resolution the backbone was pretrained at, as for the frozen-feature
+    # evaluations
+    trained = trained_config(payload, checkpoint) if "config" in payload else config
+    size = trained.augment.global_size
 
     mean, std = read_stats(config.data.prepared_dir)
     train_set = open_split(config.data.prepared_dir, "train", train_transform(size, tune, mean, std))
@@ -245,12 +244,12 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
 
     model = build_finetune_model(
         backbone_state(payload, tune.checkpoint_key, source=checkpoint),
-        arch=model_config["arch"],
-        patch_size=model_config["patch_size"],
+        arch=trained.model.arch,
+        patch_size=trained.model.patch_size,
         img_size=size,
         num_classes=num_classes,
         drop_path_rate=tune.drop_path_rate,
-        depth=model_config.get("depth"),
+        depth=trained.model.depth,
     ).to(device)
     del payload
 
