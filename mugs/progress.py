@@ -21,7 +21,15 @@ from typing import TextIO
 # rich draws from Python's global RNG when first imported: at import time (the training engine imports
 # this module), before any seeding, so that the draw can never fall between restoring a checkpoint's
 # RNG states and the next step
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 __all__ = ["PlainProgress", "progress_display", "use_plain_lines"]
 
@@ -40,7 +48,8 @@ def use_plain_lines(interval: float, label: str) -> None:
 
 def progress_display(enabled: bool, *, main_process: bool = True) -> Progress | PlainProgress:
     """Plain lines when :func:`use_plain_lines` was called (whatever ``enabled``: they are for logs);
-    otherwise rich's bar, drawn only when ``enabled``. Tasks take a ``unit`` (``add_task(..., unit=)``)
+    otherwise rich's bar on standard error (standard output is for results), drawn only when
+    ``enabled``. Tasks take a ``unit`` (``add_task(..., unit=)``)
     that the plain lines name. ``main_process=False`` (the other ranks of a distributed run) shows
     nothing."""
     if main_process and LABEL_VARIABLE in os.environ:
@@ -49,7 +58,9 @@ def progress_display(enabled: bool, *, main_process: bool = True) -> Progress | 
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TimeElapsedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),
         disable=not (enabled and main_process),
     )
 
@@ -73,8 +84,8 @@ class _Task:
 
 
 class PlainProgress:
-    """The part of ``rich.progress.Progress`` the package uses (``add_task``, ``update``, a context
-    manager), printing ``[label] description: position/total (percent), rate, time left`` for every
+    """The part of ``rich.progress.Progress`` the package uses (``add_task``, ``update``, ``advance``,
+    a context manager), printing ``[label] description: position/total (percent), rate, time left`` for every
     unfinished task each ``interval`` seconds, and once more when a task completes."""
 
     def __init__(
@@ -129,6 +140,9 @@ class PlainProgress:
             if task.completed >= task.total and not task.reported_done:
                 task.reported_done = True
                 self._print(task_id)
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
 
     def line(self, task_id: int) -> str:
         """The progress line of task ``task_id`` now."""

@@ -9,7 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from mugs.config import DataConfig
+from mugs.data.prepare import run_prepare
 from mugs.progress import INTERVAL_VARIABLE, LABEL_VARIABLE, PlainProgress, use_plain_lines
 from mugs.testing.configs import tiny_training_config
 from mugs.testing.synthetic import SyntheticImages
@@ -109,3 +112,26 @@ def test_pretraining_prints_its_position_per_iteration_not_per_log_line(
     assert positions == sorted(positions) and positions[-1] == 6, lines
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [record["type"] for record in records] == ["epoch", "epoch"]
+
+
+def test_preparation_reports_in_the_same_plain_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for variable in (INTERVAL_VARIABLE, LABEL_VARIABLE):  # restored after the test
+        monkeypatch.setenv(variable, "")
+    use_plain_lines(60, "prepare")  # no line falls due: each task's completion line alone
+    for name in ("cat", "dog"):
+        for index in range(3):
+            (tmp_path / "data" / "train" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (4, 4), (40 * index, 0, 0)).save(
+                tmp_path / "data" / "train" / name / f"{index}.png"
+            )
+    config = DataConfig(
+        source="imagefolder", root=str(tmp_path / "data"), prepared_dir=str(tmp_path / "out"), workers=1
+    )
+    run_prepare(config, progress=False)
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.sub(r"done in \S+$", "done", line) for line in lines if line.startswith("[prepare]")] == [
+        "[prepare] scanning: 2/2 items (100%), done",
+        "[prepare] decoding: 6/6 items (100%), done",
+    ], lines

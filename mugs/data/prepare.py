@@ -36,19 +36,11 @@ from collections.abc import Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from mugs.config import DataConfig
 from mugs.data.sources import (
@@ -65,6 +57,10 @@ from mugs.data.sources import (
     imagefolder_layout,
     to_rgb,
 )
+from mugs.progress import PlainProgress, progress_display
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 FORMAT_VERSION = 1
 # Bump when the per-file verification changes, so cached results from older code are discarded.
@@ -119,7 +115,7 @@ def run_prepare(config: DataConfig, *, progress: bool = True) -> PrepareSummary:
     if config.max_per_class is not None and config.max_per_class <= 0:
         raise DataError(f"data.max_per_class must be positive, got {config.max_per_class}")
 
-    with _progress(progress) as bar:
+    with progress_display(progress) as bar:
         if config.source == "fashion-mnist":
             result = _prepare_fashion_mnist(config, bar)
         else:
@@ -367,7 +363,7 @@ def _fashion_classes(selected: list[str] | None) -> list[str]:
     return [c for c in FASHION_MNIST_CLASSES if c in selected]
 
 
-def _prepare_fashion_mnist(config: DataConfig, bar: Progress) -> dict[str, Any]:
+def _prepare_fashion_mnist(config: DataConfig, bar: Progress | PlainProgress) -> dict[str, Any]:
     root = Path(config.root)
     if not root.is_dir():
         raise DataError(
@@ -430,7 +426,7 @@ def _prepare_fashion_mnist(config: DataConfig, bar: Progress) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ ImageFolder
 
 
-def _prepare_imagefolder(config: DataConfig, bar: Progress, out: Path) -> dict[str, Any]:
+def _prepare_imagefolder(config: DataConfig, bar: Progress | PlainProgress, out: Path) -> dict[str, Any]:
     root = Path(config.root)
     classes, layout = imagefolder_layout(root, config.classes)
     coarse = imagefolder_coarse(root, classes)
@@ -699,15 +695,3 @@ class _Cache:
 
     def close(self) -> None:
         self.db.close()
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description:>10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
