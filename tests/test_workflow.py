@@ -344,8 +344,9 @@ def test_snakemake_runs_the_whole_pipeline(pipelines: dict[str, Path]) -> None:
 
 # what `tee` copies from each job's log to Snakemake's output (the terminal of `make demo`)
 PRETRAIN_PROGRESS = re.compile(
-    rf"^\[pretrain {RUN}\] pretrain: (\d+)/16 iterations \(\d+%\), [\d.e+]+ iterations/s, "
-    r"\d+:\d\d:\d\d left$",
+    # the loss and learning rate of the latest log line join the description once there is one
+    rf"^\[pretrain {RUN}\] pretrain(?: loss \S+ lr \S+)?: (\d+)/16 iterations \(\d+%\), "
+    r"[\d.e+]+ iterations/s, \d+:\d\d:\d\d left$",
     re.MULTILINE,
 )
 
