@@ -1,55 +1,84 @@
-# Downstream evaluations of each run's selected checkpoint, one rule per protocol, all written once
-# below; each writes a metrics JSON with its provenance. The top-level `protocols:` list chooses which
-# ones `all` asks for.
+# Downstream evaluations of each run's selected checkpoint, one rule per protocol; each writes a
+# metrics JSON with its provenance. The top-level `protocols:` list chooses which ones `all` asks for.
 
-# protocol (the rule and the `mugs` command) → the checkpoint it evaluates, its metrics file, its log.
+
 # knn and linear also evaluate the random-init baseline (workflow/rules/baselines.smk): the same
 # command on the checkpoint of `evaluated_checkpoint`, writing into results/{run}/random-init/.
-EVALUATIONS = {
-    "knn": (
+rule knn:
+    input:
         evaluated_checkpoint,
+    output:
         "results/{run}/{evaluated}/knn.json",
+    log:
         "results/logs/knn-{run}-{evaluated}.log",
-    ),
-    "linear": (
+    conda:
+        "../../envs/mugs.yaml"
+    threads: rule_threads("knn")
+    resources:
+        **rule_resources("knn"),
+    params:
+        config_files=lambda w: RUN_FILES[w.run],
+        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["knn"]),
+    shell:
+        "mugs knn {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " 2>&1 | tee {log:q}"
+
+
+rule linear:
+    input:
         evaluated_checkpoint,
+    output:
         "results/{run}/{evaluated}/linear.json",
+    log:
         "results/logs/linear-{run}-{evaluated}.log",
-    ),
-    "fewshot": (
+    conda:
+        "../../envs/mugs.yaml"
+    threads: rule_threads("linear")
+    resources:
+        **rule_resources("linear"),
+    params:
+        config_files=lambda w: RUN_FILES[w.run],
+        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["linear"]),
+    shell:
+        "mugs linear {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " 2>&1 | tee {log:q}"
+
+
+rule fewshot:
+    input:
         "results/{run}/eval/selected.pt",
+    output:
         "results/{run}/eval/fewshot.json",
+    log:
         "results/logs/fewshot-{run}.log",
-    ),
-    "finetune": (
+    conda:
+        "../../envs/mugs.yaml"
+    threads: rule_threads("fewshot")
+    resources:
+        **rule_resources("fewshot"),
+    params:
+        config_files=lambda w: RUN_FILES[w.run],
+        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["fewshot"]),
+    shell:
+        "mugs fewshot {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " 2>&1 | tee {log:q}"
+
+
+rule finetune:
+    input:
         "results/{run}/eval/selected.pt",
+    output:
         "results/{run}/eval/finetune.json",
+    log:
         "results/logs/finetune-{run}.log",
-    ),
-}
-
-for protocol, (checkpoint, metrics, log_file) in EVALUATIONS.items():
-
-    # the command is an f-string, so that its text (Snakemake's rerun trigger on code) and the
-    # params are what they were with a rule written per protocol; `keys=` binds this protocol's
-    # settings, which a lambda would otherwise read from the loop's last protocol
-    rule:
-        name:
-            protocol
-        input:
-            checkpoint,
-        output:
-            metrics,
-        log:
-            log_file,
-        conda:
-            "../../envs/mugs.yaml"
-        threads: rule_threads(protocol)
-        resources:
-            **rule_resources(protocol),
-        params:
-            config_files=lambda w: RUN_FILES[w.run],
-            settings=lambda w, keys=PROTOCOL_SETTINGS[protocol]: settings(w.run, *keys),
-        shell:
-            f"mugs {protocol} {{input:q}} --out {{output:q}} --config {{params.config_files:q}}"
-            " --run {wildcards.run:q} --no-progress 2>&1 | tee {log:q}"
+    conda:
+        "../../envs/mugs.yaml"
+    threads: rule_threads("finetune")
+    resources:
+        **rule_resources("finetune"),
+    params:
+        config_files=lambda w: RUN_FILES[w.run],
+        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["finetune"]),
+    shell:
+        "mugs finetune {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
+        " 2>&1 | tee {log:q}"
