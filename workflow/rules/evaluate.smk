@@ -1,84 +1,63 @@
-# Downstream evaluations of each run's selected checkpoint, one rule per protocol; each writes a
-# metrics JSON with its provenance. The top-level `protocols:` list chooses which ones `all` asks for.
+# Downstream evaluations of each run's selected checkpoint, one rule per protocol, all written once
+# below; each writes a metrics JSON with its provenance. The top-level `protocols:` list chooses which
+# ones `all` asks for.
 
-
+# protocol (the rule and the `mugs` command) → the checkpoint it evaluates, its metrics file, its log.
 # knn and linear also evaluate the random-init baseline (workflow/rules/baselines.smk): the same
 # command on the checkpoint of `evaluated_checkpoint`, writing into results/{run}/random-init/.
-rule knn:
-    input:
+EVALUATIONS = {
+    "knn": (
         evaluated_checkpoint,
-    output:
         "results/{run}/{evaluated}/knn.json",
-    log:
         "results/logs/knn-{run}-{evaluated}.log",
-    conda:
-        "../../envs/mugs.yaml"
-    threads: rule_threads("knn")
-    resources:
-        **rule_resources("knn"),
-    params:
-        config_files=lambda w: RUN_FILES[w.run],
-        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["knn"]),
-    shell:
-        "mugs knn {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " 2>&1 | tee {log:q}"
-
-
-rule linear:
-    input:
+    ),
+    "linear": (
         evaluated_checkpoint,
-    output:
         "results/{run}/{evaluated}/linear.json",
-    log:
         "results/logs/linear-{run}-{evaluated}.log",
-    conda:
-        "../../envs/mugs.yaml"
-    threads: rule_threads("linear")
-    resources:
-        **rule_resources("linear"),
-    params:
-        config_files=lambda w: RUN_FILES[w.run],
-        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["linear"]),
-    shell:
-        "mugs linear {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " 2>&1 | tee {log:q}"
-
-
-rule fewshot:
-    input:
+    ),
+    "fewshot": (
         "results/{run}/eval/selected.pt",
-    output:
         "results/{run}/eval/fewshot.json",
-    log:
         "results/logs/fewshot-{run}.log",
-    conda:
-        "../../envs/mugs.yaml"
-    threads: rule_threads("fewshot")
-    resources:
-        **rule_resources("fewshot"),
-    params:
-        config_files=lambda w: RUN_FILES[w.run],
-        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["fewshot"]),
-    shell:
-        "mugs fewshot {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " 2>&1 | tee {log:q}"
-
-
-rule finetune:
-    input:
+    ),
+    "finetune": (
         "results/{run}/eval/selected.pt",
-    output:
         "results/{run}/eval/finetune.json",
-    log:
         "results/logs/finetune-{run}.log",
-    conda:
-        "../../envs/mugs.yaml"
-    threads: rule_threads("finetune")
-    resources:
-        **rule_resources("finetune"),
-    params:
-        config_files=lambda w: RUN_FILES[w.run],
-        settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS["finetune"]),
-    shell:
-        "mugs finetune {input:q} --out {output:q} --config {params.config_files:q} --run {wildcards.run:q} --no-progress"
-        " 2>&1 | tee {log:q}"
+    ),
+}
+
+
+def evaluation_rule(protocol, checkpoint, metrics, log_file):
+    """Define the rule `protocol`, which runs `mugs <protocol>` on `checkpoint`."""
+
+    # A function, not the body of a loop over the protocols: Snakemake evaluates the shell text twice,
+    # where the rule is defined (the command that dry runs print, that its code rerun trigger and
+    # dvc.yaml read) and again inside the job's run function when the job runs, where a loop variable
+    # would hold the last protocol by then; here each rule's run function keeps its own `protocol`.
+    # The text is the one each rule had when written out by hand, so nothing reruns.
+    rule:
+        name:
+            protocol
+        input:
+            checkpoint,
+        output:
+            metrics,
+        log:
+            log_file,
+        conda:
+            "../../envs/mugs.yaml"
+        threads: rule_threads(protocol)
+        resources:
+            **rule_resources(protocol),
+        params:
+            config_files=lambda w: RUN_FILES[w.run],
+            settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS[protocol]),
+        shell:
+            f"mugs {protocol} {{input:q}} --out {{output:q}} --config {{params.config_files:q}}"
+            " --run {wildcards.run:q} --no-progress 2>&1 | tee {log:q}"
+
+
+for protocol, paths in EVALUATIONS.items():
+    evaluation_rule(protocol, *paths)
