@@ -57,6 +57,25 @@ RESULT_KEYS: dict[str, tuple[str, ...]] = {
         "evaluate.fewshot_max_iter",
     ),
     "finetune": ("finetune",),
+    # the baselines: the run's networks at their random initialisation (what build_networks reads,
+    # seeded as pretraining starts), evaluated by the knn and linear rules; the raw pixels under kNN
+    "random_init": (
+        "model",
+        "loss.instance_weight",
+        "loss.local_group_weight",
+        "loss.group_weight",
+        "loss.local_group_queue_size",
+        "loss.local_group_knn_top_n",
+        "loss.memory_pointer",
+        "augment.global_size",
+        "train.seed",
+    ),
+    "raw_pixel_knn": (
+        "augment.global_size",
+        "evaluate.knn_k",
+        "evaluate.knn_temperature",
+        "evaluate.knn_split",
+    ),
 }
 
 # where the raw data lie, not what they are: moving them prepares the data again, but a pretraining

@@ -20,19 +20,7 @@ rule random_init:
         **rule_resources("random_init"),
     params:
         config_files=lambda w: RUN_FILES[w.run],
-        # what the networks' construction reads (mugs.training.engine.build_networks)
-        settings=lambda w: settings(
-            w.run,
-            "model",
-            "loss.instance_weight",
-            "loss.local_group_weight",
-            "loss.group_weight",
-            "loss.local_group_queue_size",
-            "loss.local_group_knn_top_n",
-            "loss.memory_pointer",
-            "augment.global_size",
-            "train.seed",
-        ),
+        settings=lambda w: settings(w.run, *RESULT_KEYS["random_init"]),
     shell:
         "mugs init-checkpoint --out {output:q} --config {params.config_files:q} --run {wildcards.run:q}"
         " 2>&1 | tee {log:q}"
@@ -53,13 +41,7 @@ rule raw_pixel_knn:
     params:
         config_files=RUN_FILES[RUNS[0]],
         run=RUNS[0],
-        settings=settings(
-            None,
-            "augment.global_size",
-            "evaluate.knn_k",
-            "evaluate.knn_temperature",
-            "evaluate.knn_split",
-        ),
+        settings=settings(None, *RESULT_KEYS["raw_pixel_knn"]),
     shell:
         "mugs raw-pixel-knn --out {output:q} --config {params.config_files:q} --run {params.run:q}"
         " --no-progress 2>&1 | tee {log:q}"

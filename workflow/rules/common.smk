@@ -124,12 +124,6 @@ def rule_resources(rule_name):
     return {**table.get("default", {}), **table.get(rule_name, {})}
 
 
-PROTOCOL_SETTINGS = {
-    protocol: RESULT_KEYS[protocol]
-    for protocol in ("knn", "linear", "fewshot", "finetune")
-}
-
-
 def evaluation_outputs(run):
     return [f"results/{run}/eval/{protocol}.json" for protocol in config["protocols"]]
 

@@ -53,7 +53,7 @@ def evaluation_rule(protocol, checkpoint, metrics, log_file):
             **rule_resources(protocol),
         params:
             config_files=lambda w: RUN_FILES[w.run],
-            settings=lambda w: settings(w.run, *PROTOCOL_SETTINGS[protocol]),
+            settings=lambda w: settings(w.run, *RESULT_KEYS[protocol]),
         shell:
             f"mugs {protocol} {{input:q}} --out {{output:q}} --config {{params.config_files:q}}"
             " --run {wildcards.run:q} --no-progress 2>&1 | tee {log:q}"
