@@ -626,7 +626,28 @@ def _check_combinations(config: Config) -> None:
     ):
         if epoch is not None and epoch > optim.epochs:
             _warn(f"{key}={epoch} lies beyond optim.epochs={optim.epochs}")
+    data = config.data
+    if data.source == "fashion-mnist" and data.classes is not None:
+        from mugs.data.sources import FASHION_MNIST_CLASSES  # numpy and PIL: only for a class list
+
+        unknown = [name for name in data.classes if name not in FASHION_MNIST_CLASSES]
+        if unknown:
+            raise ConfigError(
+                f"data.classes {unknown} are not Fashion-MNIST classes; valid: {FASHION_MNIST_CLASSES}"
+            )
     launch = config.launch
+    if launch.launcher == "slurm":
+        world_size = launch.nodes * launch.tasks_per_node
+        if optim.batch_size % world_size:
+            raise ConfigError(
+                f"optim.batch_size={optim.batch_size} does not divide by the world size {world_size} "
+                f"(launch.nodes={launch.nodes} × launch.tasks_per_node={launch.tasks_per_node})"
+            )
+        if launch.gpus_per_node and launch.tasks_per_node != launch.gpus_per_node:
+            raise ConfigError(
+                f"launch.tasks_per_node={launch.tasks_per_node} must equal launch.gpus_per_node="
+                f"{launch.gpus_per_node}: one rank per GPU"
+            )
     if launch.signal_delay_s >= launch.timeout_min * 60:
         raise ConfigError(
             f"launch.signal_delay_s={launch.signal_delay_s} leaves no time to run within "

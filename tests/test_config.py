@@ -125,6 +125,19 @@ def test_ranges_accept_their_bounds_and_refuse_beyond(key: str, inside, outside)
         ({"augment": {"local_scale": [0.3, 0.2]}}, r"augment\.local_scale=\[0\.3, 0\.2\]"),
         ({"finetune": {"warmup_epochs": 3}}, r"finetune\.warmup_epochs=3 exceeds finetune\.epochs=2"),
         ({"loss": {"local_group_knn_top_n": 5000}}, r"local_group_knn_top_n=5000 exceeds .*queue_size=4096"),
+        (
+            {"data": {"classes": ["Trouser", "Sock"]}},
+            r"data\.classes \['Sock'\] are not Fashion-MNIST classes",
+        ),
+        (
+            {"launch": {"launcher": "slurm", "nodes": 2, "tasks_per_node": 3}},
+            r"optim\.batch_size=64 does not divide by the world size 6 "
+            r"\(launch\.nodes=2 × launch\.tasks_per_node=3\)",
+        ),
+        (
+            {"launch": {"launcher": "slurm", "gpus_per_node": 2}},
+            r"launch\.tasks_per_node=1 must equal launch\.gpus_per_node=2: one rank per GPU",
+        ),
     ],
 )
 def test_impossible_combinations_are_errors_naming_the_keys(values: dict, message: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import submitit
 from rich.console import Console
 
-from mugs.config import Config, ConfigError, config_from_dict
+from mugs.config import Config, ConfigError, config_from_dict, merge_values
 from mugs.launch.distributed_env import slurm_process_group
 from mugs.launch.local import backend_for
 from mugs.training import checkpoint as ckpt
@@ -266,20 +266,11 @@ def preflight_problems(config: Config, partitions: dict[str, Partition] | None) 
     launch = config.launch
     problems = []
     try:
-        config_from_dict(config.to_dict())
+        # the job's shape is checked with the rest of the values, as a SLURM run's (whatever launcher
+        # the file names: this is the SLURM launcher)
+        config_from_dict(merge_values(config.to_dict(), {"launch": {"launcher": "slurm"}}))
     except ConfigError as error:
         problems.append(f"the configuration does not validate: {error}")
-    world_size = launch.nodes * launch.tasks_per_node
-    if config.optim.batch_size % world_size:
-        problems.append(
-            f"optim.batch_size={config.optim.batch_size} does not divide by the world size {world_size} "
-            f"(launch.nodes={launch.nodes} × launch.tasks_per_node={launch.tasks_per_node})"
-        )
-    if launch.gpus_per_node and launch.tasks_per_node != launch.gpus_per_node:
-        problems.append(
-            f"launch.tasks_per_node={launch.tasks_per_node} must equal launch.gpus_per_node="
-            f"{launch.gpus_per_node}: one rank per GPU"
-        )
     problems += _data_problems(config)
     if partitions is None:
         problems.append("sinfo failed: cannot check the partition (is this a SLURM login node?)")
