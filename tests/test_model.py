@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from mugs.config import ModelConfig
 from mugs.model import (
     VIT_SIZES,
     GroupHead,
@@ -22,16 +24,29 @@ from mugs.model import (
     create_mugs_network,
 )
 
-TINY = dict(patch_size=4, img_size=32, hidden_dim=32, out_dim=16, predictor_hidden_dim=48, group_out_dim=64)
+TINY = dict(
+    patch_size=4,
+    hidden_dim=32,
+    out_dim=16,
+    predictor_hidden_dim=48,
+    group_out_dim=64,
+    drop_path_rate=0.0,
+    norm_last_layer=True,
+)
+MODEL_KEYS = {field.name for field in dataclasses.fields(ModelConfig)}
 
 
 def _net(monkeypatch: pytest.MonkeyPatch, student: bool = True, **overrides) -> MugsNetwork:
     # A two-block, 32-wide ViT keeps the network tests fast; the factory path is the real one.
     monkeypatch.setitem(VIT_SIZES, "vit_micro", (32, 2, 2))
     torch.manual_seed(0)
-    kwargs = dict(TINY, memory_size=32, top_n=4)
-    kwargs.update(overrides)
-    return create_mugs_network("vit_micro", student=student, **kwargs)
+    model = {key: value for key, value in overrides.items() if key in MODEL_KEYS}
+    others = {key: value for key, value in overrides.items() if key not in MODEL_KEYS}
+    return create_mugs_network(
+        ModelConfig(**{"arch": "vit_micro", **TINY, **model}),
+        student=student,
+        **{"img_size": 32, "memory_size": 32, "top_n": 4, **others},
+    )
 
 
 def _crops(batch: int = 2) -> list[torch.Tensor]:

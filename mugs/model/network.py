@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mugs import distributed
-from mugs.config import Config
+from mugs.config import Config, ModelConfig
 from mugs.losses import loss_weights
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.model.heads import GroupHead, ProjectionPredictionHead
@@ -93,55 +93,44 @@ class MugsNetwork(nn.Module):
 
 
 def create_mugs_network(
-    arch: str,
+    model: ModelConfig,
     *,
     student: bool,
-    patch_size: int = 16,
     img_size: int = 224,
-    drop_path_rate: float = 0.0,
     instance: bool = True,
     local_group: bool = True,
     group: bool = True,
-    hidden_dim: int = 2048,
-    out_dim: int = 256,
-    predictor_hidden_dim: int = 4096,
-    group_out_dim: int = 65536,
-    use_bn_in_head: bool = False,
-    norm_last_layer: bool = True,
-    norm_before_pred: bool = True,
     memory_size: int = 65536,
     top_n: int = 8,
     memory_pointer: str = "fixed",
-    depth: int | None = None,
 ) -> MugsNetwork:
-    """Build a student (``student=True``: heads with predictors) or a teacher network.
+    """Build a student (``student=True``: heads with predictors) or a teacher network of ``model``.
 
     A disabled supervision (``instance`` / ``local_group`` / ``group`` False) gets no head; without
     the local-group head there is no memory and no relation block either. The teacher's parameter
     names are a subset of the student's (same shapes), so EMA can match them by name.
-    ``drop_path_rate`` is the student's stochastic depth; a teacher always gets 0 (METHOD §2).
-    ``out_dim`` is also the group head's bottleneck width and ``hidden_dim`` its hidden width, as in
-    the official configuration.
+    ``model.drop_path_rate`` is the student's stochastic depth; a teacher always gets 0 (METHOD §2).
+    The group head's bottleneck and hidden widths are ``model.out_dim`` and ``model.hidden_dim`` (official).
     """
     backbone = create_backbone(
-        arch,
-        patch_size=patch_size,
+        model.arch,
+        patch_size=model.patch_size,
         img_size=img_size,
-        drop_path_rate=drop_path_rate if student else 0.0,
+        drop_path_rate=model.drop_path_rate if student else 0.0,
         relation_block=local_group,
-        depth=depth,
+        depth=model.depth,
     )
     dim = backbone.embed_dim
 
     def projection_head() -> ProjectionPredictionHead:
         return ProjectionPredictionHead(
             dim,
-            hidden_dim=hidden_dim,
-            out_dim=out_dim,
-            use_bn=use_bn_in_head,
+            hidden_dim=model.hidden_dim,
+            out_dim=model.out_dim,
+            use_bn=model.use_bn_in_head,
             predictor=student,
-            predictor_hidden_dim=predictor_hidden_dim,
-            norm_before_pred=norm_before_pred,
+            predictor_hidden_dim=model.predictor_hidden_dim,
+            norm_before_pred=model.norm_before_pred,
         )
 
     return MugsNetwork(
@@ -151,11 +140,11 @@ def create_mugs_network(
         group_head=(
             GroupHead(
                 dim,
-                out_dim=group_out_dim,
-                hidden_dim=hidden_dim,
-                bottleneck_dim=out_dim,
-                use_bn=use_bn_in_head,
-                norm_last_layer=norm_last_layer,
+                out_dim=model.group_out_dim,
+                hidden_dim=model.hidden_dim,
+                bottleneck_dim=model.out_dim,
+                use_bn=model.use_bn_in_head,
+                norm_last_layer=model.norm_last_layer,
             )
             if group
             else None
@@ -166,27 +155,18 @@ def create_mugs_network(
 
 def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
     """Student and teacher; the teacher starts from the student's parameters (not its memory)."""
-    model, loss, enabled = config.model, config.loss, loss_weights(config)
+    loss, enabled = config.loss, loss_weights(config)
     common = dict(
-        patch_size=model.patch_size,
         img_size=config.augment.global_size,
         instance="instance" in enabled,
         local_group="local_group" in enabled,
         group="group" in enabled,
-        hidden_dim=model.hidden_dim,
-        out_dim=model.out_dim,
-        predictor_hidden_dim=model.predictor_hidden_dim,
-        group_out_dim=model.group_out_dim,
-        use_bn_in_head=model.use_bn_in_head,
-        norm_last_layer=model.norm_last_layer,
-        norm_before_pred=model.norm_before_pred,
         memory_size=loss.local_group_queue_size,
         top_n=loss.local_group_knn_top_n,
         memory_pointer=loss.memory_pointer,
-        depth=model.depth,
     )
-    student = create_mugs_network(model.arch, student=True, drop_path_rate=model.drop_path_rate, **common)
-    teacher = create_mugs_network(model.arch, student=False, drop_path_rate=0.0, **common)
+    student = create_mugs_network(config.model, student=True, **common)
+    teacher = create_mugs_network(config.model, student=False, **common)
     student_parameters = dict(student.named_parameters())
     with torch.no_grad():
         for name, parameter in teacher.named_parameters():
