@@ -15,16 +15,18 @@ arithmetic. Which rows an op applies to is host data (the parameters arrive on t
 selected with index tensors of known size: nothing is read back from the device.
 
 Known departures from the reference, bounded by tests/test_device_augment.py: RandAugment's pixel ops
-run after the crop instead of on the whole image before it, so AutoContrast, Equalize and Contrast
-take their statistics from the crop; RandAugment's geometric ops resample with the crop's bicubic
-kernel (PIL's bilinear or bicubic, once more); PIL's Gaussian blur is an extended box filter, here a
-Gaussian kernel of the same σ.
+run after the crop instead of on the whole image before it (threshold ops such as Posterize and
+Solarize then cut interpolated pixels); AutoContrast, Equalize and Contrast read the statistics of the
+image before RandAugment, not after the op of the layer before theirs; RandAugment's geometric ops
+resample with the crop's bicubic kernel (PIL's bilinear or bicubic, once more); PIL's Gaussian blur is
+an extended box filter, here a Gaussian kernel of the same σ.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,12 +35,36 @@ from torch import Tensor
 from mugs.data.device_params import RAND_AUGMENT_OPS, DeviceBatch, ViewParams
 from mugs.data.transforms import CropFinisher, MultiCropBatch, rand_augment_fill
 
-__all__ = ["DeviceAugmentation", "render_views"]
+__all__ = ["DeviceAugmentation", "ImageStats", "image_stats", "render_views"]
 
 _MAX_SUPERSAMPLING = 4
 _BLUR_REACH = 3.0  # kernel half-width in σ
 _MAX_BLUR_SIGMA = 2.0
 _LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion
+
+
+class ImageStats(NamedTuple):
+    """Per image of a batch and channel: lowest and highest grey level, ``[256]`` histogram; the mean
+    of its "L" conversion. RandAugment's AutoContrast, Equalize and Contrast read them."""
+
+    low: Tensor
+    high: Tensor
+    histogram: Tensor
+    grey_mean: Tensor
+
+
+def image_stats(images: Tensor, sizes: Tensor) -> ImageStats:
+    """:class:`ImageStats` of a batch's float ``images`` over their own ``sizes`` (not the padding)."""
+    rows, channels, height, width = images.shape
+    in_width = torch.arange(width, device=images.device) < sizes[:, :1]
+    in_height = torch.arange(height, device=images.device) < sizes[:, 1:]
+    inside = (in_height[:, :, None] & in_width[:, None, :])[:, None]
+    low = torch.where(inside, images, math.inf).amin((2, 3))
+    high = torch.where(inside, images, -math.inf).amax((2, 3))
+    weights = inside.expand_as(images).flatten(2).to(images.dtype)
+    histogram = images.new_zeros(rows, channels, 256).scatter_add_(2, images.flatten(2).long(), weights)
+    grey_mean = (_grey(images) * inside).sum((1, 2, 3)) / inside.sum((1, 2, 3))
+    return ImageStats(low, high, histogram, grey_mean)
 
 
 def _per_row(values: Tensor) -> Tensor:
@@ -72,8 +98,11 @@ def _solarize_add(x: Tensor, add: Tensor) -> Tensor:
     return torch.where(x < 128, (x + _per_row(add)).clamp_(max=255), x)
 
 
-def _contrast(x: Tensor, factor: Tensor) -> Tensor:
-    mean = _grey(x).mean((1, 2, 3), keepdim=True).add_(0.5).floor_()
+def _contrast(x: Tensor, factor: Tensor, grey_mean: Tensor | None = None) -> Tensor:
+    """PIL's ImageEnhance.Contrast: a blend with the grey mean (the crop's when not given), rounded."""
+    if grey_mean is None:
+        grey_mean = _grey(x).mean((1, 2, 3))
+    mean = _per_row(grey_mean.add(0.5).floor_())
     return _blend(mean.expand_as(x), x, factor)
 
 
@@ -87,30 +116,26 @@ def _sharpness(x: Tensor, factor: Tensor) -> Tensor:
     return _blend(degenerate, x, factor)
 
 
-def _autocontrast(x: Tensor, _: Tensor) -> Tensor:
-    low = x.amin((2, 3), keepdim=True)
-    high = x.amax((2, 3), keepdim=True)
-    scale = 255 / (high - low).clamp_(min=1)
-    stretched = ((x - low) * scale).floor_()
+def _autocontrast(x: Tensor, _: Tensor, stats: ImageStats) -> Tensor:
+    """PIL's ``ImageOps.autocontrast`` per channel, stretching the image's range to 0-255."""
+    low, high = stats.low[..., None, None], stats.high[..., None, None]
+    stretched = ((x - low) * (255 / (high - low).clamp(min=1))).floor_().clamp_(0, 255)
     return torch.where(high > low, stretched, x)
 
 
-def _equalize(x: Tensor, _: Tensor) -> Tensor:
-    """PIL's ``ImageOps.equalize`` per channel: a lookup table from the channel's histogram."""
-    rows, channels = x.shape[:2]
-    levels = x.flatten(2).long()
-    histogram = torch.zeros(rows, channels, 256, device=x.device).scatter_add_(
-        2, levels, torch.ones_like(levels, dtype=torch.float32)
-    )
+def _equalize(x: Tensor, _: Tensor, stats: ImageStats) -> Tensor:
+    """PIL's ``ImageOps.equalize`` per channel: a lookup table from the image's histogram."""
+    histogram = stats.histogram
     top = torch.arange(256, device=x.device).mul(histogram > 0).amax(2, keepdim=True)
     step = ((histogram.sum(2, keepdim=True) - histogram.gather(2, top)) / 255).floor_()
     below = histogram.cumsum(2) - histogram  # pixels under each level
     lut = ((below + (step / 2).floor_()) / step.clamp(min=1)).floor_().clamp_(max=255)
-    equalised = lut.gather(2, levels).view_as(x).to(x.dtype)
-    return torch.where(step.view(rows, channels, 1, 1) > 0, equalised, x)  # a flat channel: unchanged
+    equalised = lut.gather(2, x.flatten(2).long()).view_as(x).to(x.dtype)
+    return torch.where(step[..., None] > 0, equalised, x)  # a flat channel stays as it is
 
 
-_RAND_AUGMENT: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+_WHOLE_IMAGE = {"AutoContrast", "Equalize", "Contrast"}  # these read statistics of the whole image
+_RAND_AUGMENT: dict[str, Callable[..., Tensor]] = {
     "AutoContrast": _autocontrast,
     "Equalize": _equalize,
     "Invert": lambda x, _: 255 - x,
@@ -118,7 +143,7 @@ _RAND_AUGMENT: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "Solarize": _solarize,
     "SolarizeAdd": _solarize_add,
     "Color": lambda x, factor: _blend(_grey(x).expand_as(x), x, factor),
-    "Contrast": _contrast,
+    "Contrast": lambda x, factor, stats: _contrast(x, factor, stats.grey_mean),
     "Brightness": lambda x, factor: _blend(torch.zeros_like(x), x, factor),
     "Sharpness": _sharpness,
 }
@@ -165,15 +190,24 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
     return _quantise(flat.view_as(x))
 
 
-def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor) -> Tensor:
+def _rows_of(value: Tensor | ImageStats, rows: Tensor | None, like: Tensor) -> Tensor | ImageStats:
+    """``rows`` of a host or device tensor (all when ``None``), on ``like``'s device, floats as its."""
+    if isinstance(value, ImageStats):
+        return ImageStats(*(_rows_of(field, rows, like) for field in value))
+    if rows is not None:
+        value = value.index_select(0, rows.to(value.device, non_blocking=True))
+    return value.to(like.device, like.dtype, non_blocking=True)
+
+
+def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor | ImageStats) -> Tensor:
     """``op`` on the rows where the host tensor ``mask`` is True, with those rows of ``args``."""
     rows = mask.nonzero().flatten()
     if not len(rows):
         return x
     if len(rows) == len(mask):
-        return op(x, *(arg.to(x.device, x.dtype, non_blocking=True) for arg in args))
+        return op(x, *(_rows_of(arg, None, x) for arg in args))
     on_device = rows.to(x.device, non_blocking=True)
-    picked = (arg[rows].to(x.device, x.dtype, non_blocking=True) for arg in args)
+    picked = (_rows_of(arg, rows, x) for arg in args)
     return x.index_copy(0, on_device, op(x.index_select(0, on_device), *picked))
 
 
@@ -191,9 +225,12 @@ def _outside(points: Tensor, sizes: Tensor) -> Tensor:
     return ((points < 0) | (points >= limits)).any(-1)[:, None].to(points.dtype)
 
 
-def render_views(images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Sequence[int]) -> Tensor:
+def render_views(
+    images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Sequence[int], stats: ImageStats
+) -> Tensor:
     """``[B, 3, size, size]`` float grey levels of one crop position's views of ``images`` (float,
-    on the device; ``sizes`` their (width, height) on the device), drawn as ``params`` (on the host)."""
+    on the device; ``sizes`` their (width, height) and ``stats`` their :func:`image_stats`, on the
+    device), drawn as ``params`` (on the host)."""
     device, dtype = images.device, images.dtype
     stride = params.source_map[:, :, :2].norm(dim=1).max().item()  # host tensor: no device sync
     supersampling = min(_MAX_SUPERSAMPLING, max(1, math.ceil(stride - 1e-6)))
@@ -213,10 +250,11 @@ def render_views(images: Tensor, sizes: Tensor, params: ViewParams, size: int, f
             x = _quantise(torch.lerp(x, fill_colour.expand_as(x), uncovered))
         ops = params.ra_ops[:, layer]
         for index in ops.unique().tolist():
-            if index:
-                x = _on_rows(
-                    x, ops == index, _RAND_AUGMENT[RAND_AUGMENT_OPS[index]], params.ra_args[:, layer]
-                )
+            name = RAND_AUGMENT_OPS[index]
+            if name in _WHOLE_IMAGE:
+                x = _on_rows(x, ops == index, _RAND_AUGMENT[name], params.ra_args[:, layer], stats)
+            elif index:
+                x = _on_rows(x, ops == index, _RAND_AUGMENT[name], params.ra_args[:, layer])
     return _weak_colour(x, params)
 
 
@@ -251,9 +289,11 @@ class DeviceAugmentation:
     def __call__(self, batch: DeviceBatch) -> list[Tensor]:
         images = batch.images.to(self.device, non_blocking=True).to(torch.float32)
         sizes = batch.sizes.to(self.device, non_blocking=True)
+        stats = image_stats(images, sizes)
+        sizes_per_position = [self.global_size] * 4 + [self.local_size] * (len(batch.params) - 4)
         crops = [
-            render_views(images, sizes, params, self.global_size if i < 4 else self.local_size, self.fill)
-            for i, params in enumerate(batch.params)
+            render_views(images, sizes, params, size, self.fill, stats)
+            for params, size in zip(batch.params, sizes_per_position, strict=True)
         ]
         boxes = [params.erase_box for params in batch.params]
         return self.finisher(MultiCropBatch(crops, boxes, batch.erase_noise, batch.weak_flags, batch.labels))
