@@ -3,7 +3,10 @@ the parameters a seeded sample draws, no host reads of device values, and traini
 
 from __future__ import annotations
 
+import itertools
 import random
+import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,14 +16,20 @@ from timm.data import auto_augment
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
+from mugs.config import Config, config_from_dict
 from mugs.data.device_augment import DeviceAugmentation, image_stats, render_views
 from mugs.data.device_params import RAND_AUGMENT_OPS, DeviceMultiCropParams, ViewParams, collate_device
+from mugs.data.prepare import run_prepare
+from mugs.data.sources import FASHION_MNIST_SYSTEM_DIR, install_demo_data
 from mugs.data.transforms import MultiCropAugmentation, posterize_or_black, rand_augment_fill
 from mugs.data.windowed import AffineProbe
+from mugs.evaluation.knn import run_knn
 from mugs.testing.synthetic import SyntheticImages
+from mugs.training.pretrain import run_pretraining
 
 MEAN = (0.485, 0.456, 0.406)
 FILL = rand_augment_fill(MEAN)
+FILL_COLOUR = torch.tensor(FILL, dtype=torch.float32).view(1, 3, 1, 1)
 BOX = (30, 50, 150, 170)  # top, left, height, width: a global crop's share of the image
 SIZE = 96
 BICUBIC = Image.Resampling.BICUBIC
@@ -69,7 +78,7 @@ def view_params(
 def device_crop(image: Image.Image, params: ViewParams) -> torch.Tensor:
     pixels = F.pil_to_tensor(image)[None].to(torch.float32)
     sizes = torch.tensor([image.size])
-    return render_views(pixels, sizes, params, SIZE, FILL, image_stats(pixels, sizes))[0]
+    return render_views(pixels, sizes, params, SIZE, FILL_COLOUR, image_stats(pixels, sizes))[0]
 
 
 def reference_crop(image: Image.Image) -> Image.Image:
@@ -177,7 +186,7 @@ def test_a_seeded_sample_draws_the_reference_parameters_and_gets_close_views() -
             size = settings["global_size"] if position < 4 else settings["local_size"]
             pixels = batch.images.to(torch.float32)
             stats = image_stats(pixels, batch.sizes)
-            got = render_views(pixels, batch.sizes, params, size, FILL, stats)[0]
+            got = render_views(pixels, batch.sizes, params, size, FILL_COLOUR, stats)[0]
             difference = (got - expected.crops[position].to(torch.float32)).abs().mean()
             means.append(float(difference))
             ops.update(params.ra_ops.flatten().tolist())
@@ -199,3 +208,51 @@ def test_rendering_never_reads_device_values_on_the_host() -> None:
     crops = augment(batch)
     assert [tuple(c.shape) for c in crops] == [(16, 3, 32, 32)] * 4 + [(16, 3, 16, 16)] * 6
     assert all(c.device.type == "meta" for c in crops)
+
+
+def _demo_config(tmp: Path, backend: str, seed: int) -> Config:
+    """The demo preset shrunk (as in test_evaluation_e2e): 16-px globals of 8-px patches, 210 train and
+    230 test Fashion-MNIST images, batch 16, 2 epochs; one thread, no loader processes."""
+    return config_from_dict(
+        {
+            "preset": "demo",
+            "model": {"patch_size": 8, "hidden_dim": 64, "out_dim": 32, "predictor_hidden_dim": 64},
+            "loss": {"instance_queue_size": 256, "local_group_queue_size": 256, "local_group_knn_top_n": 4},
+            "augment": {"global_size": 16, "local_size": 8, "backend": backend},
+            "optim": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
+            "data": {"root": str(tmp / "fm"), "prepared_dir": str(tmp / "prepared"), "max_per_class": 23},
+            "train": {
+                "output_dir": str(tmp / f"{backend}-{seed}"),
+                "seed": seed,
+                "num_workers": 0,
+                "checkpoint_every": 0,
+                "threads": 1,
+            },
+            "evaluate": {
+                "device": "cpu",
+                "num_workers": 0,
+                "cache_dir": str(tmp / f"features-{backend}-{seed}"),
+            },
+        }
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+def test_training_with_either_backend_reaches_the_same_knn_accuracy(tmp_path: Path) -> None:
+    """Two seeds per backend: the backends' mean kNN top-1 differ by no more than the seeds do."""
+    install_demo_data(tmp_path / "fm")
+    run_prepare(_demo_config(tmp_path, "cpu", 0).data, progress=False)
+    top1: dict[str, list[float]] = {"cpu": [], "device": []}
+    for backend, seed in itertools.product(top1, (0, 1)):
+        config = _demo_config(tmp_path, backend, seed)
+        assert run_pretraining(config, progress=False).status == "finished"
+        checkpoint = Path(config.train.output_dir) / "checkpoints" / "latest.pt"
+        metrics = run_knn(checkpoint, config, tmp_path / f"knn-{backend}-{seed}.json", progress=False)
+        top1[backend].append(metrics["fine"]["20"]["top1"])
+    noise = max(abs(a - b) for a, b in top1.values())
+    gap = abs(statistics.mean(top1["cpu"]) - statistics.mean(top1["device"]))
+    assert min(top1["device"]) > 0.35, top1  # 10 classes: chance is 0.1
+    assert gap <= max(noise, 0.03), top1  # 0.03: 7 of the 230 test images

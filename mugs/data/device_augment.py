@@ -76,8 +76,8 @@ def _quantise(x: Tensor) -> Tensor:
 
 
 def _grey(x: Tensor) -> Tensor:
-    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * luma).sum(1, keepdim=True).round_()
+    red, green, blue = x.split(1, dim=1)
+    return (red * _LUMA[0] + green * _LUMA[1] + blue * _LUMA[2]).round_()
 
 
 def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
@@ -160,7 +160,7 @@ def _hue(x: Tensor, shift: Tensor) -> Tensor:
     )
     hue = (hue / 6 + shift.view(-1, 1, 1)) % 1
     saturation = torch.where(value > 0, chroma / value.clamp(min=1e-8), torch.zeros_like(value))
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue[:, None] * 6) % 6
+    k = torch.stack([(offset + hue * 6) % 6 for offset in (5.0, 3.0, 1.0)], 1)
     ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
     return _quantise(value[:, None] * (1 - saturation[:, None] * ramp))
 
@@ -226,28 +226,28 @@ def _outside(points: Tensor, sizes: Tensor) -> Tensor:
 
 
 def render_views(
-    images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Sequence[int], stats: ImageStats
+    images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Tensor, stats: ImageStats
 ) -> Tensor:
     """``[B, 3, size, size]`` float grey levels of one crop position's views of ``images`` (float,
-    on the device; ``sizes`` their (width, height) and ``stats`` their :func:`image_stats`, on the
-    device), drawn as ``params`` (on the host)."""
+    on the device; ``sizes`` their (width, height), ``stats`` their :func:`image_stats` and ``fill`` the
+    ``[1, 3, 1, 1]`` colour of uncovered pixels, on the device), drawn as ``params`` (on the host).
+    Nothing goes from the host to the device but those parameters' rows, asynchronously."""
     device, dtype = images.device, images.dtype
     stride = params.source_map[:, :, :2].norm(dim=1).max().item()  # host tensor: no device sync
     supersampling = min(_MAX_SUPERSAMPLING, max(1, math.ceil(stride - 1e-6)))
     maps = params.source_map.to(device, dtype, non_blocking=True)
     points = _sample_points(size, supersampling, maps)
-    padded = torch.tensor(images.shape[:1:-1], dtype=dtype, device=device)  # (width, height)
-    grid = points * (2 / padded) - 1
+    height, width = images.shape[-2:]  # padded
+    grid = torch.stack([points[..., 0] * (2 / width) - 1, points[..., 1] * (2 / height) - 1], -1)
     x = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     x = _quantise(F.avg_pool2d(x, supersampling))
-    fill_colour = torch.tensor(fill, dtype=dtype, device=device).view(1, 3, 1, 1)
     for layer in range(params.ra_ops.shape[1]):
         active = params.fill_active[:, layer]
         if active.any():
             layer_maps = params.fill_maps[:, layer].to(device, dtype, non_blocking=True)
             uncovered = _outside(_sample_points(size, supersampling, layer_maps), sizes.to(dtype))
             uncovered = F.avg_pool2d(uncovered, supersampling) * _per_row(active.to(device, dtype))
-            x = _quantise(torch.lerp(x, fill_colour.expand_as(x), uncovered))
+            x = _quantise(torch.lerp(x, fill.expand_as(x), uncovered))
         ops = params.ra_ops[:, layer]
         for index in ops.unique().tolist():
             name = RAND_AUGMENT_OPS[index]
@@ -283,7 +283,10 @@ class DeviceAugmentation:
     ) -> None:
         self.finisher = CropFinisher(mean, std, device)
         self.device = self.finisher.device
-        self.fill = rand_augment_fill(mean)
+        # made once: a tensor built from host values during a step would be a synchronous copy
+        self.fill = (
+            torch.tensor(rand_augment_fill(mean), dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
+        )
         self.global_size, self.local_size = global_size, local_size
 
     def __call__(self, batch: DeviceBatch) -> list[Tensor]:
