@@ -24,7 +24,7 @@ and keeping up takes ceil(that / per-process rate) worker processes.
 ``--backend device`` (``augment.backend``): the loader only decodes and draws the views' parameters, and
 the views are rendered on the training device (CUDA when present, else this CPU with all its threads):
 ``device_ms_per_batch`` is that rendering plus the finishing (erasing, normalisation), the median of
-``--repeats`` calls on the last batch, against the finishing alone with the ``cpu`` backend.
+``--device-repeats`` calls on the last batch, against the finishing alone with the ``cpu`` backend.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=2, help="batches per timed pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes of the single process")
     parser.add_argument("--workers", type=int, default=0, help="also time a loader with this many workers")
+    parser.add_argument(
+        "--device-repeats", type=int, default=3, help="timed calls of the step to the model's input"
+    )
     parser.add_argument(
         "--breakdown",
         type=int,
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rates, cpu_seconds, last_batch = single_process_rates(single, args.batches, args.repeats)
         bytes_per_image = batch_bytes(last_batch) / args.batch
         torch.set_num_threads(threads)  # the training process's, when the device is this CPU
-        device_seconds = device_seconds_per_batch(config, mean_std, last_batch, args.repeats, device)
+        device_seconds = device_seconds_per_batch(config, mean_std, last_batch, args.device_repeats, device)
         breakdown = (
             costliest_calls(single, args.batches, args.repeats, args.breakdown) if args.breakdown else {}
         )

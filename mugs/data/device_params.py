@@ -72,7 +72,8 @@ _IDENTITY = np.eye(3)
 
 
 class ViewParams(NamedTuple):
-    """One view's parameters (for a batch, each field stacked along a first dimension).
+    """One view's parameters (numbers, sequences and arrays), or a batch's (each field a tensor, the
+    views stacked along its first dimension, as :func:`collate_device` makes them).
 
     ``source_map`` ``[2, 3]``: output pixel coordinates to source ones; per RandAugment layer, ``fill_maps``
     ``[L, 2, 3]`` to its op's input and ``fill_active`` (the op is geometric), ``ra_ops`` (an index of
@@ -111,32 +112,29 @@ def _view(
     fills: list[np.ndarray | None],
     ops: list[tuple[int, float]],
     layers: int,
-    **colour: Tensor,
+    **colour: object,
 ) -> ViewParams:
-    fill_maps = [(m if m is not None else _IDENTITY)[:2] for m in fills] + [_IDENTITY[:2]] * (
-        layers - len(fills)
-    )
-    ops = ops + [(0, 0.0)] * (layers - len(ops))
+    missing = layers - len(fills)
     return ViewParams(
-        source_map=torch.from_numpy(source[:2].copy()),
-        fill_maps=torch.from_numpy(np.stack(fill_maps))
+        source_map=source[:2],
+        fill_maps=np.stack([(_IDENTITY if m is None else m)[:2] for m in fills] + [_IDENTITY[:2]] * missing)
         if layers
-        else torch.zeros(0, 2, 3, dtype=torch.float64),
-        fill_active=torch.tensor([m is not None for m in fills] + [False] * (layers - len(fills))),
-        ra_ops=torch.tensor([op for op, _ in ops], dtype=torch.int64),
-        ra_args=torch.tensor([arg for _, arg in ops], dtype=torch.float64),
+        else np.zeros((0, 2, 3)),
+        fill_active=[m is not None for m in fills] + [False] * missing,
+        ra_ops=[op for op, _ in ops] + [0] * missing,
+        ra_args=[arg for _, arg in ops] + [0.0] * missing,
         **colour,
     )
 
 
-def _no_colour(box: tuple[int, int, int, int] = NO_ERASING) -> dict[str, Tensor]:
+def _no_colour(box: tuple[int, int, int, int] = NO_ERASING) -> dict[str, object]:
     return {
-        "jitter": torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64),
-        "jitter_order": torch.full((4,), -1, dtype=torch.int64),
-        "grayscale": torch.tensor(False),
-        "blur_sigma": torch.tensor(0.0, dtype=torch.float64),
-        "solarize": torch.tensor(False),
-        "erase_box": torch.tensor(box, dtype=torch.int64),
+        "jitter": (1.0, 1.0, 1.0, 0.0),
+        "jitter_order": (-1, -1, -1, -1),
+        "grayscale": False,
+        "blur_sigma": 0.0,
+        "solarize": False,
+        "erase_box": box,
     }
 
 
@@ -161,12 +159,12 @@ class WeakViewParams:
             order, *factors = jitter.get_params(
                 jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue
             )
-            colour["jitter"], colour["jitter_order"] = torch.tensor(factors, dtype=torch.float64), order
-        colour["grayscale"] = torch.tensor(bool(torch.rand(1) < self.grayscale_prob))
+            colour["jitter"], colour["jitter_order"] = tuple(factors), order.tolist()
+        colour["grayscale"] = bool(torch.rand(1) < self.grayscale_prob)
         if random.random() < self.blur.prob:
-            colour["blur_sigma"] = torch.tensor(random.uniform(*self.blur.sigma), dtype=torch.float64)
+            colour["blur_sigma"] = random.uniform(*self.blur.sigma)
         if self.solarize_prob > 0:
-            colour["solarize"] = torch.tensor(torch.rand(1).item() < self.solarize_prob)
+            colour["solarize"] = torch.rand(1).item() < self.solarize_prob
         source = _crop_map(box, self.crop.size[0], flip)
         return _view(source, [], [], self.layers, **colour), torch.empty(0)
 
@@ -289,6 +287,12 @@ def _pad_edge(image: Tensor, height: int, width: int) -> Tensor:
     return torch.from_numpy(np.pad(image.numpy(), pad, mode="edge")) if any(p[1] for p in pad) else image
 
 
+def _stack(views: list[ViewParams]) -> ViewParams:
+    """One crop position's :class:`ViewParams` of a batch: each field one tensor (collating the numbers
+    here, once per batch, rather than making a tensor of each in every view saves the loader time)."""
+    return ViewParams(*(torch.as_tensor(np.array(field)) for field in zip(*views, strict=True)))
+
+
 def collate_device(batch: Sequence[tuple[DeviceViews, int]]) -> DeviceBatch:
     """Stack ``(views, label)`` items into a :class:`DeviceBatch`."""
     if not batch:
@@ -299,10 +303,7 @@ def collate_device(batch: Sequence[tuple[DeviceViews, int]]) -> DeviceBatch:
     return DeviceBatch(
         images=torch.stack([_pad_edge(views.image, height, width) for views, _ in batch]),
         sizes=torch.tensor([(views.image.shape[2], views.image.shape[1]) for views, _ in batch]),
-        params=[
-            ViewParams(*map(torch.stack, zip(*(v.params[i] for v, _ in batch), strict=True)))
-            for i in positions
-        ],
+        params=[_stack([views.params[i] for views, _ in batch]) for i in positions],
         erase_noise=[torch.cat([views.erase_noise[i].flatten() for views, _ in batch]) for i in positions],
         weak_flags=torch.tensor([bool(views.weak) for views, _ in batch], dtype=torch.bool),
         labels=torch.tensor([int(label) for _, label in batch], dtype=torch.int64),
