@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             instrument(trainer, clock, args.warmup, stack)
             result = trainer.fit(progress=not args.no_progress)
         assert result.global_iteration == args.warmup + args.iters and clock.stopped is not None
+        device = trainer.device
+        # the loader's persistent workers ignore SIGTERM; left running (the instrumented trainer is
+        # never freed before exit), multiprocessing's exit handler would wait on them forever
+        workers = trainer.loader.loader._iterator  # a DataLoader has no public shutdown
+        if workers is not None:
+            workers._shutdown_workers()
     seconds = clock.figures()
     outside = 1 - sum(seconds[p] for p in COMPUTE) / seconds["wall"]
     Console().print(phase_table(seconds, args.iters))
@@ -270,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "outside_forward_backward_optimizer": outside,
         "target_outside_at_most": TARGET_OUTSIDE,
         "target_met": outside <= TARGET_OUTSIDE,
-        **machine_info(trainer.device),
+        **machine_info(device),
     }
     report("Mugs pretraining loop", figures, args.json)
     return figures
