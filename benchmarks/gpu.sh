@@ -36,7 +36,7 @@ if [ "${1:-}" = "--cpu" ]; then
     --set model.patch_size=8 --set augment.global_size=32 --set augment.local_size=16 --set optim.batch_size=2)
   demo=(--set model.depth=1 --set model.patch_size=8 --set augment.global_size=16 --set augment.local_size=8
     --set data.max_per_class=23 --set optim.epochs=1 --set optim.batch_size=16 --set train.threads=2
-    --set evaluate.device=cpu)
+    --set evaluate.device=cpu --set evaluate.linear_n_last_blocks=1)
   shorter=()  # the steps are one iteration already
   feeds=step-vit_tiny-fp32
   archs=(vit_tiny)
