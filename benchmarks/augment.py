@@ -4,6 +4,7 @@
         --step-json benchmark-results/step-vit_base-bf16-compile.json
     python benchmarks/augment.py --setting demo --workers 1
     python benchmarks/augment.py --setting paper --step-seconds 0.104 --batch 64
+    python benchmarks/augment.py --setting paper --backend device --images 64
 
 ``paper``: the published crops (preset ``vit_small_100ep``: 2 teacher and 2 student globals of 224 px,
 10 locals of 96 px) of ``--images`` 500×375 JPEGs generated deterministically into a temporary
@@ -19,6 +20,11 @@ what one worker process does: the median of ``--repeats`` passes of ``--batches`
 every worker has delivered its first batch. Given a training step's time (``--step-seconds``, or
 ``--step-json`` written by ``train_step.py --json``), the step consumes batch / seconds images per second,
 and keeping up takes ceil(that / per-process rate) worker processes.
+
+``--backend device`` (``augment.backend``): the loader only decodes and draws the views' parameters, and
+the views are rendered on the training device (CUDA when present, else this CPU with all its threads):
+``device_ms_per_batch`` is that rendering plus the finishing (erasing, normalisation), the median of
+``--device-repeats`` calls on the last batch, against the finishing alone with the ``cpu`` backend.
 """
 
 from __future__ import annotations
@@ -39,12 +45,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import machine_info, prepared_jpegs, report, textured_pixels
+from _common import machine_info, prepared_jpegs, report, synchronize, textured_pixels
 from torch.utils.data import DataLoader, Dataset
 
 from mugs.config import Config, config_from_dict
 from mugs.data.datasets import ArrayManifestDataset, open_split, read_stats
-from mugs.data.loader import GlobalBatchSampler, build_loader
+from mugs.data.loader import GlobalBatchSampler, build_finisher, build_loader
 
 PRESETS = {"paper": "vit_small_100ep", "demo": "demo"}
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
@@ -69,11 +75,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--setting", default="paper", choices=tuple(PRESETS))
+    parser.add_argument("--backend", default="cpu", choices=("cpu", "device"), help="augment.backend")
     parser.add_argument("--images", type=int, default=256, help="distinct images in the pool")
     parser.add_argument("--batch", type=int, help="images per batch (default: the step's, else 64)")
     parser.add_argument("--batches", type=int, default=2, help="batches per timed pass")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes of the single process")
     parser.add_argument("--workers", type=int, default=0, help="also time a loader with this many workers")
+    parser.add_argument(
+        "--device-repeats", type=int, default=3, help="timed calls of the step to the model's input"
+    )
     parser.add_argument(
         "--breakdown",
         type=int,
@@ -97,9 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pretrain_config(setting: str, batch: int, workers: int) -> Config:
+def pretrain_config(setting: str, batch: int, workers: int, backend: str = "cpu") -> Config:
     return config_from_dict(
-        {"preset": PRESETS[setting], "optim": {"batch_size": batch}, "train": {"num_workers": workers}}
+        {
+            "preset": PRESETS[setting],
+            "augment": {"backend": backend},
+            "optim": {"batch_size": batch},
+            "train": {"num_workers": workers},
+        }
     )
 
 
@@ -137,21 +152,43 @@ def loader_for(config: Config, pool: Dataset, mean_std: MeanStd, batches: int) -
     return build_loader(config, cycled, mean_std, sampler, device=device)
 
 
-def single_process_rates(loader: DataLoader, batches: int, repeats: int) -> tuple[list[float], float]:
-    """Images per second of ``repeats`` passes over ``batches`` batches, each pass a fresh epoch, and
-    the bytes per image that a batch carries from the loader to the training process.
+def single_process_rates(
+    loader: DataLoader, batches: int, repeats: int
+) -> tuple[list[float], list[float], Any]:
+    """Images per second of ``repeats`` passes over ``batches`` batches, each pass a fresh epoch, the
+    CPU seconds per image of each pass (this process's, so other load on the machine leaves them
+    alone), and the last batch.
     """
     torch.set_num_threads(1)  # as in a DataLoader worker
     loader.dataset[(0, 0)]  # first-use costs: plugins, lazily loaded arrays
-    rates, batch = [], None
+    rates, cpu_seconds, batch = [], [], None
+    images = batches * loader.batch_sampler.local_batch
     for epoch in range(repeats):
         loader.batch_sampler.set_position(epoch)
         iterator = iter(loader)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(batches):
             batch = next(iterator)
-        rates.append(batches * loader.batch_sampler.local_batch / (time.perf_counter() - start))
-    return rates, batch_bytes(batch) / loader.batch_sampler.local_batch
+        rates.append(images / (time.perf_counter() - start))
+        cpu_seconds.append((time.process_time() - start_cpu) / images)
+    return rates, cpu_seconds, batch
+
+
+def device_seconds_per_batch(
+    config: Config, mean_std: MeanStd, batch: Any, repeats: int, device: torch.device
+) -> list[float]:
+    """Seconds of each of ``repeats`` calls (after one warm-up call) of the engine's step from a loader
+    batch to the model's input on ``device``, synchronised."""
+    finish = build_finisher(config, mean_std, device)
+    finish(batch)
+    seconds = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        finish(batch)
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 def costliest_calls(loader: DataLoader, batches: int, epoch: int, top: int) -> dict[str, float]:
@@ -202,32 +239,43 @@ def worker_rate(loader: DataLoader, workers: int, batches: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    config = pretrain_config(args.setting, args.batch, 0)
+    config = pretrain_config(args.setting, args.batch, 0, args.backend)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
     augment = config.augment
     loader_batches = args.batches * max(1, args.workers)
     with tempfile.TemporaryDirectory(prefix="mugs-augment-bench-") as scratch:
         make_pool = jpeg_dataset if args.setting == "paper" else idx_dataset
         pool, mean_std, source = make_pool(Path(scratch), args.images)
         single = loader_for(config, pool, mean_std, args.batches)
-        rates, bytes_per_image = single_process_rates(single, args.batches, args.repeats)
+        rates, cpu_seconds, last_batch = single_process_rates(single, args.batches, args.repeats)
+        bytes_per_image = batch_bytes(last_batch) / args.batch
+        torch.set_num_threads(threads)  # the training process's, when the device is this CPU
+        device_seconds = device_seconds_per_batch(config, mean_std, last_batch, args.device_repeats, device)
         breakdown = (
             costliest_calls(single, args.batches, args.repeats, args.breakdown) if args.breakdown else {}
         )
         loader_rate = None
         if args.workers:
-            workers_config = pretrain_config(args.setting, args.batch, args.workers)
+            workers_config = pretrain_config(args.setting, args.batch, args.workers, args.backend)
             loader = loader_for(workers_config, pool, mean_std, args.workers + loader_batches)
             loader_rate = worker_rate(loader, args.workers, loader_batches)
     per_process = statistics.median(rates)
     result: dict[str, Any] = {
         "setting": args.setting,
+        "backend": args.backend,
         "crops": f"4x{augment.global_size} (2 teacher, 2 student) + {augment.n_local}x{augment.local_size}",
         "source": source,
         "batch": args.batch,
         "per_process_images_per_second": per_process,
         "per_process_ms_per_image": 1000 / per_process,
+        "per_process_cpu_ms_per_image": 1000 * statistics.median(cpu_seconds),
         "per_process_passes": f"{args.repeats} x {args.batches * args.batch} images",
         "loader_bytes_per_image": bytes_per_image,
+        "render_device": device.type,
+        "render_device_threads": threads if device.type == "cpu" else None,
+        "device_ms_per_batch": 1000 * statistics.median(device_seconds),
+        "device_ms_per_image": 1000 * statistics.median(device_seconds) / args.batch,
         "loader_workers": args.workers,
         "loader_images_per_second": loader_rate,
         "step_seconds": args.step_seconds,

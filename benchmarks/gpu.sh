@@ -6,7 +6,14 @@
 #   clipping (their before/after); kNN (100,000 x 384 bank, 10,000 queries); the evaluation's feature
 #   extraction of vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers); whether
 #   15 loader processes of the paper's multi-crop augmentation keep up with the compiled vit_base bf16
-#   step just measured; and the test that the training step never waits for the GPU (sync-debug mode).
+#   step just measured, with each augmentation backend (augment.backend: cpu, device), the device
+#   backend's rendering time per batch among its figures; the full training loop (512 real JPEGs, 15
+#   loader processes, paper crops, batch 64) of vit_small and vit_base in bf16, compiled, with each
+#   backend (benchmarks/loop.py: images/s and the data-wait share, to set against the step alone); the
+#   test that the training step never waits for the GPU (sync-debug mode, both backends); and one end-to-
+#   end demo pipeline on the GPU (mugs prepare, pretrain in bf16 compiled with the device backend,
+#   select, knn) as a smoke test of the CUDA path. The demo data comes from DEMO_DATA (a directory with
+#   the four Fashion-MNIST IDX files) or Debian's dataset-fashion-mnist (`mugs demo-data`).
 # Writes one JSON per measurement and a log under $OUT (default: benchmark-results/).
 #   bash benchmarks/gpu.sh          # on a GPU machine
 #   bash benchmarks/gpu.sh --cpu    # the same steps, tiny, on CPU (CI runs this)
@@ -25,6 +32,8 @@ if [ "${1:-}" = "--cpu" ]; then
   features=(--device cpu --depth 1 --patch-size 8 --image-size 32 --images 16 --batch-size 8 --workers 1
     --threads 2)
   augment=(--images 4 --batches 1 --repeats 1 --workers 1)
+  loop=(--device cpu --threads 2 --num-workers 1 --jpegs 4 --warmup 1 --iters 1 --set model.depth=1
+    --set model.patch_size=8 --set augment.global_size=32 --set augment.local_size=16 --set optim.batch_size=2)
   shorter=()  # the steps are one iteration already
   feeds=step-vit_tiny-fp32
   archs=(vit_tiny)
@@ -38,6 +47,10 @@ else
   knn=(--device cuda)
   features=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 8)
   augment=(--images 512 --workers 15 --breakdown 8)
+  loop=(--device cuda --num-workers 15 --jpegs 512 --warmup 3 --iters 20 --set optim.batch_size=64
+    --set augment.n_local=10 --set model.group_out_dim=65536 --set loss.instance_queue_size=65536
+    --set loss.local_group_queue_size=65536 --set train.precision=bf16 --set train.compile=true)
+  demo=(--set train.precision=bf16 --set train.compile=true --set evaluate.device=cuda)
   shorter=(--warmup 2 --iters 5)  # enough to compare, and the script stays under 8 minutes
   feeds=step-vit_base-bf16-compile
   archs=(vit_small vit_base)
@@ -76,9 +89,40 @@ for arch in "${archs[@]}"; do
   "$PYTHON" benchmarks/features.py "${features[@]}" --arch "$arch" --json "$OUT/$name.json" \
     || echo "$name failed" | tee -a "$OUT/failures.txt"
 done
-echo "== augment-paper (does the loader feed $feeds?)"
-"$PYTHON" benchmarks/augment.py --setting paper "${augment[@]}" --step-json "$OUT/$feeds.json" \
-  --json "$OUT/augment-paper.json" || echo "augment-paper failed" | tee -a "$OUT/failures.txt"
+for backend in cpu device; do
+  name=augment-paper
+  [ "$backend" = device ] && name=augment-paper-device
+  echo "== $name (does the loader feed $feeds?)"
+  "$PYTHON" benchmarks/augment.py --setting paper --backend "$backend" "${augment[@]}" \
+    --step-json "$OUT/$feeds.json" --json "$OUT/$name.json" || echo "$name failed" | tee -a "$OUT/failures.txt"
+done
+for arch in "${archs[@]}"; do
+  for backend in cpu device; do
+    name="loop-$arch-$backend"
+    echo "== $name"
+    "$PYTHON" benchmarks/loop.py --no-progress "${loop[@]}" --set model.arch="$arch" --backend "$backend" \
+      --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1 || echo "$name failed" | tee -a "$OUT/failures.txt"
+  done
+done
+if [ "$device" = cuda ]; then  # a smoke test of the CUDA path; on CPU the workflow tests run it
+echo "== demo pipeline: prepare, pretrain (device backend), select, knn"
+demo_dir="$OUT/demo-pipeline"
+rm -rf "$demo_dir"
+demo_config=(--preset demo --set data.root="$demo_dir/data" --set data.prepared_dir="$demo_dir/prepared"
+  --set train.output_dir="$demo_dir/pretrain" --set train.device="$device" --set augment.backend=device
+  --set evaluate.cache_dir="$demo_dir/features" "${demo[@]}")
+if [ -n "${DEMO_DATA:-}" ]; then
+  mkdir -p "$demo_dir/data" && cp "$DEMO_DATA"/*-ubyte.gz "$demo_dir/data/"
+fi
+{
+  { [ -n "${DEMO_DATA:-}" ] || "$PYTHON" -m mugs demo-data "${demo_config[@]}"; } \
+    && "$PYTHON" -m mugs prepare "${demo_config[@]}" --no-progress \
+    && "$PYTHON" -m mugs pretrain "${demo_config[@]}" --no-progress \
+    && "$PYTHON" -m mugs select "$demo_dir/pretrain" --out-dir "$demo_dir/eval" "${demo_config[@]}" \
+    && "$PYTHON" -m mugs knn "$demo_dir/eval/selected.pt" --out "$OUT/demo-knn.json" "${demo_config[@]}" \
+      --no-progress
+} > "$OUT/demo-pipeline.txt" 2>&1 || echo "demo pipeline failed" | tee -a "$OUT/failures.txt"
+fi
 if [ "$device" = cuda ]; then
   echo "== the training step never waits for the GPU"
   "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine.py -k never_waits_for_the_gpu 2>&1 \

@@ -4,6 +4,7 @@
     python benchmarks/loop.py --demo                 # the demo preset: 28/14 px crops, batch 64
     python benchmarks/loop.py --num-workers 1 --json loop.json
     python benchmarks/loop.py --set model.depth=1 --iters 3   # any config key, as `mugs --set`
+    python benchmarks/loop.py --backend device --jpegs 256 --num-workers 2
 
 Default setting (the speed target): vit_small, batch 4, 2 × 224 px teacher crops and 2 × 224 + 2 × 96 px
 student crops, InfoNCE queues and neighbour memories of 1024, group_out_dim 4096, on the CPU with 2
@@ -12,11 +13,15 @@ most 10 % of the wall time may go outside forward, backward and optimizer step.
 
 The loop is the engine's own ``Trainer.fit`` with its real loader and augmentation, on
 ``SyntheticImages`` (random RGB images of ``--image-side`` px: no JPEG decoding, which
-``benchmarks/augment.py`` times). The phases are measured by wrapping, from here, the calls the engine
-already makes, so the engine carries no timing code and the figures are of the code that trains:
+``benchmarks/augment.py`` times), or with ``--jpegs N`` on N prepared 500×375 JPEGs, cycled.
+``--backend`` is ``augment.backend``: with ``device`` the loader only decodes and draws parameters, and
+the views are rendered on the device inside the 'data' phase. The phases are measured by wrapping, from
+here, the calls the engine already makes, so the engine carries no timing code and the figures are of
+the code that trains:
 
     data            waiting for the loader's next batch (with 0 workers: the augmentation itself), and
-                    finishing its uint8 crops on the device (erasing, normalisation)
+                    finishing its crops on the device (the device backend's rendering, erasing,
+                    normalisation)
     forward         teacher and student networks and the losses (with the queue writes they make)
     backward        the backward pass
     optimizer       gradient clipping, last-layer freezing and the AdamW step
@@ -46,6 +51,7 @@ from unittest import mock
 
 import torch
 from _common import add_device_arguments, machine_info, report, synchronize
+from augment import Cycled, jpeg_dataset
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
@@ -84,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first (at least 1)")
     parser.add_argument("--log-every", type=int, default=10, help="iterations between log lines")
     parser.add_argument("--image-side", type=int, help="synthetic image side (default 256, demo 28)")
+    parser.add_argument("--jpegs", type=int, help="train on this many prepared JPEGs instead")
+    parser.add_argument("--backend", default="cpu", choices=("cpu", "device"), help="augment.backend")
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar (mugs pretrain shows one)"
     )
@@ -109,6 +117,7 @@ def loop_config(args: argparse.Namespace, output_dir: Path) -> Config:
             "checkpoint_every": 0,
             "max_iterations": args.warmup + args.iters,
         },
+        "augment": {"backend": args.backend},
         # only pretraining runs here; keep the linear-probe setting valid for shallow models
         "evaluate": {"linear_n_last_blocks": 1},
     }
@@ -227,13 +236,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch = config.optim.batch_size
         side = args.image_side or (28 if args.demo else 256)
         # one epoch longer than the run: no epoch-end checkpoint inside the timed window
-        dataset = SyntheticImages(size=batch * (args.warmup + args.iters + 1), side=side)
-        trainer = Trainer(config, dataset, mean_std=((0.5,) * 3, (0.25,) * 3))
+        length = batch * (args.warmup + args.iters + 1)
+        if args.jpegs:
+            pool, mean_std, source = jpeg_dataset(Path(scratch), args.jpegs)
+            dataset = Cycled(pool, length)
+        else:
+            dataset, mean_std = SyntheticImages(size=length, side=side), ((0.5,) * 3, (0.25,) * 3)
+            source = f"random {side}x{side} RGB images"
+        trainer = Trainer(config, dataset, mean_std=mean_std)
         clock = PhaseClock(trainer.device)
         with ExitStack() as stack:
             instrument(trainer, clock, args.warmup, stack)
             result = trainer.fit(progress=not args.no_progress)
         assert result.global_iteration == args.warmup + args.iters and clock.stopped is not None
+        device = trainer.device
+        # the loader's persistent workers ignore SIGTERM; left running (the instrumented trainer is
+        # never freed before exit), multiprocessing's exit handler would wait on them forever
+        workers = trainer.loader.loader._iterator  # a DataLoader has no public shutdown
+        if workers is not None:
+            workers._shutdown_workers()
     seconds = clock.figures()
     outside = 1 - sum(seconds[p] for p in COMPUTE) / seconds["wall"]
     Console().print(phase_table(seconds, args.iters))
@@ -243,7 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "depth": config.model.depth,
         "batch": batch,
         "crops": f"4x{config.augment.global_size} + {config.augment.n_local}x{config.augment.local_size}",
-        "image_side": side,
+        "image_side": None if args.jpegs else side,
+        "source": source,
+        "backend": config.augment.backend,
         "num_workers": args.num_workers,
         "threads": args.threads,
         "iterations": args.iters,
@@ -253,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "outside_forward_backward_optimizer": outside,
         "target_outside_at_most": TARGET_OUTSIDE,
         "target_met": outside <= TARGET_OUTSIDE,
-        **machine_info(trainer.device),
+        **machine_info(device),
     }
     report("Mugs pretraining loop", figures, args.json)
     return figures

@@ -69,6 +69,9 @@ class AugmentConfig:
     weak_prob: float = 0.5
     rand_augment: str = "rand-m9-mstd0.5-inc1"
     erasing_prob: float = 0.25
+    # where the views are computed: by the loader processes (the reference) or, from the parameters they
+    # draw, on the training device for the whole batch (mugs.data.device_augment)
+    backend: Literal["cpu", "device"] = "cpu"
 
 
 @dataclass

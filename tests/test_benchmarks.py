@@ -42,6 +42,13 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     augment = json.loads((tmp_path / "augment-paper.json").read_text())
     assert augment["batch"] == step["batch"] and augment["step_seconds"] == step["seconds_per_iteration"]
     assert augment["loader_workers"] == 1 and isinstance(augment["loader_keeps_up"], bool)
+    device = json.loads((tmp_path / "augment-paper-device.json").read_text())
+    assert (augment["backend"], device["backend"]) == ("cpu", "device")
+    assert device["device_ms_per_batch"] > 0 and device["per_process_cpu_ms_per_image"] > 0
+    for backend in ("cpu", "device"):
+        loop = json.loads((tmp_path / f"loop-vit_tiny-{backend}.json").read_text())
+        assert (loop["backend"], loop["num_workers"], loop["arch"]) == (backend, 1, "vit_tiny")
+        assert loop["source"].startswith("4 JPEGs") and 0 < loop["data_fraction"] < 1
 
 
 def run_benchmark(script: str, args: str, json_path: Path) -> dict:

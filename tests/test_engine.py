@@ -259,15 +259,17 @@ def test_train_step_never_waits_for_the_device(tmp_path: Path, monkeypatch, poin
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_train_step_never_waits_for_the_gpu(tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config(tmp_path, "train.device=cuda"), DATASET, mean_std=MEAN_STD)
+@pytest.mark.parametrize("backend", ["cpu", "device"])
+def test_train_step_never_waits_for_the_gpu(tmp_path: Path, backend: str) -> None:
+    config = tiny_config(tmp_path, "train.device=cuda", f"augment.backend={backend}")
+    trainer = Trainer(config, DATASET, mean_std=MEAN_STD)
     batches = iter(trainer.loader)
     batch = next(batches)
     trainer.train_step(trainer.finish_crops(batch), batch.weak_flags)  # the first creates AdamW's state
     trainer.global_iteration += 1
     torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
     try:
-        for _ in range(2):  # finishing the crops on the device included
+        for _ in range(2):  # finishing the crops on the device included (rendering them, with device)
             batch = next(batches)
             trainer.train_step(trainer.finish_crops(batch), batch.weak_flags)
             trainer.global_iteration += 1

@@ -103,6 +103,36 @@ def test_stopping_and_resuming_is_exact(server: Server, reference, tmp_path: Pat
     assert_same_run(run_dir, reference[0])
 
 
+DEVICE_BACKEND = "augment.backend=device"
+
+
+@pytest.fixture(scope="module")
+def device_reference(server: Server, tmp_path_factory) -> Path:
+    """An uninterrupted run whose views are rendered by the device backend (here on the CPU)."""
+    run_dir = tmp_path_factory.mktemp("device-reference") / "run"
+    assert server.run(run_dir, "--set", DEVICE_BACKEND) == 0, server.stderr.read_text()
+    return run_dir
+
+
+def test_the_device_backend_gives_identical_files_for_the_same_seed(
+    server: Server, device_reference: Path, tmp_path: Path
+) -> None:
+    assert server.run(tmp_path / "run", "--set", DEVICE_BACKEND) == 0
+    assert_same_run(tmp_path / "run", device_reference)
+    latest = ckpt.load_checkpoint(device_reference / ckpt.DIRECTORY / ckpt.LATEST)
+    assert latest["config"]["augment"]["backend"] == "device"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stopping_and_resuming_the_device_backend_is_exact(
+    server: Server, device_reference: Path, tmp_path: Path, workers: int
+) -> None:
+    run_dir, settings = tmp_path / "run", ["--set", DEVICE_BACKEND, "--set", f"train.num_workers={workers}"]
+    assert server.run(run_dir, *settings, "--set", "train.max_iterations=4") == 0
+    assert server.run(run_dir, *settings) == 0
+    assert_same_run(run_dir, device_reference)
+
+
 # each point with the occurrence to kill at: latest.pt is written at iterations 2, 3 (epoch end),
 # 4, 6, 6 (epoch end), 8 and 9 (the last epoch end); kept copies after each epoch
 NAMED_KILLS = [

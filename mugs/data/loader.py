@@ -20,7 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mugs import distributed
 from mugs.config import Config
-from mugs.data.transforms import MultiCropAugmentation, collate_multicrop
+from mugs.data.device_augment import DeviceAugmentation
+from mugs.data.device_params import DeviceMultiCropParams, collate_device
+from mugs.data.transforms import CropFinisher, MultiCropAugmentation, collate_multicrop
 
 
 def _mix(*entropy: int) -> int:
@@ -65,7 +67,9 @@ class SeededAugmentedDataset(Dataset):
         python_state, torch_state = random.getstate(), torch.get_rng_state()
         seed = sample_seed(self.seed, epoch, index)
         random.seed(seed)
-        torch.manual_seed(seed)
+        # the CPU generator alone: torch.manual_seed would also seed (and leave changed) the CUDA ones,
+        # and it records a stack trace per call while CUDA is not initialised (0.4 ms per image)
+        torch.default_generator.manual_seed(seed)
         try:
             return self.transform(image), label
         finally:
@@ -122,9 +126,11 @@ class GlobalBatchSampler:
 
 
 def build_transform(config: Config, mean: tuple[float, ...]) -> MultiCropAugmentation:
-    """The multi-crop views of a run's images; ``mean`` (the data's) fills what RandAugment uncovers."""
+    """The multi-crop views of a run's images; ``mean`` (the data's) fills what RandAugment uncovers.
+    With ``augment.backend: device``, only their parameters (pixels: :func:`build_finisher`)."""
     augment = config.augment
-    return MultiCropAugmentation(
+    views = DeviceMultiCropParams if augment.backend == "device" else MultiCropAugmentation
+    return views(
         global_size=augment.global_size,
         local_size=augment.local_size,
         n_local=augment.n_local,
@@ -148,7 +154,8 @@ def build_loader(
 ) -> DataLoader:
     """The pretraining input: seeded multi-crop views of ``dataset`` in the sampler's batches, augmented
     by ``train.num_workers`` persistent processes (or in this process when it is 0). Its batches hold
-    uint8 crops (``MultiCropBatch``); a ``CropFinisher`` with the same ``mean_std`` finishes them.
+    uint8 crops (``MultiCropBatch``), or with ``augment.backend: device`` images and view parameters
+    (``DeviceBatch``); :func:`build_finisher` with the same ``mean_std`` makes the model's input of them.
     """
     augmented = SeededAugmentedDataset(dataset, build_transform(config, mean_std[0]), config.train.seed)
     workers = distributed.loader_workers(config.train.num_workers, device, host_group)
@@ -156,7 +163,7 @@ def build_loader(
         augmented,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_multicrop,
+        collate_fn=collate_device if config.augment.backend == "device" else collate_multicrop,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
@@ -166,3 +173,15 @@ def build_loader(
         generator=torch.Generator().manual_seed(config.train.seed),
         worker_init_fn=ignore_stop_signals,
     )
+
+
+def build_finisher(
+    config: Config, mean_std: tuple[tuple[float, ...], tuple[float, ...]], device: torch.device
+) -> CropFinisher | DeviceAugmentation:
+    """The step from a loader batch to the normalised crops on ``device``, for ``augment.backend``."""
+    if config.augment.backend == "device":
+        augment = config.augment
+        return DeviceAugmentation(
+            *mean_std, device, global_size=augment.global_size, local_size=augment.local_size
+        )
+    return CropFinisher(*mean_std, device)

@@ -39,6 +39,7 @@ __all__ = [
     "SeededRandAugment",
     "collate_multicrop",
     "posterize_or_black",
+    "rand_augment_fill",
     "strong_transform",
     "weak_transform",
 ]
@@ -181,6 +182,11 @@ def weak_transform(
     return T.Compose(ops)
 
 
+def rand_augment_fill(mean: Sequence[float]) -> tuple[int, ...]:
+    """The colour RandAugment's geometric ops fill uncovered pixels with: ``mean`` in grey levels."""
+    return tuple(min(255, round(255 * m)) for m in mean)
+
+
 def strong_transform(
     size: int,
     scale: tuple[float, float],
@@ -198,10 +204,7 @@ def strong_transform(
     in the official default (``use_prefetcher``: the loader yields [0, 1] tensors, erased with N(0, 1)
     pixels, and the prefetcher normalises them on the GPU); both happen in :class:`CropFinisher`.
     """
-    hparams = {
-        "translate_const": int(size * _TRANSLATE_FRACTION),
-        "img_mean": tuple(min(255, round(255 * m)) for m in mean),
-    }
+    hparams = {"translate_const": int(size * _TRANSLATE_FRACTION), "img_mean": rand_augment_fill(mean)}
     return T.Compose(
         [
             T.RandomHorizontalFlip(p=0.5),
@@ -257,7 +260,8 @@ class MultiCropAugmentation:
         self.weak_local = weak_transform(local_size, local_scale, blur_prob=0.5)
         self.strong_local = strong_transform(local_size, local_scale, **strong)
 
-    def __call__(self, image: Image.Image) -> MultiCropViews:
+    def draw_views(self, image: Image.Image) -> tuple[list, bool]:
+        """Each crop position's view transform applied to the RGB ``image``, in order; the weak flag."""
         if image.mode != "RGB":
             image = image.convert("RGB")
         views = [self.weak_global1(image), self.weak_global2(image)]
@@ -269,6 +273,10 @@ class MultiCropAugmentation:
         for _ in range(self.n_local):
             local = self.weak_local if random.random() < self.weak_prob else self.strong_local
             views.append(local(image))
+        return views, weak
+
+    def __call__(self, image: Image.Image) -> MultiCropViews:
+        views, weak = self.draw_views(image)
         erasable = [view if isinstance(view, tuple) else (view, NO_ERASING, _NO_NOISE) for view in views]
         crops, boxes, noise = (list(column) for column in zip(*erasable, strict=True))
         return MultiCropViews(crops, boxes, noise, weak)

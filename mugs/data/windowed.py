@@ -36,7 +36,7 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-__all__ = ["DeferredImage", "DeferredOp", "WindowedResizedCrop"]
+__all__ = ["AFFINE_OPS", "AffineProbe", "DeferredImage", "DeferredOp", "WindowedResizedCrop"]
 
 Box = tuple[int, int, int, int]  # left, upper, right, lower (PIL's crop box)
 Corner = tuple[int, int]  # right, lower: the window from (0, 0) to there
@@ -57,7 +57,7 @@ _PER_PIXEL = {
     "Desaturate",
 }
 _NEIGHBOURHOOD = {"Sharpness", "SharpnessIncreasing"}  # PIL's 3 × 3 smoothing filter
-_AFFINE = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
+AFFINE_OPS = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
 _WINDOWED_RESAMPLING = {Image.Resampling.BILINEAR, Image.Resampling.BICUBIC}
 # a bicubic kernel reads 2 pixels either side of a sample point: one more for the pixel-centre offset
 _RESAMPLING_REACH = 3
@@ -126,7 +126,7 @@ class DeferredImage:
         return self.render((0, 0, *self.size))
 
 
-class _AffineProbe(Image.Image):
+class AffineProbe(Image.Image):
     """Stands in for the image in one of timm's geometric ops and records the affine map PIL would
     apply; the op makes its own random draws (the interpolation among them) as it would on the image.
     """
@@ -145,7 +145,7 @@ class _AffineProbe(Image.Image):
         resample: Any = 0,
         fill: int = 1,
         fillcolor: Any = None,
-    ) -> _AffineProbe:
+    ) -> AffineProbe:
         if method != Image.Transform.AFFINE or tuple(size) != self.size:
             raise NotImplementedError(f"a {method} transform to {size} is not an in-place affine map")
         if resample in _WINDOWED_RESAMPLING:
@@ -154,10 +154,10 @@ class _AffineProbe(Image.Image):
             self.whole = lambda image: image.transform(size, method, data, resample, fill, fillcolor)
         return self
 
-    def copy(self) -> _AffineProbe:  # PIL's rotate by 0 degrees
+    def copy(self) -> AffineProbe:  # PIL's rotate by 0 degrees
         return self
 
-    def transpose(self, method: Any) -> _AffineProbe:  # PIL's rotate by 90, 180 or 270 degrees
+    def transpose(self, method: Any) -> AffineProbe:  # PIL's rotate by 90, 180 or 270 degrees
         self.whole = lambda image: image.transpose(method)
         return self
 
@@ -169,7 +169,7 @@ class DeferredOp:
 
     def __init__(self, name: str, fn: Callable[..., Image.Image]) -> None:
         self.name, self.fn = name, fn
-        if name in _AFFINE:
+        if name in AFFINE_OPS:
             self.kind = "affine"
         elif name in _PER_PIXEL or name in _NEIGHBOURHOOD:
             self.kind = "pixel"
@@ -186,7 +186,7 @@ class DeferredOp:
         if self.kind == "pixel":
             deferred.steps.append(_PixelStep(self.fn, args, kwargs, self.margin))
             return deferred
-        probe = _AffineProbe(deferred.size, deferred.base.mode)
+        probe = AffineProbe(deferred.size, deferred.base.mode)
         self.fn(probe, *args, **kwargs)
         if probe.whole is not None:
             return probe.whole(deferred.full())

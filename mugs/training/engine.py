@@ -21,8 +21,7 @@ from torch.utils.data import Dataset
 
 from mugs import distributed
 from mugs.config import Config
-from mugs.data.loader import GlobalBatchSampler, build_loader
-from mugs.data.transforms import CropFinisher
+from mugs.data.loader import GlobalBatchSampler, build_finisher, build_loader
 from mugs.losses import MugsObjective
 from mugs.model import build_networks, update_memories
 from mugs.progress import PlainProgress, progress_display
@@ -129,7 +128,7 @@ class Trainer:
         self.loader = build_loader(
             config, dataset, mean_std, self.sampler, device=self.device, host_group=self.host_group
         )
-        self.finish_crops = CropFinisher(*mean_std, self.device)
+        self.finish_crops = build_finisher(config, mean_std, self.device)
 
     def _build_optimisation(self) -> None:
         optim, per_epoch = self.config.optim, self.iterations_per_epoch

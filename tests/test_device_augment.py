@@ -1,0 +1,258 @@
+"""The device backend against the CPU reference: op by op on the same image with the same parameters,
+the parameters a seeded sample draws, no host reads of device values, and training quality."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+from timm.data import auto_augment
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from mugs.config import Config, config_from_dict
+from mugs.data.device_augment import DeviceAugmentation, image_stats, render_views
+from mugs.data.device_params import RAND_AUGMENT_OPS, DeviceMultiCropParams, ViewParams, collate_device
+from mugs.data.prepare import run_prepare
+from mugs.data.sources import FASHION_MNIST_SYSTEM_DIR, install_demo_data
+from mugs.data.transforms import MultiCropAugmentation, posterize_or_black, rand_augment_fill
+from mugs.data.windowed import AffineProbe
+from mugs.evaluation.knn import run_knn
+from mugs.testing.synthetic import SyntheticImages
+from mugs.training.pretrain import run_pretraining
+
+MEAN = (0.485, 0.456, 0.406)
+FILL = rand_augment_fill(MEAN)
+FILL_COLOUR = torch.tensor(FILL, dtype=torch.float32).view(1, 3, 1, 1)
+BOX = (30, 50, 150, 170)  # top, left, height, width: a global crop's share of the image
+SIZE = 96
+BICUBIC = Image.Resampling.BICUBIC
+
+
+def photo_like(width: int = 256, height: int = 192, seed: int = 0) -> Image.Image:
+    """Smooth shapes and gradients with mild texture: closer to a photograph than uniform noise."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    red = 128 + 90 * np.sin(x / 23) * np.cos(y / 31)
+    green = 60 + 150 * (x + y) / (width + height) + 30 * np.sin(y / 9)
+    blue = 200 - 150 * ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (height / 3) ** 2)
+    texture = np.random.default_rng(seed).normal(0, 6, (height, width, 3))
+    pixels = np.stack([red, green, blue], -1) + texture
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def _matrix(coefficients) -> np.ndarray:
+    return np.vstack([np.reshape(coefficients, (2, 3)), [0.0, 0.0, 1.0]])
+
+
+def view_params(
+    *, flip: bool = False, affine=None, ra_op: str = "none", ra_arg: float = 0.0, **colour
+) -> ViewParams:
+    """One row of :class:`ViewParams` for a ``SIZE``-pixel crop of ``BOX``; ``affine`` a PIL matrix."""
+    top, left, height, width = BOX
+    crop = _matrix([width / SIZE, 0, left, 0, height / SIZE, top])
+    if flip:
+        crop = _matrix([-width / SIZE, 0, left + width, 0, height / SIZE, top])
+    to_input = crop if affine is None else _matrix(affine) @ crop
+    order = colour.get("jitter_order", [-1] * 4)
+    return ViewParams(
+        source_map=torch.from_numpy(to_input[None, :2].copy()),
+        fill_maps=torch.from_numpy(to_input[None, None, :2].copy()),
+        fill_active=torch.tensor([[affine is not None]]),
+        ra_ops=torch.tensor([[RAND_AUGMENT_OPS.index(ra_op)]]),
+        ra_args=torch.tensor([[ra_arg]], dtype=torch.float64),
+        jitter=torch.tensor([colour.get("jitter", [1.0, 1.0, 1.0, 0.0])], dtype=torch.float64),
+        jitter_order=torch.tensor([order]),
+        grayscale=torch.tensor([colour.get("grayscale", False)]),
+        blur_sigma=torch.tensor([colour.get("blur_sigma", 0.0)], dtype=torch.float64),
+        solarize=torch.tensor([colour.get("solarize", False)]),
+        erase_box=torch.zeros(1, 4, dtype=torch.int64),
+    )
+
+
+def device_crop(image: Image.Image, params: ViewParams) -> torch.Tensor:
+    pixels = F.pil_to_tensor(image)[None].to(torch.float32)
+    sizes = torch.tensor([image.size])
+    return render_views(pixels, sizes, params, SIZE, FILL_COLOUR, image_stats(pixels, sizes))[0]
+
+
+def reference_crop(image: Image.Image) -> Image.Image:
+    return F.resized_crop(image, *BOX, [SIZE, SIZE], InterpolationMode.BICUBIC)
+
+
+def affine_of(op, *args) -> tuple:
+    """The PIL matrix timm's geometric ``op`` applies, and the op on the image with that matrix."""
+    probe = AffineProbe(photo_like().size, "RGB")
+    op(probe, *args, resample=BICUBIC, fillcolor=FILL)
+    return probe.step.matrix
+
+
+def _ra(name: str, fn, *args):
+    """RandAugment op ``name`` on the whole image, then the crop (the strong view's order)."""
+    affine = affine_of(fn, *args) if name == "affine" else None
+    reference = lambda image: reference_crop(fn(image, *args, resample=BICUBIC, fillcolor=FILL))  # noqa: E731
+    params = view_params(affine=affine, ra_op="none" if affine else name, ra_arg=args[0] if args else 0.0)
+    return reference, params
+
+
+def _weak(fn, **colour):
+    """A weak view's op after the crop."""
+    return (lambda image: fn(reference_crop(image))), view_params(**colour)
+
+
+def _jitter(index: int, factor: float):
+    jitter = [1.0, 1.0, 1.0, 0.0]
+    jitter[index] = factor
+    ops = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
+    return _weak(lambda image: ops[index](image, factor), jitter=jitter, jitter_order=[index, -1, -1, -1])
+
+
+# name: (reference, device parameters, bound on the mean absolute difference, bound on the fraction of
+# pixels more than 8 grey levels off): about twice the differences measured on the image of photo_like.
+# The crop and resize alone differ by 0.8 levels (torch's bicubic kernel, supersampled, against PIL's
+# antialiased one); threshold ops (Posterize, Solarize, SolarizeAdd, Equalize) cut interpolated pixels
+# on the device and whole-resolution ones in the reference, so edges move by a pixel.
+OPS = {
+    "resized crop": (*_weak(lambda image: image), 1.6, 0.01),
+    "flip": (*_weak(F.hflip, flip=True), 1.6, 0.01),
+    "brightness": (*_jitter(0, 1.3), 2.0, 0.01),
+    "contrast": (*_jitter(1, 0.7), 1.5, 0.01),
+    "saturation": (*_jitter(2, 1.2), 2.0, 0.01),
+    "hue": (*_jitter(3, 0.08), 2.5, 0.01),
+    "grayscale": (*_weak(lambda image: image.convert("L").convert("RGB"), grayscale=True), 1.2, 0.01),
+    "blur": (*_weak(lambda image: image.filter(ImageFilter.GaussianBlur(1.2)), blur_sigma=1.2), 1.0, 0.01),
+    "solarize": (*_weak(lambda image: F.solarize(image, 128), solarize=True), 1.6, 0.01),
+    "AutoContrast": (*_ra("AutoContrast", auto_augment.auto_contrast), 2.0, 0.01),
+    "Equalize": (*_ra("Equalize", auto_augment.equalize), 6.0, 0.2),
+    "Invert": (*_ra("Invert", auto_augment.invert), 1.6, 0.01),
+    "Posterize": (*_ra("Posterize", posterize_or_black, 2), 8.0, 0.3),
+    "Posterize 0 bits": (*_ra("Posterize", posterize_or_black, 0), 0.01, 0.0),
+    "Solarize": (*_ra("Solarize", auto_augment.solarize, 100), 4.0, 0.1),
+    "SolarizeAdd": (*_ra("SolarizeAdd", auto_augment.solarize_add, 60), 5.0, 0.15),
+    "Color": (*_ra("Color", auto_augment.color, 1.6), 2.5, 0.02),
+    "Contrast": (*_ra("Contrast", auto_augment.contrast, 1.6), 2.5, 0.02),
+    "Brightness": (*_ra("Brightness", auto_augment.brightness, 0.6), 1.5, 0.01),
+    "Sharpness": (*_ra("Sharpness", auto_augment.sharpness, 1.8), 3.0, 0.03),
+    "Rotate": (*_ra("affine", auto_augment.rotate, 25.0), 2.0, 0.01),
+    "ShearX": (*_ra("affine", auto_augment.shear_x, 0.25), 2.0, 0.01),
+    "ShearY": (*_ra("affine", auto_augment.shear_y, -0.25), 2.0, 0.01),
+    "TranslateXRel": (*_ra("affine", auto_augment.translate_x_rel, 0.35), 1.5, 0.01),
+    "TranslateYRel": (*_ra("affine", auto_augment.translate_y_rel, -0.4), 1.5, 0.015),
+}
+
+
+def differences(reference: Image.Image, device: torch.Tensor) -> tuple[float, float]:
+    difference = (F.pil_to_tensor(reference).to(torch.float32) - device).abs()
+    return float(difference.mean()), float((difference > 8).float().mean())
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_each_op_matches_the_reference_on_the_same_parameters(name: str) -> None:
+    reference, params, mean_bound, fraction_bound = OPS[name]
+    image = photo_like()
+    expected, got = reference(image), device_crop(image, params)
+    assert got.shape == (3, SIZE, SIZE)
+    mean, fraction = differences(expected, got)
+    assert mean <= mean_bound and fraction <= fraction_bound, (name, mean, fraction)
+    if name != "resized crop":  # the op is applied: it changes the device's view
+        assert (got - device_crop(image, view_params())).abs().mean() > 0.5, name
+
+
+def seeded(transform, image: Image.Image, seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return transform(image)
+
+
+def test_a_seeded_sample_draws_the_reference_parameters_and_gets_close_views() -> None:
+    """Whole multi-crop samples: the same weak flag, erasing boxes and noise, and views that differ
+    from the reference's by about what the ops do alone."""
+    settings = {"global_size": 64, "local_size": 32, "n_local": 6, "mean": MEAN}
+    cpu, device = MultiCropAugmentation(**settings), DeviceMultiCropParams(**settings)
+    image = photo_like()
+    means, ops = [], set()
+    for seed in range(8):
+        expected, drawn = seeded(cpu, image, seed), seeded(device, image, seed)
+        batch = collate_device([(drawn, 0)])
+        assert drawn.weak == expected.weak
+        for position, params in enumerate(batch.params):
+            assert tuple(params.erase_box[0].tolist()) == expected.erase_boxes[position]
+            assert torch.equal(batch.erase_noise[position], expected.erase_noise[position].flatten())
+            size = settings["global_size"] if position < 4 else settings["local_size"]
+            pixels = batch.images.to(torch.float32)
+            stats = image_stats(pixels, batch.sizes)
+            got = render_views(pixels, batch.sizes, params, size, FILL_COLOUR, stats)[0]
+            difference = (got - expected.crops[position].to(torch.float32)).abs().mean()
+            means.append(float(difference))
+            ops.update(params.ra_ops.flatten().tolist())
+    assert len(ops) >= 8  # most RandAugment ops were drawn
+    assert np.median(means) < 2.0 and np.mean(means) < 4.0, means
+
+
+def test_rendering_never_reads_device_values_on_the_host() -> None:
+    """On the meta device a tensor has no values: any read of one on the host raises."""
+    settings = {"global_size": 32, "local_size": 16, "n_local": 6, "erasing_prob": 0.5}
+    params = DeviceMultiCropParams(**settings)
+    data = SyntheticImages(16, side=40)
+    batch = collate_device([(seeded(params, data[i][0], i), 0) for i in range(16)])
+    everything = ViewParams(*(torch.cat(column) for column in zip(*batch.params, strict=True)))
+    assert set(everything.ra_ops.flatten().tolist()) == set(range(len(RAND_AUGMENT_OPS)))
+    assert everything.grayscale.any() and everything.solarize.any() and (everything.blur_sigma > 0).any()
+    assert (everything.jitter_order >= 0).any() and everything.fill_active.any()
+    augment = DeviceAugmentation(MEAN, (0.2, 0.2, 0.2), torch.device("meta"), global_size=32, local_size=16)
+    crops = augment(batch)
+    assert [tuple(c.shape) for c in crops] == [(16, 3, 32, 32)] * 4 + [(16, 3, 16, 16)] * 6
+    assert all(c.device.type == "meta" for c in crops)
+
+
+def _demo_config(tmp: Path, backend: str, seed: int) -> Config:
+    """The demo preset shrunk (as in test_evaluation_e2e): 16-px globals of 8-px patches, 210 train and
+    230 test Fashion-MNIST images, batch 16, 2 epochs; one thread, no loader processes."""
+    return config_from_dict(
+        {
+            "preset": "demo",
+            "model": {"patch_size": 8, "hidden_dim": 64, "out_dim": 32, "predictor_hidden_dim": 64},
+            "loss": {"instance_queue_size": 256, "local_group_queue_size": 256, "local_group_knn_top_n": 4},
+            "augment": {"global_size": 16, "local_size": 8, "backend": backend},
+            "optim": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
+            "data": {"root": str(tmp / "fm"), "prepared_dir": str(tmp / "prepared"), "max_per_class": 23},
+            "train": {
+                "output_dir": str(tmp / f"{backend}-{seed}"),
+                "seed": seed,
+                "num_workers": 0,
+                "checkpoint_every": 0,
+                "threads": 1,
+            },
+            "evaluate": {
+                "device": "cpu",
+                "num_workers": 0,
+                "cache_dir": str(tmp / f"features-{backend}-{seed}"),
+            },
+        }
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not FASHION_MNIST_SYSTEM_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed"
+)
+def test_training_with_either_backend_reaches_the_same_knn_accuracy(tmp_path: Path) -> None:
+    """Two seeds per backend: the backends' mean kNN top-1 differ by no more than the seeds do."""
+    install_demo_data(tmp_path / "fm")
+    run_prepare(_demo_config(tmp_path, "cpu", 0).data, progress=False)
+    top1: dict[str, list[float]] = {"cpu": [], "device": []}
+    for backend, seed in itertools.product(top1, (0, 1)):
+        config = _demo_config(tmp_path, backend, seed)
+        assert run_pretraining(config, progress=False).status == "finished"
+        checkpoint = Path(config.train.output_dir) / "checkpoints" / "latest.pt"
+        metrics = run_knn(checkpoint, config, tmp_path / f"knn-{backend}-{seed}.json", progress=False)
+        top1[backend].append(metrics["fine"]["20"]["top1"])
+    noise = max(abs(a - b) for a, b in top1.values())
+    gap = abs(statistics.mean(top1["cpu"]) - statistics.mean(top1["device"]))
+    assert min(top1["device"]) > 0.35, top1  # 10 classes: chance is 0.1
+    assert gap <= max(noise, 0.03), top1  # 0.03: 7 of the 230 test images
