@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -138,6 +139,16 @@ def test_resume_refuses_a_changed_configuration(straight_run: Path, tmp_path: Pa
         "optim.lr",
         "train.seed",
     ]
+
+
+def test_a_key_added_to_the_schema_after_a_checkpoint_counts_as_its_default() -> None:
+    # a checkpoint from before augment.backend existed trained with what is now its default
+    current = Config().to_dict()
+    saved = copy.deepcopy(current)
+    del saved["augment"]["backend"]
+    assert incompatible_keys(saved, current) == []
+    current["augment"]["backend"] = "device"
+    assert incompatible_keys(saved, current) == ["augment.backend"]
 
 
 # the bad step is found by the next log line, or (with no log line due) by the epoch-end checkpoint;

@@ -232,8 +232,14 @@ def backbone_state(
 def incompatible_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Config keys whose change would make a resumed run differ from an uninterrupted one (those
     :func:`mugs.result_keys.pretraining_keys` names; the evaluation, fine-tuning, launch and
-    bookkeeping settings can change between a run and its resumption)."""
-    old, new, dependent = flatten(saved), flatten(current), pretraining_keys()
+    bookkeeping settings can change between a run and its resumption).
+
+    A key that one side lacks counts as its schema default: a checkpoint written before a key was
+    added to the schema resumes under the default value, which is what that run trained with.
+    """
+    defaults = flatten(Config().to_dict())
+    old, new = {**defaults, **flatten(saved)}, {**defaults, **flatten(current)}
+    dependent = pretraining_keys()
     return sorted(
         key for key in old.keys() | new.keys() if old.get(key) != new.get(key) and depends_on(key, dependent)
     )
