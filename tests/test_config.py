@@ -124,7 +124,7 @@ def test_ranges_accept_their_bounds_and_refuse_beyond(key: str, inside, outside)
         ),
         ({"augment": {"local_scale": [0.3, 0.2]}}, r"augment\.local_scale=\[0\.3, 0\.2\]"),
         ({"finetune": {"warmup_epochs": 3}}, r"finetune\.warmup_epochs=3 exceeds finetune\.epochs=2"),
-        ({"loss": {"local_group_knn_top_n": 5000}}, r"local_group_knn_top_n=5000 exceeds .*queue_size=4096"),
+        ({"loss": {"local_group_knn_top_n": 5000}}, r"local_group_knn_top_n=5000 exceeds .*queue_size=1024"),
         (
             {"data": {"classes": ["Trouser", "Sock"]}},
             r"data\.classes \['Sock'\] are not Fashion-MNIST classes",
@@ -149,7 +149,7 @@ def test_impossible_combinations_are_errors_naming_the_keys(values: dict, messag
     ("values", "message"),
     [
         ({"augment": {"local_size": 35}}, r"augment\.local_size=35 exceeds augment\.global_size=28"),
-        ({"optim": {"min_lr": 1e-3}}, r"optim\.min_lr=0\.001 exceeds optim\.lr=0\.0005"),
+        ({"optim": {"min_lr": 2e-3}}, r"optim\.min_lr=0\.002 exceeds optim\.lr=0\.001"),
         (
             {"optim": {"clip_grad_late_epoch": 5}},
             r"optim\.clip_grad_late_epoch=5 lies beyond optim\.epochs=3",
