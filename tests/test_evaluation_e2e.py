@@ -55,6 +55,8 @@ def demo_config(tmp: Path, cache: str = "features") -> Config:
                 "batch_size": 256,
                 "cache_dir": str(tmp / cache),
                 "linear_epochs": 3,
+                # the published presets' probe (the demo's reads the last block alone)
+                "linear_n_last_blocks": 4,
                 "linear_lrs": [1e-2, 1e-1, 1.0],
                 "fewshot_c": [1.0, 10.0],
             },

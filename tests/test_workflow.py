@@ -404,7 +404,7 @@ def test_snakemake_reruns_only_the_evaluation_whose_parameter_changed(
 @pytest.mark.slow
 def test_snakemake_reruns_pretraining_and_everything_after_it(pipelines: dict[str, Path]) -> None:
     repo = pipelines["snakemake"]
-    before = update_params(repo, {"optim": {"lr": 0.001}})
+    before = update_params(repo, {"optim": {"lr": 0.002}})
     try:
         assert _plan(repo) == dict.fromkeys(ALL_AFTER_PRETRAIN, 1)
     finally:
@@ -414,7 +414,7 @@ def test_snakemake_reruns_pretraining_and_everything_after_it(pipelines: dict[st
 @pytest.mark.slow
 def test_a_configfile_that_adds_a_run_leaves_the_finished_run_alone(pipelines: dict[str, Path]) -> None:
     repo = pipelines["snakemake"]
-    (repo / "second.yaml").write_text("runs:\n  second: {optim: {lr: 0.001}}\n")
+    (repo / "second.yaml").write_text("runs:\n  second: {optim: {lr: 0.002}}\n")
     try:
         done = sh(
             "snakemake", "--profile", "profiles/local", "-n", "all", "--configfile", "second.yaml", cwd=repo
@@ -510,7 +510,7 @@ def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(
 @pytest.mark.slow
 def test_dvc_reruns_only_the_evaluation_whose_parameter_changed(pipelines: dict[str, Path]) -> None:
     repo = pipelines["dvc"]
-    before = update_params(repo, {"optim": {"lr": 0.001}})
+    before = update_params(repo, {"optim": {"lr": 0.002}})
     # pretraining is the only stage whose own inputs changed; everything after it follows from its outs
     assert set(_dvc_status(repo)) == {f"pretrain-{RUN}"}
     write_params(repo, before)
