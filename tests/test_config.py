@@ -20,6 +20,7 @@ from mugs.config import (
     files_shaping_run,
     load_config,
     parse_override,
+    read_yaml,
 )
 
 BASE = """
@@ -195,3 +196,13 @@ def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_line(tmp_path: Path
     with pytest.raises(ConfigError) as error:
         load_config(tmp_path / "broken.yaml")
     assert re.fullmatch(r".*broken\.yaml: not valid YAML at line 3, column 1: .+", str(error.value))
+
+
+def test_params_yaml_writes_out_every_key_of_the_schema_with_the_demo_presets_values() -> None:
+    # DVC tracks only the keys the file spells out, so a key left out could change unnoticed
+    written = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
+    demo = config_from_dict({"preset": "demo"}).to_dict()
+    for section, values in demo.items():
+        assert set(written[section]) == set(values), f"params.yaml's {section}: differs from the schema"
+        differing = {key for key in values if written[section][key] != values[key]}
+        assert differing <= ({"output_dir"} if section == "train" else set()), (section, differing)

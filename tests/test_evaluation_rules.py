@@ -44,11 +44,6 @@ def _shell_commands(snakemake_output: str) -> dict[str, list[str]]:
     return commands
 
 
-def _evaluation(metrics: dict) -> str:
-    """Which evaluation wrote ``metrics``: the file says so, except fine-tuning's, told by its epochs."""
-    return metrics.get("evaluation") or ("finetune" if "best_epoch" in metrics else "unknown")
-
-
 def _assert_own_command(rule: str, command: str) -> str:
     """``command`` runs ``mugs <rule>`` and writes ``<rule>.json``; returns that output path."""
     words = shlex.split(command)
@@ -89,5 +84,5 @@ def test_each_protocol_rule_runs_its_own_command(repo: Path) -> None:
     commands = _shell_commands(done.stdout + done.stderr)
     for protocol, path in zip(PROTOCOLS, metrics, strict=True):
         assert [_assert_own_command(protocol, command) for command in commands[protocol]] == [path]
-        written = _evaluation(json.loads((repo / path).read_text()))
+        written = json.loads((repo / path).read_text())["evaluation"]
         assert written == protocol, f"the {protocol} rule wrote {written} metrics"

@@ -192,6 +192,7 @@ def test_tiny_finetune_run_writes_metrics_of_the_best_validation_epoch(tmp_path,
     metrics = run_finetune(checkpoint, config, out, progress=False)
     written = json.loads(out.read_text())
     assert written["fine"] == metrics["fine"] and written["provenance"]["checkpoint"] == str(checkpoint)
+    assert written["evaluation"] == "finetune"
     # the command line gives the same numbers (same seed, CPU is deterministic)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
     again = tmp_path / "cli" / "finetune.json"

@@ -367,6 +367,7 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
         autocast=autocast,
     )
     metrics: dict[str, Any] = {
+        "evaluation": "finetune",
         "fine": test["fine"],
         **({"coarse": test["coarse"]} if "coarse" in test else {}),
         "best_epoch": best["epoch"],
