@@ -229,12 +229,16 @@ def _spawn(run_dir: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def _run_two_ranks(run_dir: Path, *args: str) -> None:
+    process = _spawn(run_dir, "--nprocs", "2", *args)
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+
+
 @pytest.fixture(scope="module")
 def two_rank_reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("two-ranks") / "run"
-    process = _spawn(run_dir, "--nprocs", "2")
-    _, err = process.communicate(timeout=600)
-    assert process.returncode == 0, err
+    _run_two_ranks(run_dir)
     return run_dir
 
 
@@ -258,10 +262,25 @@ def test_two_ranks_stop_cleanly_on_ctrl_c_and_on_sigterm_and_resume_exactly(
     first = _stop_two_ranks(run_dir, lambda process: os.killpg(process.pid, signal.SIGINT), "SIGINT")
     second = _stop_two_ranks(run_dir, lambda process: process.send_signal(signal.SIGTERM), "SIGTERM")
     assert first < second < 9
-    resumed = _spawn(run_dir, "--nprocs", "2")
-    _, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
+    _run_two_ranks(run_dir)
     assert_same_run(run_dir, two_rank_reference)
+
+
+def test_two_ranks_of_the_device_backend_stop_and_resume_exactly(tmp_path: Path) -> None:
+    """Each rank draws its own views' parameters in its loader process and renders them itself: stopped
+    inside the second epoch and resumed, the two ranks end with the files of an uninterrupted run."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    backend = ("--set", DEVICE_BACKEND, "--set", "train.num_workers=1")
+    _run_two_ranks(reference, *backend)
+    _run_two_ranks(run_dir, *backend, "--set", "train.max_iterations=4")
+    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)
+    assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
+    _run_two_ranks(run_dir, *backend)
+    assert_same_run(run_dir, reference)
+    assert (
+        ckpt.load_checkpoint(reference / ckpt.DIRECTORY / ckpt.LATEST)["config"]["augment"]["backend"]
+        == "device"
+    )
 
 
 def test_a_second_start_is_refused_while_the_first_runs(server: Server, reference, tmp_path: Path) -> None:
