@@ -120,8 +120,8 @@ def test_ranges_accept_their_bounds_and_refuse_beyond(key: str, inside, outside)
     ("values", "message"),
     [
         (
-            {"data": {"train_subset": 63}},
-            r"data\.train_subset=63 .* one global batch \(optim\.batch_size=64\)",
+            {"data": {"train_subset": 31}},
+            r"data\.train_subset=31 .* one global batch \(optim\.batch_size=32\)",
         ),
         ({"augment": {"local_scale": [0.3, 0.2]}}, r"augment\.local_scale=\[0\.3, 0\.2\]"),
         ({"finetune": {"warmup_epochs": 3}}, r"finetune\.warmup_epochs=3 exceeds finetune\.epochs=2"),
@@ -132,7 +132,7 @@ def test_ranges_accept_their_bounds_and_refuse_beyond(key: str, inside, outside)
         ),
         (
             {"launch": {"launcher": "slurm", "nodes": 2, "tasks_per_node": 3}},
-            r"optim\.batch_size=64 does not divide by the world size 6 "
+            r"optim\.batch_size=32 does not divide by the world size 6 "
             r"\(launch\.nodes=2 × launch\.tasks_per_node=3\)",
         ),
         (
@@ -174,7 +174,7 @@ def test_a_preset_lies_under_the_files_and_the_overrides_on_top(tmp_path: Path) 
     path = tmp_path / "mine.yaml"
     path.write_text("preset: vit_base_400ep\noptim: {epochs: 60, lr: 0.002}\n")
     config = load_config(path, ["optim.lr=0.003"], preset="demo")
-    assert (config.model.arch, config.optim.batch_size) == ("vit_tiny", 64)  # demo, not the file's preset
+    assert (config.model.arch, config.optim.batch_size) == ("vit_tiny", 32)  # demo, not the file's preset
     assert (config.optim.epochs, config.optim.lr) == (60, 0.003)
     assert load_config(path).model.arch == "vit_base"  # without --preset, the file's own
 

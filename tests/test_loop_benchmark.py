@@ -48,7 +48,7 @@ def test_loop_benchmark_demo_preset_settings() -> None:
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     config = loop_config(parse_args(["--demo", "--iters", "3", "--warmup", "2"]), Path("scratch"))
-    assert (config.model.arch, config.model.depth, config.optim.batch_size) == ("vit_tiny", 6, 64)
+    assert (config.model.arch, config.model.depth, config.optim.batch_size) == ("vit_tiny", 6, 32)
     assert (config.augment.global_size, config.augment.local_size, config.augment.n_local) == (28, 14, 2)
     assert (config.train.max_iterations, config.train.checkpoint_every, config.train.num_workers) == (5, 0, 0)
     target = loop_config(parse_args([]), Path("scratch"))
