@@ -280,9 +280,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "predictor_hidden_dim": 512,
             "group_out_dim": 1024,
         },
-        # 600 iterations of 32 (twice the updates of 64 for 8 % more time), a teacher that follows the
-        # student within ~20 of them, queues of a few dozen iterations' keys and no frozen last layer
-        # learn fastest (the search in docs/results.md)
+        # 600 iterations of 32 (twice the updates of 64, each image 4 % dearer), a teacher that follows
+        # the student within ~20 of them, queues of a few dozen iterations' keys and no frozen last
+        # layer learn fastest (the search in docs/results.md)
         "loss": {"instance_queue_size": 1024, "local_group_queue_size": 1024},
         "augment": {"global_size": 28, "local_size": 14, "n_local": 2, "global_scale": [0.4, 1.0]},
         "optim": {
