@@ -161,15 +161,28 @@ def test_sigkill_at_a_named_point(server: Server, reference, tmp_path: Path, poi
     assert_same_run(run_dir, reference[0])
 
 
+def _iterations_done(run_dir: Path) -> int:
+    latest = run_dir / ckpt.DIRECTORY / ckpt.LATEST
+    return ckpt.load_checkpoint(latest)["global_iteration"] if latest.exists() else 0
+
+
 def test_sigkill_at_random_moments(server: Server, reference, tmp_path: Path) -> None:
-    """Twelve seeded moments, two kills in each of six runs (the second in the resumed process)."""
+    """Twelve seeded moments, two kills in each of six runs (the second in the resumed process).
+
+    Each moment is drawn over the time the process still has to train: the fastest uninterrupted run's
+    time, scaled by the share of iterations its checkpoint leaves. A draw over the whole run's time
+    would often fall after a resumed process had already finished, or after any run on a machine that
+    got faster than during the reference run, and kill nothing."""
+    assert server.run(tmp_path / "timing") == 0
+    seconds = min(reference[1], json.loads(server.stdout.read_text())["seconds"])
+    total = _iterations_done(reference[0])
     draw = random.Random(13)
-    seconds = reference[1]
     kills = 0
     for trial in range(6):
         run_dir = tmp_path / f"run{trial}"
         for _ in range(2):
-            returncode = server.run(run_dir, "--kill-after", f"{draw.uniform(0.0, seconds):.3f}")
+            left = seconds * (total - _iterations_done(run_dir)) / total
+            returncode = server.run(run_dir, "--kill-after", f"{draw.uniform(0.0, left):.3f}")
             kills += returncode == -signal.SIGKILL
         server.finish(run_dir)
         assert_same_run(run_dir, reference[0])
