@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -13,6 +14,7 @@ from PIL import Image
 from mugs.cli import main
 from mugs.config import Config, DataConfig, config_from_dict
 from mugs.data.prepare import run_prepare
+from mugs.evaluation.baselines import pixel_features
 from mugs.evaluation.features import FeatureSet
 from mugs.evaluation.knn import knn_evaluate
 from mugs.testing.configs import tiny_training_config
@@ -125,3 +127,15 @@ def test_raw_pixel_knn_votes_on_the_grey_centre_crop_with_the_runs_settings(tmp_
     assert written["provenance"]["data"]["manifests_sha256"]
     # the pixels separate these classes: far above the 25 % of chance
     assert written["fine"]["3"]["top1"] > 0.9
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pixel_rows_keep_the_split_order_across_batches_and_loader_processes(
+    tmp_path: Path, num_workers: int
+) -> None:
+    prepared = _prepared(tmp_path)
+    read = pixel_features(prepared, "train", CROP, batch_size=5, num_workers=num_workers)
+    expected = _pixels_from_files(prepared, "train")
+    assert torch.equal(read.features, expected.features)
+    assert torch.equal(read.labels, expected.labels)
+    assert torch.equal(read.coarse_labels, expected.coarse_labels)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from mugs.config import Config
@@ -58,18 +59,28 @@ def pixel_transform(global_size: int) -> T.Compose:
 
 
 def pixel_features(
-    prepared: str | Path, split: str, global_size: int, *, progress: bool = False
+    prepared: str | Path,
+    split: str,
+    global_size: int,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = False,
 ) -> FeatureSet:
-    """The raw-pixel rows of ``split`` (see :func:`pixel_transform`) with its labels, in split order."""
+    """The raw-pixel rows of ``split`` (see :func:`pixel_transform`) with its labels, in split order,
+    decoded and transformed by ``num_workers`` loader processes (in this process when 0)."""
     from mugs.data.datasets import open_split
 
     dataset = open_split(prepared, split, pixel_transform(global_size))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     pixels = torch.empty(len(dataset), global_size * global_size)
     with progress_display(progress) as bar:
         task = bar.add_task(f"raw pixels {split}", total=len(dataset), unit="images")
-        for index in range(len(dataset)):
-            pixels[index] = dataset[index][0]
-            bar.update(task, completed=index + 1)
+        start = 0
+        for rows, _labels in loader:
+            pixels[start : start + len(rows)] = rows
+            start += len(rows)
+            bar.update(task, completed=start)
     return FeatureSet(
         pixels,
         torch.as_tensor(dataset.labels),
@@ -91,7 +102,14 @@ def run_raw_pixel_knn(
         out,
         checkpoint=None,
         features=lambda: [
-            pixel_features(config.data.prepared_dir, name, config.augment.global_size, progress=progress)
+            pixel_features(
+                config.data.prepared_dir,
+                name,
+                config.augment.global_size,
+                batch_size=settings.batch_size,
+                num_workers=settings.num_workers,
+                progress=progress,
+            )
             for name in ("train", split)
         ],
         header={
