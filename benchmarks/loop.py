@@ -1,7 +1,7 @@
 """Where the pretraining loop's wall time goes: data, forward, backward, optimizer, EMA and memories, rest.
 
     python benchmarks/loop.py                        # the target setting below, 2 threads
-    python benchmarks/loop.py --demo                 # the demo preset: 28/14 px crops, batch 64
+    python benchmarks/loop.py --demo                 # the demo preset: 28/14 px crops, batch 32
     python benchmarks/loop.py --num-workers 1 --json loop.json
     python benchmarks/loop.py --set model.depth=1 --iters 3   # any config key, as `mugs --set`
     python benchmarks/loop.py --backend device --jpegs 256 --num-workers 2
