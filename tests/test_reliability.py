@@ -181,6 +181,8 @@ def test_sigkill_at_random_moments(server: Server, reference, tmp_path: Path) ->
     for trial in range(6):
         run_dir = tmp_path / f"run{trial}"
         for _ in range(2):
+            if (run_dir / "DONE").exists():  # a finished run has no moment left to kill it at
+                break
             left = seconds * (total - _iterations_done(run_dir)) / total
             returncode = server.run(run_dir, "--kill-after", f"{draw.uniform(0.0, left):.3f}")
             kills += returncode == -signal.SIGKILL
