@@ -12,7 +12,7 @@ import pytest
 TESTS = Path(__file__).parent
 
 
-def _pytest(tmp_path: Path, min_free_gb: str) -> subprocess.CompletedProcess[str]:
+def _pytest(basetemp: Path, min_free_gb: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MUGS_TEST_MIN_FREE_GB": min_free_gb}
     return subprocess.run(
         [
@@ -23,7 +23,7 @@ def _pytest(tmp_path: Path, min_free_gb: str) -> subprocess.CompletedProcess[str
             "no:cacheprovider",
             "-q",
             "--basetemp",
-            str(tmp_path / "bt"),
+            str(basetemp),
             str(TESTS / "test_result_keys.py"),
         ],
         env=env,
@@ -34,7 +34,8 @@ def _pytest(tmp_path: Path, min_free_gb: str) -> subprocess.CompletedProcess[str
 
 
 def test_too_little_free_space_stops_the_suite_before_any_test(tmp_path: Path) -> None:
-    run = _pytest(tmp_path, "1e9")
+    # under a directory that does not exist yet: the check measures the disk it would be on
+    run = _pytest(tmp_path / "missing" / "bt", "1e9")
     assert run.returncode == pytest.ExitCode.USAGE_ERROR, run.stdout + run.stderr
     assert f"{tmp_path} has " in run.stdout
     assert "needs 1e+09 GB" in run.stdout
@@ -42,6 +43,6 @@ def test_too_little_free_space_stops_the_suite_before_any_test(tmp_path: Path) -
 
 
 def test_enough_free_space_lets_the_suite_run(tmp_path: Path) -> None:
-    run = _pytest(tmp_path, "0")
+    run = _pytest(tmp_path / "bt", "0")
     assert run.returncode == 0, run.stdout + run.stderr
     assert " passed" in run.stdout
