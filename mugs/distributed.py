@@ -112,6 +112,15 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     return reduced
 
 
+def all_gather_objects(value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` when not distributed."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
 def broadcast_object(value: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``value`` on every rank (any picklable object; for rare host decisions)."""
     if not is_distributed():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mugs.testing.compare import assert_same_run, log_records
+from mugs.testing.compare import assert_same_checkpoint, assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
 from mugs.training.log import MetricsLog
 from mugs.training.run_lock import LOCK_NAME
@@ -101,6 +101,23 @@ def test_stopping_and_resuming_is_exact(server: Server, reference, tmp_path: Pat
     assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
     assert server.run(run_dir, "--set", loader) == 0
     assert_same_run(run_dir, reference[0])
+
+
+def test_a_checkpoint_without_a_log_window_still_resumes(server: Server, reference, tmp_path: Path) -> None:
+    """Checkpoints written before the log window was kept resume with an empty window: the same
+    checkpoints, only the first log line after the stop averages fewer iterations."""
+    run_dir = tmp_path / "run"
+    assert server.run(run_dir, "--set", "train.max_iterations=4") == 0
+    latest = run_dir / ckpt.DIRECTORY / ckpt.LATEST
+    payload = ckpt.load_checkpoint(latest)
+    assert payload.pop("log_window")[0]["steps"] == 1  # iteration 4, after the line at 3
+    ckpt.atomic_save(payload, latest)
+    assert server.run(run_dir) == 0, server.stderr.read_text()
+    for path in sorted((reference[0] / ckpt.DIRECTORY).iterdir()):
+        assert_same_checkpoint(run_dir / ckpt.DIRECTORY / path.name, path)
+    resumed = {r["global_iteration"]: r for r in log_records(run_dir) if r["type"] == "iteration"}
+    expected = {r["global_iteration"]: r for r in log_records(reference[0]) if r["type"] == "iteration"}
+    assert resumed[6]["loss"] != expected[6]["loss"] and resumed[9] == expected[9]
 
 
 DEVICE_BACKEND = "augment.backend=device"
@@ -192,14 +209,18 @@ def test_sigkill_at_random_moments(server: Server, reference, tmp_path: Path) ->
     assert kills >= 10
 
 
-def _wait_for_iterations(run_dir: Path, count: int, timeout: float = 120.0) -> None:
+def _wait_for_iteration(run_dir: Path, iteration: int, timeout: float = 120.0) -> None:
+    """Wait for a log record at ``iteration`` or later (one comes every 3 iterations)."""
     deadline = time.monotonic() + timeout
     log = run_dir / "log.jsonl"
     while time.monotonic() < deadline:
-        if log.exists() and log.read_text().count('"type": "iteration"') >= count:
+        if (
+            log.exists()
+            and max((r["global_iteration"] for r in log_records(run_dir)), default=0) >= iteration
+        ):
             return
         time.sleep(0.05)
-    raise AssertionError(f"{log} did not reach {count} iterations")
+    raise AssertionError(f"{log} did not reach iteration {iteration}")
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
@@ -208,13 +229,13 @@ def test_a_signal_stops_cleanly_with_a_checkpoint(
 ) -> None:
     run_dir = tmp_path / "run"
     pid = server.start(run_dir, "--step-delay", "0.3")
-    _wait_for_iterations(run_dir, 2)
+    _wait_for_iteration(run_dir, 2)
     os.kill(pid, stop_signal)
     assert server.wait() == 128 + stop_signal
     stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
     message = server.stderr.read_text()
     assert f"stopped by {stop_signal.name} at global iteration {stopped}," in message
-    assert "Traceback" not in message and 2 <= stopped < 9
+    assert "Traceback" not in message and 2 <= stopped < 9 and stopped % 3, "stopped on a log line"
     assert max(r["global_iteration"] for r in log_records(run_dir)) <= stopped
     server.finish(run_dir)
     assert_same_run(run_dir, reference[0])
@@ -223,7 +244,7 @@ def test_a_signal_stops_cleanly_with_a_checkpoint(
 def test_a_second_signal_aborts_at_once(server: Server, reference, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     pid = server.start(run_dir, "--step-delay", "0.5")
-    _wait_for_iterations(run_dir, 1)
+    _wait_for_iteration(run_dir, 1)
     os.kill(pid, signal.SIGTERM)
     time.sleep(0.1)
     os.kill(pid, signal.SIGTERM)
@@ -259,12 +280,13 @@ def two_rank_reference(tmp_path_factory) -> Path:
 
 def _stop_two_ranks(run_dir: Path, send: Callable[[subprocess.Popen], None], name: str) -> int:
     process = _spawn(run_dir, "--nprocs", "2", "--step-delay", "0.3", "--set", "train.num_workers=1")
-    _wait_for_iterations(run_dir, len(log_records(run_dir)) + 2)
+    _wait_for_iteration(run_dir, _iterations_done(run_dir) + 2)
     send(process)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.Signals[name], err
     stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
     assert f"stopped by {name} at global iteration {stopped}," in err and "Traceback" not in err
+    assert stopped % 3, "stopped on a log line: the resumed log would not test the log window"
     return stopped
 
 
@@ -301,7 +323,7 @@ def test_two_ranks_of_the_device_backend_stop_and_resume_exactly(tmp_path: Path)
 def test_a_second_start_is_refused_while_the_first_runs(server: Server, reference, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = _spawn(run_dir, "--step-delay", "1.0")
-    _wait_for_iterations(run_dir, 1)
+    _wait_for_iteration(run_dir, 1)
     assert server.run(run_dir) == 2
     err = server.stderr.read_text()
     assert f"in use by pid {first.pid} on" in err and "Traceback" not in err
