@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from mugs.testing.compare import assert_same_checkpoint, assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
@@ -332,6 +333,55 @@ def test_a_second_start_is_refused_while_the_first_runs(server: Server, referenc
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert_same_run(run_dir, reference[0])
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (hidden ones included) with its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(
+    server: Server, reference, tmp_path: Path
+) -> None:
+    """Other result settings, or a checkpoint whose config has a key this version does not know: exit 2
+    naming the keys, and not a byte of the run directory changed (config.yaml used to record the
+    refused settings, which describe no checkpoint in it)."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(reference[0]), str(run_dir)], check=True)
+    (run_dir / "DONE").unlink()
+    before = _files(run_dir)
+    assert server.run(run_dir, "--set", "optim.lr=0.5", "--set", "optim.epochs=2") == 2
+    message = server.stderr.read_text()
+    assert "different configuration (optim.epochs, optim.lr)" in message and "Traceback" not in message
+    assert _files(run_dir) == before
+
+    latest = run_dir / ckpt.DIRECTORY / ckpt.LATEST
+    payload = ckpt.load_checkpoint(latest)
+    payload["config"]["model"]["from_a_later_version"] = 1
+    ckpt.atomic_save(payload, latest)
+    before = _files(run_dir)
+    assert server.run(run_dir) == 2
+    message = server.stderr.read_text()
+    assert "model.from_a_later_version" in message and "Traceback" not in message
+    assert _files(run_dir) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_missing_gpu_is_refused_before_the_run_directory_is_made(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    settings = ["--set", f"train.output_dir={run_dir}", "--set", "train.device=cuda"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mugs", "pretrain", "--preset", "demo", "--no-progress", *settings],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "train.device is 'cuda' but no CUDA device is visible" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not run_dir.exists()
 
 
 def test_a_kept_checkpoint_lost_for_good_blocks_done(server: Server, reference, tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             mean_std=MEAN_STD,
             progress=False,
         )
-    except (RunLockedError, MissingCheckpointError) as error:  # as `mugs pretrain` reports them
+    except (RunLockedError, MissingCheckpointError, ValueError) as error:  # as `mugs pretrain` reports them
         print(f"error: {error}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -260,13 +261,18 @@ class Trainer:
 
     def _resume_or_start(self) -> MetricsLog:
         """Resume from this run's ``latest.pt``, else start (from ``train.init_from`` if set); the log
-        keeps only what the checkpoint has seen."""
+        keeps only what the checkpoint has seen. A checkpoint that cannot be resumed is refused before
+        anything is written, the run's ``config.yaml`` included."""
         latest = self.checkpoint_dir / ckpt.LATEST
         resumed = latest.exists()
         if resumed:
             self.load(latest)
         elif self.config.train.init_from:
             self.initialise_from(Path(self.config.train.init_from))
+        if self.rank == 0:
+            ckpt.atomic_write_text(
+                self.output_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+            )
         log = MetricsLog(self.output_dir / "log.jsonl", enabled=self.rank == 0)
         log.truncate_after(self.global_iteration)
         if resumed and self.iteration_in_epoch == 0 and self.epoch > self.start_epoch:
