@@ -335,6 +335,55 @@ def test_a_second_start_is_refused_while_the_first_runs(server: Server, referenc
     assert_same_run(run_dir, reference[0])
 
 
+def _wait_for_lock(run_dir: Path, timeout: float = 300.0) -> None:
+    """Wait until a launcher holds the run's lock (its holder is written into the lock file)."""
+    deadline = time.monotonic() + timeout
+    lock = run_dir / LOCK_NAME
+    while not (lock.exists() and lock.stat().st_size):
+        assert time.monotonic() < deadline, f"{lock} was not taken"
+        time.sleep(0.05)
+
+
+def test_a_second_two_rank_start_is_refused_at_once(server: Server, tmp_path: Path) -> None:
+    """The launcher takes the lock for its ranks before it spawns them: one line, exit 2, no rank started
+    (the ranks used to start, and the refusal came after 63-94 s in a nested traceback)."""
+    run_dir = tmp_path / "run"
+    first = server.start(run_dir, "--step-delay", "10")  # still training when the second has started
+    _wait_for_lock(run_dir)
+    started = time.monotonic()
+    second = _spawn(run_dir, "--nprocs", "2")
+    _, err = second.communicate(timeout=120)
+    refused_after = time.monotonic() - started
+    assert second.returncode == 2, err
+    assert f"in use by pid {first} on" in err and str(run_dir / LOCK_NAME) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    print(f"a 2-rank start refused after {refused_after:.1f} s (the process's imports included)")
+    assert refused_after < 60
+    os.kill(first, signal.SIGTERM)
+    assert server.wait() == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_two_ranks_stopped_while_starting_stop_as_one_rank_does(tmp_path: Path, name: str) -> None:
+    """A stop while the ranks import and set up (before the first checkpoint): the ranks take it once
+    their handler is in place, so the run stops after its first iteration with a checkpoint, the line
+    and exit code of a 1-rank run; no rank is killed with a traceback. SIGTERM goes to the launcher,
+    SIGINT to the whole process group (Ctrl-C)."""
+    run_dir = tmp_path / "run"
+    process = _spawn(run_dir, "--nprocs", "2")
+    _wait_for_lock(run_dir)  # the launcher holds it, its ranks are about to start
+    time.sleep(0.5)
+    assert not (run_dir / ckpt.DIRECTORY).exists()
+    if name == "SIGTERM":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.Signals[name], err
+    assert f"stopped by {name} at global iteration 1," in err and "Traceback" not in err, err
+    assert _iterations_done(run_dir) == 1
+
+
 def _files(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` (hidden ones included) with its bytes."""
     return {
