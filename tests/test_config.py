@@ -13,9 +13,11 @@ import pytest
 from mugs.config import (
     PRESETS,
     RANGES,
+    RUN_NAME,
     Config,
     ConfigError,
     ConfigWarning,
+    check_run_name,
     config_from_dict,
     files_shaping_run,
     load_config,
@@ -206,3 +208,26 @@ def test_params_yaml_writes_out_every_key_of_the_schema_with_the_demo_presets_va
         assert set(written[section]) == set(values), f"params.yaml's {section}: differs from the schema"
         differing = {key for key in values if written[section][key] != values[key]}
         assert differing <= ({"output_dir"} if section == "train" else set()), (section, differing)
+
+
+def test_run_is_substituted_after_the_overrides(base: Path) -> None:
+    """``--set train.output_dir=…/{run}`` is the file's value's equal (it made a directory named {run})."""
+    config = load_config(
+        base, ["train.output_dir=elsewhere/{run}", "evaluate.cache_dir=cache/{run}"], run="demo"
+    )
+    assert (config.train.output_dir, config.evaluate.cache_dir) == ("elsewhere/demo", "cache/demo")
+    assert load_config(base, run="small-lr").train.output_dir == "results/small-lr/pretrain"
+
+
+def test_one_rule_for_run_names(base: Path, capsys: pytest.CaptureFixture) -> None:
+    """`mugs pretrain --run` refuses what the workflow's schema and wildcard refuse, naming the run."""
+    from mugs.cli import main
+
+    schema = read_yaml(Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml")
+    assert schema["properties"]["runs"]["propertyNames"]["pattern"] == f"^{RUN_NAME}$"
+    assert check_run_name("small-lr_2") == "small-lr_2"
+    base.write_text(BASE + "  'a;b': {}\n")
+    assert main(["pretrain", "--config", str(base), "--run", "a;b", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "run name 'a;b' may hold only letters, digits" in err and RUN_NAME in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -2,7 +2,7 @@
 import json
 import os
 
-from mugs.config import files_shaping_run, load_config, read_yaml
+from mugs.config import RUN_NAME, files_shaping_run, load_config, read_yaml
 from mugs.result_keys import RESULT_KEYS
 
 # The parameter files in the order Snakemake merges them (params.yaml, then each --configfile on
@@ -54,7 +54,7 @@ envvars:
 
 
 wildcard_constraints:
-    run="[A-Za-z0-9_-]+",
+    run=RUN_NAME,
     evaluated="eval|random-init",
 
 
