@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mugs.config import Config, config_from_dict
+from mugs.config import PRESETS, Config, config_from_dict
 from mugs.losses import MugsObjective
 from mugs.model import build_networks
 from mugs.model.backbone import VIT_SIZES
@@ -156,12 +156,6 @@ _UNUSED_MEMORY_BUFFERS = {"block.queue_v"}
 _WEIGHT_NORM = {
     "group_head.last_layer.weight_g": "group_head.last_layer.parametrizations.weight.original0",
     "group_head.last_layer.weight_v": "group_head.last_layer.parametrizations.weight.original1",
-}
-# published presets by arch; the first is the default, the others are picked by their epoch count
-_PRESETS_BY_ARCH = {
-    "vit_small": ("vit_small_100ep", "vit_small_300ep", "vit_small_800ep"),
-    "vit_base": ("vit_base_400ep",),
-    "vit_large": ("vit_large_250ep",),
 }
 # official argparse name -> (config section, key), for values the weights cannot tell
 _ARGS_TO_CONFIG = {
@@ -328,9 +322,12 @@ def _config_from_args(values: dict[str, Any], heads_present: dict[str, bool]) ->
 
 
 def _choose_preset(arch: str, epoch: int) -> str | None:
-    candidates = _PRESETS_BY_ARCH.get(arch, ())
-    by_epochs = [name for name in candidates if config_from_dict({"preset": name}).optim.epochs == epoch]
-    return (by_epochs or list(candidates) or [None])[0]
+    """The published preset of ``arch`` (named ``{arch}_{epochs}ep``) with ``epoch`` epochs, else the
+    shortest one."""
+    published = [name for name in PRESETS if name.startswith(f"{arch}_")]
+    epochs = {name: config_from_dict({"preset": name}).optim.epochs for name in published}
+    by_epochs = [name for name, count in epochs.items() if count == epoch]
+    return (by_epochs or sorted(epochs, key=epochs.__getitem__) or [None])[0]
 
 
 def _build_config(

@@ -196,18 +196,6 @@ class GroupLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-def loss_weights(config: Config) -> dict[str, float]:
-    """The enabled supervisions (weight > 0) and their weights, in METHOD order: which heads the
-    networks have and which losses the objective sums are both read from here."""
-    loss = config.loss
-    weights = {
-        "instance": loss.instance_weight,
-        "local_group": loss.local_group_weight,
-        "group": loss.group_weight,
-    }
-    return {name: weight for name, weight in weights.items() if weight > 0}
-
-
 class MugsObjective(nn.Module):
     """The Mugs objective (METHOD §1): the weighted mean of the enabled supervisions, each between the
     student outputs of every crop and the teacher outputs of the global crops of the same head.
@@ -223,7 +211,7 @@ class MugsObjective(nn.Module):
 
     @classmethod
     def from_config(cls, config: Config) -> MugsObjective:
-        loss, n_crops, weights = config.loss, 2 + config.augment.n_local, loss_weights(config)
+        loss, n_crops, weights = config.loss, 2 + config.augment.n_local, config.loss.weights()
         losses: dict[str, nn.Module] = {}
         if "instance" in weights:
             losses["instance"] = InfoNCEQueueLoss(

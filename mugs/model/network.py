@@ -10,7 +10,6 @@ from torch import nn
 
 from mugs import distributed
 from mugs.config import Config, ModelConfig
-from mugs.losses import loss_weights
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.model.heads import GroupHead, ProjectionPredictionHead
 from mugs.model.memory import NeighbourMemory
@@ -155,7 +154,7 @@ def create_mugs_network(
 
 def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
     """Student and teacher; the teacher starts from the student's parameters (not its memory)."""
-    loss, enabled = config.loss, loss_weights(config)
+    loss, enabled = config.loss, config.loss.weights()
     common = dict(
         img_size=config.augment.global_size,
         instance="instance" in enabled,
