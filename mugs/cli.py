@@ -187,12 +187,44 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     import yaml
 
-    from mugs.config import PRESETS, config_from_dict
+    from mugs.config import PRESETS, ConfigError, config_from_dict
 
+    if args.write_params:
+        from mugs.pipeline_files import params_text
+
+        if not args.name:
+            raise ConfigError("--write-params needs a preset: mugs presets demo --write-params params.yaml")
+        return _write_generated(
+            Path(args.write_params),
+            params_text(Path(args.write_params).read_text(), args.name),
+            args.check,
+            f"mugs presets {args.name} --write-params {args.write_params}",
+        )
     if args.name:
         print(yaml.safe_dump(config_from_dict({"preset": args.name}).to_dict(), sort_keys=False), end="")
     else:
         print("\n".join(PRESETS))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from mugs.pipeline_files import SCHEMA_PATH, schema_text
+
+    return _write_generated(SCHEMA_PATH, schema_text(), args.check, "mugs schema")
+
+
+def _write_generated(target: Path, text: str, check: bool, command: str) -> int:
+    """Write a generated file, or with ``check`` say whether the committed one is current (exit 1 if not)."""
+    from mugs.training.checkpoint import atomic_write_text
+
+    if check:
+        if not target.exists() or target.read_text() != text:
+            console.print(f"{target} is not what `{command}` generates: run it")
+            return 1
+        console.print(f"{target} is current")
+        return 0
+    atomic_write_text(target, text)
+    console.print(f"wrote {target}")
     return 0
 
 
@@ -539,7 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list presets, or print one resolved")
     presets.add_argument("name", nargs="?")
+    presets.add_argument(
+        "--write-params",
+        metavar="PATH",
+        help="replace the configuration sections of the pipeline file PATH with the preset's values "
+        "(its comments, runs, protocols and resources stay)",
+    )
+    presets.add_argument("--check", action="store_true", help="with --write-params: exit 1 if PATH is stale")
     presets.set_defaults(handler=cmd_presets)
+    schema = commands.add_parser(
+        "schema", help="write the pipeline file's JSON schema from the configuration"
+    )
+    schema.add_argument("--check", action="store_true", help="exit 1 if the committed schema is stale")
+    schema.set_defaults(handler=cmd_schema)
     return parser
 
 

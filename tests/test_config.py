@@ -20,6 +20,9 @@ from mugs.config import (
     parse_override,
     read_yaml,
 )
+from mugs.pipeline_files import NUMERIC_TEXT, SCHEMA_PATH, params_text, schema_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 BASE = """
 optim: {epochs: 3, warmup_epochs: 1, lr: 0.0005}
@@ -200,11 +203,25 @@ def test_a_yaml_syntax_error_is_one_line_naming_the_file_and_line(tmp_path: Path
     assert re.fullmatch(r".*broken\.yaml: not valid YAML at line 3, column 1: .+", str(error.value))
 
 
-def test_params_yaml_writes_out_every_key_of_the_schema_with_the_demo_presets_values() -> None:
+def test_params_yaml_holds_every_key_with_the_demo_presets_values() -> None:
     # DVC tracks only the keys the file spells out, so a key left out could change unnoticed
-    written = read_yaml(Path(__file__).resolve().parents[1] / "params.yaml")
+    written = (REPO / "params.yaml").read_text()
+    stale = "params.yaml is stale: run `mugs presets demo --write-params params.yaml`"
+    assert params_text(written, "demo") == written, stale
     demo = config_from_dict({"preset": "demo"}).to_dict()
-    for section, values in demo.items():
-        assert set(written[section]) == set(values), f"params.yaml's {section}: differs from the schema"
-        differing = {key for key in values if written[section][key] != values[key]}
-        assert differing <= ({"output_dir"} if section == "train" else set()), (section, differing)
+    assert {
+        section: set(values) for section, values in read_yaml(REPO / "params.yaml").items() if section in demo
+    } == {section: set(values) for section, values in demo.items()}
+
+
+def test_the_committed_schema_is_what_the_configuration_generates() -> None:
+    assert (REPO / SCHEMA_PATH).read_text() == schema_text(), "the schema is stale: run `mugs schema`"
+
+
+def test_the_schema_takes_the_numeric_text_the_configuration_takes() -> None:
+    for text in ("1e-3", "2.5E+4", ".5", "3"):
+        assert re.match(NUMERIC_TEXT, text) and config_from_dict({"optim": {"lr": text}}).optim.lr == float(
+            text
+        )
+    for text in ("fast", "nan", "inf"):
+        assert not re.match(NUMERIC_TEXT, text)

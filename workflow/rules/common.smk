@@ -1,8 +1,9 @@
 # Shared helpers: the runs, their resolved settings, and per-rule cluster resources.
 import json
 import os
+import sys
 
-from mugs.config import files_shaping_run, load_config, read_yaml
+from mugs.config import ConfigError, files_shaping_run, load_config, read_yaml
 from mugs.result_keys import RESULT_KEYS
 
 # The parameter files in the order Snakemake merges them (params.yaml, then each --configfile on
@@ -34,8 +35,13 @@ RUNS = list(
 )
 LAUNCHER = config.get("launcher", config.get("launch", {}).get("launcher", "local"))
 
-# Validate every run's settings before anything is scheduled: errors name the file and the key.
-RUN_CONFIGS = {run: load_config(PARAMS, run=run) for run in RUNS}
+# Validate every run's settings before anything is scheduled: errors name the file and the key. The
+# schema has checked each value; this checks the rules between them, and stops with the one line (an
+# exception raised here would print its frames after it).
+try:
+    RUN_CONFIGS = {run: load_config(PARAMS, run=run) for run in RUNS}
+except ConfigError as error:
+    sys.exit(f"Error in the configuration: {error}")
 # what each run's commands read (`--config {params.config_files}`): the files that shape it
 RUN_FILES = {run: files_shaping_run(PARAMS, run) for run in RUNS}
 DATA = RUN_CONFIGS[RUNS[0]].data  # data.* is shared by every run
