@@ -1,11 +1,6 @@
-"""One typed configuration for everything the package computes, loaded from YAML.
-
-Every hyper-parameter of the method is a field below with its type, its allowed values, a description and
-the published ViT-S/16 100-epoch value as its default (``sail-sg/mugs`` ``pretraining.sh``); the presets
-(``mugs/presets/*.yaml``) are small files over those defaults. Unknown keys and wrongly typed or
-out-of-range values are errors that name the key, so a typo in ``params.yaml`` fails before anything is
-submitted. The JSON schema Snakemake checks ``params.yaml`` with is generated from these fields.
-"""
+"""One typed configuration, loaded from YAML: each key is a field below with its type, allowed values,
+description and the published ViT-S/16 100-epoch value (``sail-sg/mugs`` ``pretraining.sh``) as default;
+presets (``mugs/presets``) change a few. Snakemake's schema for ``params.yaml`` is made from these."""
 
 from __future__ import annotations
 
@@ -18,18 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
 from annotated_types import Interval
-from pydantic import (
-    AllowInfNan,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
@@ -50,28 +36,33 @@ def _not_bool(value: Any) -> Any:
     return value
 
 
-# Ints are ints (not bools, not text); floats also take ints and numeric text (YAML 1.1 reads "1e-3",
-# which has no dot, as a string); neither takes NaN or infinity.
 def _float(**bounds: float) -> Any:
-    return Annotated[float, AllowInfNan(False), Interval(**bounds), BeforeValidator(_not_bool)]
+    """A float within ``bounds``, from an int or numeric text too (YAML 1.1 reads "1e-3" as a string)."""
+    return Annotated[
+        float, pydantic.AllowInfNan(False), Interval(**bounds), pydantic.BeforeValidator(_not_bool)
+    ]
 
 
-Int, Bool, Str = Annotated[int, Strict()], Annotated[bool, Strict()], Annotated[str, Strict()]
+# ints are ints, not bools or text
+Int, Bool, Str = (
+    Annotated[int, pydantic.Strict()],
+    Annotated[bool, pydantic.Strict()],
+    Annotated[str, pydantic.Strict()],
+)
 Count, Natural = Annotated[Int, Interval(ge=1)], Annotated[Int, Interval(ge=0)]
 NonNegative, Positive, Probability = _float(ge=0), _float(gt=0), _float(ge=0, le=1)
 BelowOne, Fraction = _float(ge=0, lt=1), _float(gt=0, le=1)
 Device = Literal["auto", "cpu", "cuda"]
-
-section = dataclass(config=ConfigDict(extra="forbid"))
+section = dataclass(config=pydantic.ConfigDict(extra="forbid"))
 
 
 def _field(default: Any, description: str, **bounds: Any) -> Any:
     """A field's default and description; each instance gets its own list, mapping or section."""
     if isinstance(default, (list, dict)):
-        return Field(default_factory=default.copy, description=description, **bounds)
+        return pydantic.Field(default_factory=default.copy, description=description, **bounds)
     if isinstance(default, type):
-        return Field(default_factory=default, description=description)
-    return Field(default, description=description, **bounds)
+        return pydantic.Field(default_factory=default, description=description)
+    return pydantic.Field(default, description=description, **bounds)
 
 
 def _list(default: list[Any], description: str) -> Any:
@@ -104,7 +95,7 @@ class LossConfig:
     local_group_temp: Positive = _field(0.2, "Temperature of the local-group contrast")
     local_group_knn_top_n: Count = _field(8, "Neighbours aggregated into a local group")
     memory_pointer: Literal["fixed", "official"] = _field(
-        "fixed", "'official' reproduces the public code's 2n pointer stride (half the memory never written)"
+        "fixed", "official: the public code's 2n pointer stride (half the memory is never written)"
     )
     group_student_temp: Positive = _field(0.1, "Student temperature of the group discrimination")
     group_warmup_teacher_temp: Positive = _field(0.04, "Teacher temperature at the start of its warm-up")
@@ -115,19 +106,7 @@ class LossConfig:
         """The enabled supervisions (weight > 0) and their weights, in METHOD order: which heads the
         networks have and which losses the objective sums are both read from here."""
         weights = {"instance": self.instance_weight, "local_group": self.local_group_weight}
-        weights["group"] = self.group_weight
-        return {name: weight for name, weight in weights.items() if weight > 0}
-
-    @model_validator(mode="after")
-    def check_rules(self) -> LossConfig:
-        if not self.weights():
-            raise ValueError("loss.instance_weight, loss.local_group_weight, loss.group_weight are all 0")
-        if self.local_group_weight > 0 and self.local_group_knn_top_n > self.local_group_queue_size:
-            raise ValueError(
-                f"loss.local_group_knn_top_n={self.local_group_knn_top_n} exceeds "
-                f"loss.local_group_queue_size={self.local_group_queue_size}"
-            )
-        return self
+        return {name: w for name, w in {**weights, "group": self.group_weight}.items() if w > 0}
 
 
 @section
@@ -145,21 +124,6 @@ class AugmentConfig:
         "Where the views are computed: by the loader processes (the reference) or, from the parameters "
         "they draw, on the training device for the whole batch (mugs.data.device_augment)",
     )
-
-    @model_validator(mode="after")
-    def check_rules(self) -> AugmentConfig:
-        for key in ("global_scale", "local_scale"):
-            low, high = getattr(self, key)
-            if low > high:
-                raise ValueError(f"augment.{key}={[low, high]}: the lower bound exceeds the upper one")
-        return self
-
-
-def _check_schedule(s: OptimConfig | FinetuneConfig, name: str) -> None:
-    if s.warmup_epochs > s.epochs:
-        raise ValueError(f"{name}.warmup_epochs={s.warmup_epochs} exceeds {name}.epochs={s.epochs}")
-    if s.min_lr > s.lr:
-        _warn(f"{name}.min_lr={s.min_lr:g} exceeds {name}.lr={s.lr:g}: the rate rises after the warm-up")
 
 
 @section
@@ -179,11 +143,6 @@ class OptimConfig:
     freeze_last_layer: Natural = _field(1, "Epochs during which the group head's last layer is frozen")
     precision: Literal["fp32", "bf16", "fp16"] = _field("fp32", "Autocast precision on a GPU")
 
-    @model_validator(mode="after")
-    def check_rules(self) -> OptimConfig:
-        _check_schedule(self, "optim")
-        return self
-
 
 @section
 class DataConfig:
@@ -197,7 +156,7 @@ class DataConfig:
     max_per_class: Count | None = _field(None, "Images kept per class and split; null: all")
     workers: Natural = _field(2, "Processes for scanning and decoding")
     train_subset: Count | None = _field(
-        None, "A training subset for quick runs (first N images of a seeded permutation); null: all"
+        None, "Train on the first N images of a seeded permutation; null: all"
     )
 
 
@@ -223,9 +182,7 @@ class TrainConfig:
 
 @section
 class FinetuneConfig:
-    """End-to-end fine-tuning (METHOD §8), BEiT / iBOT recipe."""
-
-    epochs: Count = _field(100, "Fine-tuning epochs")
+    epochs: Count = _field(100, "Fine-tuning epochs (METHOD §8, the BEiT / iBOT recipe)")
     batch_size: Count = _field(1024, "Global batch, over all ranks")
     lr: NonNegative = _field(1.2e-3, "Peak learning rate for a batch of 256, scaled linearly")
     min_lr: NonNegative = _field(1e-6, "Learning rate at the end of the cosine decay")
@@ -241,16 +198,9 @@ class FinetuneConfig:
     checkpoint_key: Literal["teacher", "student"] = _field("teacher", "Which pretrained network to tune")
     precision: Literal["fp32", "bf16"] = _field("fp32", "Autocast precision")
 
-    @model_validator(mode="after")
-    def check_rules(self) -> FinetuneConfig:
-        _check_schedule(self, "finetune")
-        return self
-
 
 @section
 class EvalConfig:
-    """Frozen-feature evaluations (METHOD §8) and checkpoint selection."""
-
     network: Literal["teacher", "student"] = _field("teacher", "Which network's features are evaluated")
     device: Device = _field("auto", "Evaluation device; auto: cuda when present")
     batch_size: Count = _field(256, "Images per forward pass while extracting features")
@@ -266,7 +216,7 @@ class EvalConfig:
     linear_epochs: Count = _field(100, "Linear-probe epochs")
     linear_batch_size: Count = _field(1024, "Linear-probe batch")
     linear_lrs: list[NonNegative] = _list(
-        [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "Linear-probe learning rates swept (batch of 256)"
+        [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "Probe lrs (batch of 256)"
     )
     linear_weight_decays: list[NonNegative] = _list([0.0, 1e-4], "Linear-probe weight decays swept")
     linear_seed: Natural = _field(0, "Seed of the linear probes")
@@ -280,14 +230,7 @@ class EvalConfig:
 
 @section
 class LaunchConfig:
-    """Where pretraining runs: here (``local``, ``nprocs`` processes) or as one SLURM job through submitit.
-
-    The SLURM job has ``nodes * tasks_per_node`` ranks (one per GPU on GPU nodes). Time limits and
-    preemption are survived by checkpointing on SLURM's signal (``signal_delay_s`` before the limit) and
-    requeueing, at most ``max_num_timeout`` times for time limits.
-    """
-
-    launcher: Literal["local", "slurm"] = _field("local", "Here, or one SLURM job through submitit")
+    launcher: Literal["local", "slurm"] = _field("local", "Here, or as one SLURM job through submitit")
     nprocs: Count = _field(1, "Local processes")
     nodes: Count = _field(1, "SLURM nodes")
     tasks_per_node: Count = _field(1, "Ranks per node (one per GPU on GPU nodes)")
@@ -300,13 +243,11 @@ class LaunchConfig:
     qos: Str | None = _field(None, "SLURM quality of service")
     constraint: Str | None = _field(None, "SLURM node constraint")
     sbatch_extra: dict[str, Str | Int | Bool] = _field({}, "Further sbatch options, e.g. {exclusive: true}")
-    max_num_timeout: Natural = _field(20, "Requeues after a time limit")
-    signal_delay_s: Natural = _field(120, "Seconds before the limit to checkpoint: one iteration and a write")
+    max_num_timeout: Natural = _field(20, "Requeues after a time limit (preemptions are not counted)")
+    signal_delay_s: Natural = _field(120, "Checkpoint this long before the limit: one iteration and a write")
     container: Str | None = _field(None, "Run the job's Python in this image on every node")
     container_bind: list[Str] = _field([], '"SRC[:DEST[:OPTS]]" binds into the container')
-    container_runtime: Literal["apptainer", "podman"] = _field(
-        "apptainer", "An Apptainer image (a .sif file or a URI) or the name of a podman image"
-    )
+    container_runtime: Literal["apptainer", "podman"] = _field("apptainer", "apptainer: a .sif or a URI")
     container_options: list[Str] = _field([], "Runtime options before the image, e.g. [--runtime, runc]")
     poll_seconds: Positive = _field(10.0, "Seconds between looks at the SLURM job")
 
@@ -319,9 +260,9 @@ class Config:
     optim: OptimConfig = _field(OptimConfig, "Pretraining's optimiser and schedules")
     data: DataConfig = _field(DataConfig, "The dataset and its preparation")
     train: TrainConfig = _field(TrainConfig, "The pretraining run")
-    evaluate: EvalConfig = _field(EvalConfig, "Frozen-feature evaluations and checkpoint selection")
+    evaluate: EvalConfig = _field(EvalConfig, "Frozen-feature evaluations (METHOD §8), checkpoint selection")
     finetune: FinetuneConfig = _field(FinetuneConfig, "End-to-end fine-tuning")
-    launch: LaunchConfig = _field(LaunchConfig, "Where pretraining runs")
+    launch: LaunchConfig = _field(LaunchConfig, "Where pretraining runs: here, or one (requeued) SLURM job")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists for tuples) that YAML, JSON and ``torch.load(weights_only=True)`` accept."""
@@ -331,57 +272,74 @@ class Config:
         """SHA-256 of the resolved configuration, stable across key order."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-    @model_validator(mode="after")
+    @pydantic.model_validator(mode="after")
     def check_rules(self) -> Config:
-        """Rules between sections: errors where the combination cannot run, warnings where it is odd."""
-        model, augment, optim, data, launch = self.model, self.augment, self.optim, self.data, self.launch
-        patch = model.patch_size
+        """Rules between keys: errors where the combination cannot run, warnings where it is merely odd."""
+        model, loss, augment, optim, data, launch = (
+            getattr(self, key) for key in ("model", "loss", "augment", "optim", "data", "launch")
+        )
+        if not loss.weights():
+            raise ValueError("loss.instance_weight, loss.local_group_weight, loss.group_weight are all 0")
+        top_n, queue = loss.local_group_knn_top_n, loss.local_group_queue_size
+        if loss.local_group_weight > 0 and top_n > queue:
+            raise ValueError(
+                f"loss.local_group_knn_top_n={top_n} exceeds loss.local_group_queue_size={queue}"
+            )
+        for key in ("global_scale", "local_scale"):
+            if (scale := list(getattr(augment, key)))[0] > scale[1]:
+                raise ValueError(f"augment.{key}={scale}: the lower bound exceeds the upper one")
         for key in ("global_size", "local_size"):
-            if (size := getattr(augment, key)) % patch:
-                raise ValueError(
-                    f"augment.{key}={size} is not a multiple of model.patch_size={model.patch_size}"
-                )
-        if augment.n_local and augment.local_size > augment.global_size:
+            if (size := getattr(augment, key)) % (patch := model.patch_size):
+                raise ValueError(f"augment.{key}={size} is not a multiple of model.patch_size={patch}")
+        if augment.n_local and (local := augment.local_size) > (size := augment.global_size):
             _warn(
-                f"augment.local_size={augment.local_size} exceeds augment.global_size={augment.global_size}: "
-                "local crops are meant to be the small views"
+                f"augment.local_size={local} exceeds augment.global_size={size}: local crops are small views"
             )
-        depth = model.depth or (24 if model.arch == "vit_large" else 12)
-        if self.evaluate.linear_n_last_blocks > depth:
+        depth, blocks = (
+            model.depth or (24 if model.arch == "vit_large" else 12),
+            self.evaluate.linear_n_last_blocks,
+        )
+        if blocks > depth:
             raise ValueError(
-                f"evaluate.linear_n_last_blocks={self.evaluate.linear_n_last_blocks} exceeds the model's "
-                f"{depth} blocks (model.arch={model.arch}, model.depth={model.depth})"
+                f"evaluate.linear_n_last_blocks={blocks} exceeds the model's {depth} blocks "
+                f"(model.arch={model.arch}, model.depth={model.depth})"
             )
-        if data.train_subset is not None and data.train_subset < optim.batch_size:
+        for key, s in (("optim", optim), ("finetune", self.finetune)):
+            if s.warmup_epochs > s.epochs:
+                raise ValueError(f"{key}.warmup_epochs={s.warmup_epochs} exceeds {key}.epochs={s.epochs}")
+            if s.min_lr > s.lr:
+                _warn(
+                    f"{key}.min_lr={s.min_lr:g} exceeds {key}.lr={s.lr:g}: the rate rises after the warm-up"
+                )
+        if (subset := data.train_subset) is not None and subset < (batch := optim.batch_size):
             raise ValueError(
-                f"data.train_subset={data.train_subset} is smaller than one global batch "
-                f"(optim.batch_size={optim.batch_size})"
+                f"data.train_subset={subset} is smaller than one global batch (optim.batch_size={batch})"
             )
         for key, epoch in (
             ("optim.clip_grad_late_epoch", optim.clip_grad_late_epoch),
             ("optim.freeze_last_layer", optim.freeze_last_layer),
-            ("loss.group_warmup_teacher_temp_epochs", self.loss.group_warmup_teacher_temp_epochs),
+            ("loss.group_warmup_teacher_temp_epochs", loss.group_warmup_teacher_temp_epochs),
         ):
             if epoch is not None and epoch > optim.epochs:
                 _warn(f"{key}={epoch} lies beyond optim.epochs={optim.epochs}")
         unknown = [name for name in data.classes or () if name not in FASHION_MNIST_CLASSES]
         if data.source == "fashion-mnist" and unknown:
-            raise ValueError(f"data.classes {unknown} are not Fashion-MNIST classes: {FASHION_MNIST_CLASSES}")
-        world_size = launch.nodes * launch.tasks_per_node
-        if launch.launcher == "slurm" and optim.batch_size % world_size:
             raise ValueError(
-                f"optim.batch_size={optim.batch_size} does not divide by the world size {world_size} "
-                f"(launch.nodes={launch.nodes} × launch.tasks_per_node={launch.tasks_per_node})"
+                f"data.classes {unknown} are not Fashion-MNIST classes; valid: {FASHION_MNIST_CLASSES}"
             )
-        if launch.launcher == "slurm" and launch.gpus_per_node not in (0, launch.tasks_per_node):
+        nodes, tasks, gpus = launch.nodes, launch.tasks_per_node, launch.gpus_per_node
+        if launch.launcher == "slurm" and optim.batch_size % (nodes * tasks):
             raise ValueError(
-                f"launch.tasks_per_node={launch.tasks_per_node} must equal launch.gpus_per_node="
-                f"{launch.gpus_per_node}: one rank per GPU"
+                f"optim.batch_size={optim.batch_size} does not divide by the world size "
+                f"{nodes * tasks} (launch.nodes={nodes} × launch.tasks_per_node={tasks})"
             )
-        if launch.signal_delay_s >= launch.timeout_min * 60:
+        if launch.launcher == "slurm" and gpus not in (0, tasks):
             raise ValueError(
-                f"launch.signal_delay_s={launch.signal_delay_s} leaves no time to run within "
-                f"launch.timeout_min={launch.timeout_min}"
+                f"launch.tasks_per_node={tasks} must equal launch.gpus_per_node={gpus}: one rank per GPU"
+            )
+        if (delay := launch.signal_delay_s) >= (limit := launch.timeout_min) * 60:
+            raise ValueError(
+                f"launch.signal_delay_s={delay} leaves no time to run within launch.timeout_min={limit}"
             )
         return self
 
@@ -390,7 +348,7 @@ def _warn(message: str) -> None:
     warnings.warn(message, ConfigWarning, stacklevel=3)
 
 
-CONFIG = TypeAdapter(Config)
+CONFIG = pydantic.TypeAdapter(Config)
 # the pydantic error types that say what a value should be, and the name users know that type by
 _EXPECTED = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "list", "tuple": "list"}
 _EXPECTED |= {"dict": "a mapping", "dataclass": "a mapping"}
@@ -402,7 +360,7 @@ def _expected(error: Any) -> str | None:
     return _EXPECTED.get(error["type"].split("_")[0])
 
 
-def _explain(error: ValidationError, values: dict[str, Any]) -> str:
+def _explain(error: pydantic.ValidationError, values: dict[str, Any]) -> str:
     """pydantic's first error as one line naming the key and the value, in the words of the YAML file."""
     first, *others = error.errors()
     loc = first["loc"]
@@ -495,7 +453,7 @@ def config_from_dict(
         merged = merge_values(merged, parse_override(text))
     try:
         return CONFIG.validate_python(merged)
-    except ValidationError as error:
+    except pydantic.ValidationError as error:
         raise ConfigError(_explain(error, merged)) from None
 
 
@@ -530,12 +488,8 @@ def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
 
 
 def files_shaping_run(paths: Sequence[str | Path], run: str) -> list[str]:
-    """Those of the pipeline files ``paths`` that can change ``run``'s settings: every file with a
-    value outside ``runs:``, and every file that defines ``runs.<run>``.
-
-    The others only add other runs. Leaving them out of a run's commands keeps its jobs' recorded
-    parameters as they were, so a ``--configfile`` that adds a run reruns nothing of the existing ones.
-    """
+    """The pipeline files that can change ``run``'s settings: those with a value outside ``runs:`` or a
+    ``runs.<run>``. The others only add runs: left out of this run's commands, they rerun nothing of it."""
     shaping = []
     for path in paths:
         values = read_yaml(path)
@@ -550,12 +504,9 @@ def load_config(
     run: str | None = None,
     preset: str | None = None,
 ) -> Config:
-    """Read YAML config files (or one ``run`` of pipeline files); errors name the files and the key.
-
-    Later files are merged over earlier ones key by key, nested mappings included, as Snakemake
-    merges ``params.yaml`` with each ``--configfile``: a file can add a run or change one value.
-    ``preset`` (else a ``preset:`` key of the files) lies underneath the files; ``overrides`` on top.
-    """
+    """Read YAML config files (or one ``run`` of pipeline files), each merged over the ones before key by
+    key as Snakemake merges ``--configfile``s; ``preset`` (else the files' ``preset:``) lies underneath,
+    ``overrides`` on top. Errors name the files and the key."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     values: dict[str, Any] = {}
     for path in paths:
