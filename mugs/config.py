@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 from annotated_types import Interval
+from pydantic import AllowInfNan, BeforeValidator
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
@@ -38,17 +39,11 @@ def _not_bool(value: Any) -> Any:
 
 def _float(**bounds: float) -> Any:
     """A float within ``bounds``, from an int or numeric text too (YAML 1.1 reads "1e-3" as a string)."""
-    return Annotated[
-        float, pydantic.AllowInfNan(False), Interval(**bounds), pydantic.BeforeValidator(_not_bool)
-    ]
+    return Annotated[float, AllowInfNan(False), Interval(**bounds), BeforeValidator(_not_bool)]
 
 
-# ints are ints, not bools or text
-Int, Bool, Str = (
-    Annotated[int, pydantic.Strict()],
-    Annotated[bool, pydantic.Strict()],
-    Annotated[str, pydantic.Strict()],
-)
+# an int is no bool or text
+Int, Bool, Str = (Annotated[kind, pydantic.Strict()] for kind in (int, bool, str))
 Count, Natural = Annotated[Int, Interval(ge=1)], Annotated[Int, Interval(ge=0)]
 NonNegative, Positive, Probability = _float(ge=0), _float(gt=0), _float(ge=0, le=1)
 BelowOne, Fraction = _float(ge=0, lt=1), _float(gt=0, le=1)
@@ -94,9 +89,7 @@ class LossConfig:
     local_group_queue_size: Count = _field(65536, "Keys in the local-group memory")
     local_group_temp: Positive = _field(0.2, "Temperature of the local-group contrast")
     local_group_knn_top_n: Count = _field(8, "Neighbours aggregated into a local group")
-    memory_pointer: Literal["fixed", "official"] = _field(
-        "fixed", "official: the public code's 2n pointer stride (half the memory is never written)"
-    )
+    memory_pointer: Literal["fixed", "official"] = _field("fixed", "official: the public code's 2n stride")
     group_student_temp: Positive = _field(0.1, "Student temperature of the group discrimination")
     group_warmup_teacher_temp: Positive = _field(0.04, "Teacher temperature at the start of its warm-up")
     group_teacher_temp: Positive = _field(0.04, "Teacher temperature after its warm-up")
@@ -155,9 +148,7 @@ class DataConfig:
     classes: list[Str] | None = _field(None, "The classes to keep; null: all")
     max_per_class: Count | None = _field(None, "Images kept per class and split; null: all")
     workers: Natural = _field(2, "Processes for scanning and decoding")
-    train_subset: Count | None = _field(
-        None, "Train on the first N images of a seeded permutation; null: all"
-    )
+    train_subset: Count | None = _field(None, "Train on the first N of a seeded permutation; null: all")
 
 
 @section
@@ -215,9 +206,7 @@ class EvalConfig:
     linear_avgpool: Bool = _field(False, "Append the mean patch token of the last block")
     linear_epochs: Count = _field(100, "Linear-probe epochs")
     linear_batch_size: Count = _field(1024, "Linear-probe batch")
-    linear_lrs: list[NonNegative] = _list(
-        [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], "Probe lrs (batch of 256)"
-    )
+    linear_lrs: list[NonNegative] = _list([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "Probe lrs per 256")
     linear_weight_decays: list[NonNegative] = _list([0.0, 1e-4], "Linear-probe weight decays swept")
     linear_seed: Natural = _field(0, "Seed of the linear probes")
     fewshot_fractions: list[Fraction] = _list([0.01, 0.1], "Labelled fractions of the few-shot evaluation")
