@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from mugs.config import Config
-from mugs.evaluation.metrics_io import file_sha256
+from mugs.files import file_sha256
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.progress import progress_display
 from mugs.training.checkpoint import backbone_state, trained_config
