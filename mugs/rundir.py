@@ -20,7 +20,6 @@ This module imports nothing of the package (the workflow's rules read it too).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
@@ -43,63 +42,26 @@ def kept_checkpoint_name(epoch: int) -> str:
     return f"epoch{epoch:04d}.pt"
 
 
-@dataclass(frozen=True)
 class RunDir:
     """The files of one pretraining run directory (see the module's docstring)."""
 
-    root: Path
-
     def __init__(self, root: str | Path) -> None:
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log.jsonl"
-
-    @property
-    def done(self) -> Path:
-        return self.root / "DONE"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ".lock"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def latest(self) -> Path:
-        return self.checkpoints / LATEST
-
-    @property
-    def slurm(self) -> Path:
-        """The SLURM launcher's folder: submitit writes each job's folder under it."""
-        return self.root / "slurm"
-
-    @property
-    def slurm_record(self) -> Path:
-        """The recorded job, to reattach to it."""
-        return self.slurm / "job.json"
-
-    @property
-    def launch_lock(self) -> Path:
-        """Held while a launcher decides whether to submit."""
-        return self.slurm / "launch.lock"
-
-    @property
-    def selected(self) -> Path:
-        """Where ``mugs select`` publishes its choice when given no other output directory."""
-        return self.root / SELECTED
-
-    @property
-    def eval(self) -> Path:
-        """Where ``mugs report`` looks for a run's metrics files when given no other directory."""
-        return self.root / "eval"
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.log = self.root / "log.jsonl"
+        self.done = self.root / "DONE"
+        self.lock = self.root / ".lock"
+        self.checkpoints = self.root / "checkpoints"
+        self.latest = self.checkpoints / LATEST
+        # the SLURM launcher's folder (submitit writes each job's folder under it), its record of the
+        # job to reattach to, and the lock held while a launcher decides whether to submit
+        self.slurm = self.root / "slurm"
+        self.slurm_record = self.slurm / "job.json"
+        self.launch_lock = self.slurm / "launch.lock"
+        # where `mugs select` publishes its choice, and `mugs report` looks for metrics files, when
+        # given no other directory
+        self.selected = self.root / SELECTED
+        self.eval = self.root / "eval"
 
     def kept(self, epoch: int) -> Path:
         """The copy of ``latest.pt`` kept after ``epoch`` finished epochs."""
@@ -115,31 +77,23 @@ class RunDir:
         return sorted(found)
 
 
-@dataclass(frozen=True)
 class WorkflowRun:
-    """The workflow's directories of run ``name`` under ``results/`` (``name`` may be the rules'
-    ``{run}`` wildcard)."""
+    """The workflow's paths of run ``name`` under ``results/`` (``name`` may be the rules' ``{run}``
+    wildcard)."""
 
-    name: str
+    def __init__(self, name: str) -> None:
+        self.results = Path("results") / name
+        self.pretrain_dir = self.results / "pretrain"  # the run's train.output_dir
+        self.done = RunDir(self.pretrain_dir).done
+        # the selection and the evaluations of the selected checkpoint
+        self.eval = self.results / "eval"
+        self.selection = self.eval / SELECTION
+        self.selected = self.eval / SELECTED
+        # the baseline of the run's networks at their random initialisation
+        self.random_init = self.results / "random-init"
+        self.random_init_checkpoint = self.random_init / "checkpoint.pt"
 
-    @property
-    def results(self) -> Path:
-        return Path("results") / self.name
-
-    @property
-    def pretrain(self) -> RunDir:
-        return RunDir(self.results / "pretrain")
-
-    @property
-    def eval(self) -> Path:
-        """The selection and the evaluations of the selected checkpoint."""
-        return self.results / "eval"
-
-    @property
-    def random_init(self) -> Path:
-        """The baseline of the run's networks at their random initialisation."""
-        return self.results / "random-init"
-
-    def evaluated(self, kind: str) -> Path:
-        """The directory of an evaluated checkpoint: ``eval`` or ``random-init`` (or a wildcard)."""
-        return self.results / kind
+    def metrics(self, protocol: str, kind: str = "eval") -> Path:
+        """The metrics file of ``protocol`` (knn, linear, ...) for the checkpoint ``kind`` evaluates:
+        ``eval`` (the selected one) or ``random-init`` (or the rules' ``{evaluated}`` wildcard)."""
+        return self.results / kind / f"{protocol}.json"
