@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
@@ -41,6 +41,7 @@ from mugs.training.checkpoint import backbone_state, trained_config
 
 __all__ = [
     "FeatureSet",
+    "eval_geometry",
     "eval_transform",
     "evaluation_features",
     "extract_features",
@@ -86,12 +87,20 @@ class FeatureSet:
         return mapping
 
 
+def eval_geometry(global_size: int) -> list[nn.Module]:
+    """The evaluation view's geometry: resize the shorter side to ``round(global_size · 256/224)``
+    (bicubic), centre-crop ``global_size``."""
+    return [
+        T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(global_size),
+    ]
+
+
 def eval_transform(global_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
-    """Resize to ``round(global_size · 256/224)``, centre-crop ``global_size``, to tensor, normalise."""
+    """The evaluation view (:func:`eval_geometry`), to tensor, normalised."""
     return T.Compose(
         [
-            T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(global_size),
+            *eval_geometry(global_size),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]

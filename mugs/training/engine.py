@@ -24,7 +24,7 @@ from mugs.config import Config
 from mugs.data.loader import GlobalBatchSampler, build_finisher, build_loader
 from mugs.files import atomic_write_text
 from mugs.losses import MugsObjective
-from mugs.model import build_networks, update_memories
+from mugs.model import initial_networks, update_memories
 from mugs.progress import PlainProgress, progress_display
 from mugs.rundir import RunDir
 from mugs.training import checkpoint as ckpt
@@ -91,8 +91,7 @@ class Trainer:
     def _build_networks(self) -> None:
         config = self.config
         # identical initial weights on every rank, then a per-rank stream for drop path
-        torch.manual_seed(config.train.seed)
-        self.student, self.teacher = build_networks(config)
+        self.student, self.teacher = initial_networks(config)
         self.objective = MugsObjective.from_config(config)
         # every RNG a checkpoint records is seeded, so equal runs write byte-identical files
         rank_seed = config.train.seed + 1 + self.rank
@@ -137,16 +136,14 @@ class Trainer:
         self.optimizer = build_optimizer(
             parameter_groups(self.student, patch_embed_lr_mult=optim.patch_embed_lr_mult)
         )
-        self.autocast_dtype, self.use_autocast, self.scaler = mixed_precision(optim.precision, self.device)
+        self.autocast, self.scaler = mixed_precision(optim.precision, self.device)
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, crops: list[torch.Tensor], weak_flags: torch.Tensor) -> dict[str, torch.Tensor]:
         """One Mugs iteration (METHOD §1); returns the losses as 0-d tensors (no host sync)."""
         it, epoch = self.global_iteration, self.epoch
         apply_schedules(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
-        autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=self.use_autocast)
-
-        with autocast:
+        with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher_forward(crops[:2])
             student_out = self.student_ddp(crops[2:])
