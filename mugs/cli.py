@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from mugs.files import check_output
+from mugs.files import atomic_write_text, check_output
 
 console = Console(stderr=True)
 
@@ -195,7 +195,6 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     from mugs.dvc_stages import generate
-    from mugs.files import atomic_write_text
 
     text = generate(Path.cwd(), args.params)
     target = Path("dvc.yaml")

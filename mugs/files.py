@@ -157,7 +157,7 @@ def _probe_writable(out: Path, directory: Path) -> None:
     try:
         descriptor, temporary = _temporary_beside(directory / out.name)
     except OSError as error:
-        raise OutputError(f"cannot write {out}: {error.strerror} in {directory}") from None
+        raise OutputError(f"cannot write {out}: {os.strerror(error.errno)} in {directory}") from None
     os.close(descriptor)
     temporary.unlink(missing_ok=True)
 
