@@ -60,8 +60,9 @@ wildcard_constraints:
 
 
 def run_path(what, run="{run}", *args):
-    """The path `what` of run `run` in the workflow's layout (an attribute of mugs.rundir.WorkflowRun,
-    called with `args` when it is a method), as text; `run` defaults to the rules' `{run}` wildcard."""
+    """The path `what` of run `run` in the workflow's layout (mugs.rundir.WorkflowRun's attribute,
+    or its method called with `args`), as text; `run` defaults to the rules' `{run}` wildcard.
+    """
     value = getattr(WorkflowRun(run), what)
     return str(value(*args) if callable(value) else value)
 
