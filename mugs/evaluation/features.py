@@ -37,7 +37,7 @@ from mugs.config import Config
 from mugs.files import file_sha256
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.progress import progress_display
-from mugs.training.checkpoint import backbone_state, trained_config
+from mugs.training.checkpoint import atomic_save, backbone_state, load_checkpoint, trained_config
 
 __all__ = [
     "FeatureSet",
@@ -206,8 +206,6 @@ def _save_cache(payload: dict[str, Any], path: Path) -> None:
 
     The record needs no atomic write: a torn one is not valid JSON, and the cache is extracted again.
     """
-    from mugs.training.checkpoint import atomic_save
-
     atomic_save(payload, path)
     record = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     _integrity_path(path).write_text(json.dumps(record))
@@ -278,7 +276,6 @@ def extract_features(
     """
     from mugs.data.datasets import open_split, read_stats
     from mugs.distributed import resolve_device
-    from mugs.training.checkpoint import load_checkpoint
 
     if layers <= 0:
         raise ValueError(f"layers must be positive, got {layers}")
