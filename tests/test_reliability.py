@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from mugs.files import atomic_write_text
 from mugs.rundir import RunDir
 from mugs.testing.compare import assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
@@ -348,7 +349,7 @@ def test_checkpoints_get_the_permissions_of_any_file_the_user_writes(tmp_path: P
         run = RunDir(tmp_path)
         latest = ckpt.atomic_save({"format": ckpt.FORMAT}, run.latest)
         kept = ckpt.keep_checkpoint(run, 1)
-        text = ckpt.atomic_write_text(tmp_path / "DONE", "{}\n")
+        text = atomic_write_text(run.done, "{}\n")
     finally:
         os.umask(previous)
     for path in (latest, kept, text):
