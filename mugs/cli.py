@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from mugs.files import atomic_write_text, check_output
+
 console = Console(stderr=True)
 
 
@@ -89,14 +91,11 @@ def _check_checkpoint(path: Path, network: str) -> None:
 
 def _check_evaluation(args: argparse.Namespace, network: str) -> None:
     """The checks before an evaluation of ``args.checkpoint`` that writes ``args.out``."""
-    from mugs.interop import check_output
-
     check_output(args.out, [args.checkpoint])
     _check_checkpoint(args.checkpoint, network)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mugs.interop import check_output
     from mugs.training.pretrain import set_aside_if_changed
 
     config = _load(args)
@@ -145,7 +144,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mugs.data.prepare import run_prepare
-    from mugs.interop import check_output
 
     data = _load(args).data
     check_output(data.prepared_dir, directory=True)
@@ -160,7 +158,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from mugs.data.sources import install_demo_data
-    from mugs.interop import check_output
 
     dest = check_output(args.dest or Path(_load(args).data.root), directory=True)
     install_demo_data(dest)
@@ -230,7 +227,6 @@ def _write_generated(target: Path, text: str, check: bool, command: str) -> int:
 
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     from mugs.dvc_stages import generate
-    from mugs.training.checkpoint import atomic_write_text
 
     text = generate(Path.cwd(), args.params)
     target = Path("dvc.yaml")
@@ -260,7 +256,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mugs.interop import check_output
     from mugs.report import run_report
 
     # one config for every run when given (e.g. params.yaml); otherwise each run's own config.yaml
@@ -319,7 +314,6 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from mugs.evaluation.features import evaluation_features
-    from mugs.interop import check_output
 
     config = _load(args)
     check_output(config.evaluate.cache_dir, directory=True)
@@ -357,7 +351,9 @@ def cmd_knn(args: argparse.Namespace) -> int:
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     from mugs.evaluation.baselines import random_init_checkpoint
 
-    out = random_init_checkpoint(_load(args), args.out)
+    config = _load(args)
+    check_output(args.out)
+    out = random_init_checkpoint(config, args.out)
     console.print(f"wrote the random initialisation of the run's networks to {out}")
     return 0
 
@@ -365,7 +361,9 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 def cmd_raw_pixel_knn(args: argparse.Namespace) -> int:
     from mugs.evaluation.baselines import run_raw_pixel_knn
 
-    metrics = run_raw_pixel_knn(_load(args), args.out, split=args.split, progress=not args.no_progress)
+    config = _load(args)
+    check_output(args.out)
+    metrics = run_raw_pixel_knn(config, args.out, split=args.split, progress=not args.no_progress)
     k = "20" if "20" in metrics["fine"] else max(metrics["fine"], key=int)
     coarse = f", coarse {metrics['coarse'][k]['top1']:.4f}" if "coarse" in metrics else ""
     console.print(
@@ -406,7 +404,6 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from mugs.interop import check_output
     from mugs.selection import candidate_checkpoints, select_checkpoint
 
     config = _load(args)

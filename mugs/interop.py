@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pickle
 import re
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mugs.config import PRESETS, Config, config_from_dict
+from mugs.files import check_output
 from mugs.losses import MugsObjective
 from mugs.model import build_networks
 from mugs.model.backbone import VIT_SIZES
@@ -30,7 +29,6 @@ from mugs.training import checkpoint as ckpt
 __all__ = [
     "CheckpointError",
     "OfficialCheckpointError",
-    "check_output",
     "export_backbone",
     "import_official_checkpoint",
     "read_checkpoint",
@@ -119,27 +117,6 @@ def read_checkpoint(path: str | Path, network: str | None = None) -> dict[str, A
         if key is not None and not isinstance(payload.get(key), dict):
             raise CheckpointError(f"{path} holds no {key!r} entry")
     return payload
-
-
-def check_output(out: str | Path, inputs: Sequence[str | Path] = (), *, directory: bool = False) -> Path:
-    """Refuse, before anything is written, an output ``out`` (a file, or with ``directory`` a directory)
-    that cannot be written or that is one of ``inputs`` (also through a link)."""
-    out = Path(out)
-    if out.exists():
-        if out.is_dir() != directory:
-            kind = "is a directory" if out.is_dir() else "is a file, not a directory"
-            raise CheckpointError(f"cannot write {out}: it {kind}")
-        same = [str(source) for source in inputs if Path(source).exists() and out.samefile(source)]
-        if same:
-            raise CheckpointError(
-                f"{out} is the input {same[0]}: refusing to overwrite it; choose another output"
-            )
-    parent = next(folder for folder in out.absolute().parents if folder.exists())
-    if not parent.is_dir():
-        raise CheckpointError(f"cannot write {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CheckpointError(f"cannot write {out}: no write permission in {parent}")
-    return out
 
 
 # official loss entry -> our loss name, and the buffer names inside each

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mugs.config import Config
 from mugs.distributed import all_gather_cat, all_reduce_mean
+from mugs.ring_buffer import ring_write
 
 if TYPE_CHECKING:
     from mugs.model import NetworkOutput
@@ -101,18 +102,10 @@ class InfoNCEQueueLoss(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
-        """Write the keys of every rank into the ring buffer at the pointer, wrapping at the end.
-
-        Index arithmetic stays on the device so the step needs no host synchronisation.
-        """
+        """Write the keys of every rank into the ring buffer at the pointer, wrapping at the end."""
         keys = all_gather_cat(keys)
-        n = keys.shape[0]
-        # Writing more keys than the queue holds leaves only the last ``queue_size`` of them.
-        kept = min(n, self.queue_size)
-        start = self.queue_pointer + (n - kept)
-        columns = (start + torch.arange(kept, device=keys.device)) % self.queue_size
-        self.queue.index_copy_(1, columns, keys[n - kept :].T.to(self.queue.dtype))
-        self.queue_pointer.add_(n).remainder_(self.queue_size)
+        columns, dropped = ring_write(self.queue_pointer, keys.shape[0], self.queue_size)
+        self.queue.index_copy_(1, columns, keys[dropped:].T.to(self.queue.dtype))
 
 
 class GroupLoss(nn.Module):

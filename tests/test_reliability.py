@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from mugs.files import atomic_write_text
+from mugs.rundir import RunDir
 from mugs.testing.compare import assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
 from mugs.training.log import MetricsLog
-from mugs.training.run_lock import LOCK_NAME
 
 FAULTS = [sys.executable, "-m", "mugs.testing.faults"]
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def reference(server: Server, tmp_path_factory) -> tuple[Path, float]:
 def test_same_seed_gives_identical_files(server: Server, reference, tmp_path: Path) -> None:
     assert server.run(tmp_path / "run") == 0
     assert_same_run(tmp_path / "run", reference[0])
-    latest = ckpt.load_checkpoint(tmp_path / "run" / ckpt.DIRECTORY / ckpt.LATEST)
+    latest = ckpt.load_checkpoint(RunDir(tmp_path / "run").latest)
     assert latest["config"]["model"]["drop_path_rate"] == 0.1
     assert latest["config"]["augment"]["rand_augment"].startswith("rand-m9")
 
@@ -97,7 +98,7 @@ def test_stopping_and_resuming_is_exact(server: Server, reference, tmp_path: Pat
     as the uninterrupted run (which had none)."""
     run_dir, loader = tmp_path / "run", f"train.num_workers={workers}"
     assert server.run(run_dir, "--set", loader, "--set", "train.max_iterations=4") == 0
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)
     assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
     assert server.run(run_dir, "--set", loader) == 0
     assert_same_run(run_dir, reference[0])
@@ -119,7 +120,7 @@ def test_the_device_backend_gives_identical_files_for_the_same_seed(
 ) -> None:
     assert server.run(tmp_path / "run", "--set", DEVICE_BACKEND) == 0
     assert_same_run(tmp_path / "run", device_reference)
-    latest = ckpt.load_checkpoint(device_reference / ckpt.DIRECTORY / ckpt.LATEST)
+    latest = ckpt.load_checkpoint(RunDir(device_reference).latest)
     assert latest["config"]["augment"]["backend"] == "device"
 
 
@@ -162,7 +163,7 @@ def test_sigkill_at_a_named_point(server: Server, reference, tmp_path: Path, poi
 
 
 def _iterations_done(run_dir: Path) -> int:
-    latest = run_dir / ckpt.DIRECTORY / ckpt.LATEST
+    latest = RunDir(run_dir).latest
     return ckpt.load_checkpoint(latest)["global_iteration"] if latest.exists() else 0
 
 
@@ -211,7 +212,7 @@ def test_a_signal_stops_cleanly_with_a_checkpoint(
     _wait_for_iterations(run_dir, 2)
     os.kill(pid, stop_signal)
     assert server.wait() == 128 + stop_signal
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)["global_iteration"]
     message = server.stderr.read_text()
     assert f"stopped by {stop_signal.name} at global iteration {stopped}," in message
     assert "Traceback" not in message and 2 <= stopped < 9
@@ -263,7 +264,7 @@ def _stop_two_ranks(run_dir: Path, send: Callable[[subprocess.Popen], None], nam
     send(process)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.Signals[name], err
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)["global_iteration"]
     assert f"stopped by {name} at global iteration {stopped}," in err and "Traceback" not in err
     return stopped
 
@@ -288,14 +289,11 @@ def test_two_ranks_of_the_device_backend_stop_and_resume_exactly(tmp_path: Path)
     backend = ("--set", DEVICE_BACKEND, "--set", "train.num_workers=1")
     _run_two_ranks(reference, *backend)
     _run_two_ranks(run_dir, *backend, "--set", "train.max_iterations=4")
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)
     assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
     _run_two_ranks(run_dir, *backend)
     assert_same_run(run_dir, reference)
-    assert (
-        ckpt.load_checkpoint(reference / ckpt.DIRECTORY / ckpt.LATEST)["config"]["augment"]["backend"]
-        == "device"
-    )
+    assert ckpt.load_checkpoint(RunDir(reference).latest)["config"]["augment"]["backend"] == "device"
 
 
 def test_a_second_start_is_refused_while_the_first_runs(server: Server, reference, tmp_path: Path) -> None:
@@ -305,7 +303,7 @@ def test_a_second_start_is_refused_while_the_first_runs(server: Server, referenc
     assert server.run(run_dir) == 2
     err = server.stderr.read_text()
     assert f"in use by pid {first.pid} on" in err and "Traceback" not in err
-    assert str(run_dir / LOCK_NAME) in err
+    assert str(RunDir(run_dir).lock) in err
     assert first.poll() is None, "the second start must not disturb the first"
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
@@ -317,12 +315,12 @@ def test_a_kept_checkpoint_lost_for_good_blocks_done(server: Server, reference, 
     run_dir = tmp_path / "run"
     subprocess.run(["cp", "-a", str(reference[0]), str(run_dir)], check=True)
     (run_dir / "DONE").unlink()
-    (run_dir / ckpt.DIRECTORY / "epoch0003.pt").unlink()
+    RunDir(run_dir).kept(3).unlink()
     assert server.run(run_dir) == 0
     assert_same_run(run_dir, reference[0])
 
     (run_dir / "DONE").unlink()
-    (run_dir / ckpt.DIRECTORY / "epoch0001.pt").unlink()
+    RunDir(run_dir).kept(1).unlink()
     assert server.run(run_dir) == 2
     message = server.stderr.read_text()
     assert "epoch0001.pt" in message and "cannot be rebuilt" in message and "Traceback" not in message
@@ -348,9 +346,10 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path: Path) -> None:
 def test_checkpoints_get_the_permissions_of_any_file_the_user_writes(tmp_path: Path, umask: int) -> None:
     previous = os.umask(umask)
     try:
-        latest = ckpt.atomic_save({"format": ckpt.FORMAT}, tmp_path / ckpt.LATEST)
-        kept = ckpt.keep_checkpoint(tmp_path, 1)
-        text = ckpt.atomic_write_text(tmp_path / "DONE", "{}\n")
+        run = RunDir(tmp_path)
+        latest = ckpt.atomic_save({"format": ckpt.FORMAT}, run.latest)
+        kept = ckpt.keep_checkpoint(run, 1)
+        text = atomic_write_text(run.done, "{}\n")
     finally:
         os.umask(previous)
     for path in (latest, kept, text):

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from mugs.fashion_mnist import FASHION_MNIST_CLASSES
-from mugs.training.checkpoint import atomic_copy
+from mugs.files import atomic_copy
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"

@@ -174,6 +174,13 @@ def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
     return student, teacher
 
 
+def initial_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
+    """Student and teacher as a pretraining run starts: :func:`build_networks` after seeding torch
+    with ``train.seed``, so every rank, and the random-init baseline, gets the same weights."""
+    torch.manual_seed(config.train.seed)
+    return build_networks(config)
+
+
 @torch.no_grad()
 def update_memories(
     student: MugsNetwork,

@@ -13,6 +13,8 @@ from torch.utils.data import Dataset, Subset
 
 from mugs import distributed
 from mugs.config import Config
+from mugs.files import atomic_write_text, remove_stale_temporaries
+from mugs.rundir import RunDir
 from mugs.training import checkpoint as ckpt
 from mugs.training.engine import Trainer, TrainResult
 from mugs.training.run_lock import RunLockedError, exclusive_run
@@ -31,8 +33,8 @@ def training_dataset(config: Config) -> tuple[Dataset, tuple[tuple, tuple]]:
 
 
 def write_resolved_config(config: Config) -> Path:
-    return ckpt.atomic_write_text(
-        Path(config.train.output_dir) / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return atomic_write_text(
+        RunDir(config.train.output_dir).config, yaml.safe_dump(config.to_dict(), sort_keys=False)
     )
 
 
@@ -48,8 +50,8 @@ def locked_run_directory(run_dir: Path) -> Iterator[None]:
             except RunLockedError as error:
                 refusal = str(error)
             else:
-                for directory in (run_dir, run_dir / ckpt.DIRECTORY):
-                    ckpt.remove_stale_temporaries(directory)
+                for directory in (run_dir, RunDir(run_dir).checkpoints):
+                    remove_stale_temporaries(directory)
         refusal = distributed.broadcast_object(refusal)
         if refusal:
             raise RunLockedError(refusal)
@@ -63,7 +65,7 @@ def set_aside_if_changed(config: Config) -> Path | None:
     result: it is renamed to ``<output_dir>.superseded-<UTC time>``, never deleted. Returns the new name.
     """
     output_dir = Path(config.train.output_dir)
-    latest = output_dir / ckpt.DIRECTORY / ckpt.LATEST
+    latest = RunDir(output_dir).latest
     if not latest.exists():
         return None
     saved = ckpt.load_checkpoint(latest)["config"]
