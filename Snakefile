@@ -9,7 +9,9 @@ min_version("8.20")
 configfile: "params.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+# The schema is generated from mugs/config.py (`mugs schema`); its defaults are the published recipe's, not
+# this file's preset, so they are not filled in.
+validate(config, "workflow/schemas/config.schema.yaml", set_default=False)
 
 # The image every rule runs in with `--sdm apptainer` (build it: apptainer build mugs.sif envs/mugs.def);
 # `--config container_image=docker://...` or a path picks another. Without --sdm apptainer it is unused.

@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from mugs.files import atomic_write_text, check_output
+
 console = Console(stderr=True)
 
 
@@ -89,14 +91,11 @@ def _check_checkpoint(path: Path, network: str) -> None:
 
 def _check_evaluation(args: argparse.Namespace, network: str) -> None:
     """The checks before an evaluation of ``args.checkpoint`` that writes ``args.out``."""
-    from mugs.interop import check_output
-
     check_output(args.out, [args.checkpoint])
     _check_checkpoint(args.checkpoint, network)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from mugs.interop import check_output
     from mugs.training.pretrain import set_aside_if_changed
 
     config = _load(args)
@@ -148,7 +147,6 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from mugs.data.prepare import run_prepare
-    from mugs.interop import check_output
 
     data = _load(args).data
     check_output(data.prepared_dir, directory=True)
@@ -163,7 +161,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from mugs.data.sources import install_demo_data
-    from mugs.interop import check_output
 
     dest = check_output(args.dest or Path(_load(args).data.root), directory=True)
     install_demo_data(dest)
@@ -190,8 +187,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     import yaml
 
-    from mugs.config import PRESETS, config_from_dict
+    from mugs.config import PRESETS, ConfigError, config_from_dict
 
+    if args.write_params:
+        from mugs.pipeline_files import params_text
+
+        if not args.name:
+            raise ConfigError("--write-params needs a preset: mugs presets demo --write-params params.yaml")
+        return _write_generated(
+            Path(args.write_params),
+            params_text(Path(args.write_params).read_text(), args.name),
+            args.check,
+            f"mugs presets {args.name} --write-params {args.write_params}",
+        )
     if args.name:
         print(yaml.safe_dump(config_from_dict({"preset": args.name}).to_dict(), sort_keys=False), end="")
     else:
@@ -199,9 +207,29 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from mugs.pipeline_files import SCHEMA_PATH, schema_text
+
+    return _write_generated(SCHEMA_PATH, schema_text(), args.check, "mugs schema")
+
+
+def _write_generated(target: Path, text: str, check: bool, command: str) -> int:
+    """Write a generated file, or with ``check`` say whether the committed one is current (exit 1 if not)."""
+    from mugs.training.checkpoint import atomic_write_text
+
+    if check:
+        if not target.exists() or target.read_text() != text:
+            console.print(f"{target} is not what `{command}` generates: run it")
+            return 1
+        console.print(f"{target} is current")
+        return 0
+    atomic_write_text(target, text)
+    console.print(f"wrote {target}")
+    return 0
+
+
 def cmd_dvc_yaml(args: argparse.Namespace) -> int:
     from mugs.dvc_stages import generate
-    from mugs.training.checkpoint import atomic_write_text
 
     text = generate(Path.cwd(), args.params)
     target = Path("dvc.yaml")
@@ -231,7 +259,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mugs.interop import check_output
     from mugs.report import run_report
 
     # one config for every run when given (e.g. params.yaml); otherwise each run's own config.yaml
@@ -290,7 +317,6 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_features(args: argparse.Namespace) -> int:
     from mugs.evaluation.features import evaluation_features
-    from mugs.interop import check_output
 
     config = _load(args)
     check_output(config.evaluate.cache_dir, directory=True)
@@ -328,7 +354,9 @@ def cmd_knn(args: argparse.Namespace) -> int:
 def cmd_init_checkpoint(args: argparse.Namespace) -> int:
     from mugs.evaluation.baselines import random_init_checkpoint
 
-    out = random_init_checkpoint(_load(args), args.out)
+    config = _load(args)
+    check_output(args.out)
+    out = random_init_checkpoint(config, args.out)
     console.print(f"wrote the random initialisation of the run's networks to {out}")
     return 0
 
@@ -336,7 +364,9 @@ def cmd_init_checkpoint(args: argparse.Namespace) -> int:
 def cmd_raw_pixel_knn(args: argparse.Namespace) -> int:
     from mugs.evaluation.baselines import run_raw_pixel_knn
 
-    metrics = run_raw_pixel_knn(_load(args), args.out, split=args.split, progress=not args.no_progress)
+    config = _load(args)
+    check_output(args.out)
+    metrics = run_raw_pixel_knn(config, args.out, split=args.split, progress=not args.no_progress)
     k = "20" if "20" in metrics["fine"] else max(metrics["fine"], key=int)
     coarse = f", coarse {metrics['coarse'][k]['top1']:.4f}" if "coarse" in metrics else ""
     console.print(
@@ -377,7 +407,6 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from mugs.interop import check_output
     from mugs.selection import candidate_checkpoints, select_checkpoint
 
     config = _load(args)
@@ -542,7 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list presets, or print one resolved")
     presets.add_argument("name", nargs="?")
+    presets.add_argument(
+        "--write-params",
+        metavar="PATH",
+        help="replace the configuration sections of the pipeline file PATH with the preset's values "
+        "(its comments, runs, protocols and resources stay)",
+    )
+    presets.add_argument("--check", action="store_true", help="with --write-params: exit 1 if PATH is stale")
     presets.set_defaults(handler=cmd_presets)
+    schema = commands.add_parser(
+        "schema", help="write the pipeline file's JSON schema from the configuration"
+    )
+    schema.add_argument("--check", action="store_true", help="exit 1 if the committed schema is stale")
+    schema.set_defaults(handler=cmd_schema)
     return parser
 
 

@@ -1,228 +1,258 @@
-"""One typed configuration for everything the package computes, loaded from YAML.
-
-Every hyper-parameter of the method lives here with the published ViT-S/16 100-epoch value as its
-default (``sail-sg/mugs`` ``pretraining.sh``).  Unknown keys and wrongly typed values are errors that
-name the key, so a typo in ``params.yaml`` fails before anything is submitted.
-"""
+"""One typed configuration, loaded from YAML: each key is a field below with its type, allowed values,
+description and the published ViT-S/16 100-epoch value (``sail-sg/mugs`` ``pretraining.sh``) as default;
+presets (``mugs/presets``) change a few. Snakemake's schema for ``params.yaml`` is made from these."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
 import re
-import types
 import typing
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
+from annotated_types import Interval
+from pydantic import AllowInfNan, BeforeValidator
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+
+from mugs.fashion_mnist import FASHION_MNIST_CLASSES
 
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range; the message names it."""
 
 
-@dataclass
+class ConfigWarning(UserWarning):
+    """A configuration that runs but is probably not what was meant; the message names the keys."""
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic's lax float would read True as 1.0
+        raise PydanticCustomError("float_type", "Input should be a valid number")
+    return value
+
+
+def _float(**bounds: float) -> Any:
+    """A float within ``bounds``, from an int or numeric text too (YAML 1.1 reads "1e-3" as a string)."""
+    return Annotated[float, AllowInfNan(False), Interval(**bounds), BeforeValidator(_not_bool)]
+
+
+# an int is no bool or text
+Int, Bool, Str = (Annotated[kind, pydantic.Strict()] for kind in (int, bool, str))
+Count, Natural = Annotated[Int, Interval(ge=1)], Annotated[Int, Interval(ge=0)]
+NonNegative, Positive, Probability = _float(ge=0), _float(gt=0), _float(ge=0, le=1)
+BelowOne, Fraction = _float(ge=0, lt=1), _float(gt=0, le=1)
+Device = Literal["auto", "cpu", "cuda"]
+section = dataclass(config=pydantic.ConfigDict(extra="forbid"))
+
+
+def _field(default: Any, description: str, **bounds: Any) -> Any:
+    """A field's default and description; each instance gets its own list, mapping or section."""
+    if isinstance(default, (list, dict)):
+        return pydantic.Field(default_factory=default.copy, description=description, **bounds)
+    if isinstance(default, type):
+        return pydantic.Field(default_factory=default, description=description)
+    return pydantic.Field(default, description=description, **bounds)
+
+
+def _list(default: list[Any], description: str) -> Any:
+    return _field(default, description, min_length=1)
+
+
+@section
 class ModelConfig:
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = "vit_small"
-    depth: int | None = None  # blocks; None = the size's own (12, or 24 for vit_large)
-    patch_size: int = 16
-    drop_path_rate: float = 0.1
-    use_bn_in_head: bool = False
-    norm_before_pred: bool = True
-    norm_last_layer: bool = False
-    hidden_dim: int = 2048
-    out_dim: int = 256
-    predictor_hidden_dim: int = 4096
-    group_out_dim: int = 65536
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = _field("vit_small", "ViT size")
+    depth: Count | None = _field(None, "Transformer blocks; null: the size's own (12, or 24 for vit_large)")
+    patch_size: Count = _field(16, "Side of a square patch, in pixels")
+    drop_path_rate: BelowOne = _field(0.1, "Stochastic depth rate of the last block (linear from 0)")
+    use_bn_in_head: Bool = _field(False, "Batch norm in the projection heads")
+    norm_before_pred: Bool = _field(True, "Normalise the projection before the instance/local predictors")
+    norm_last_layer: Bool = _field(False, "Fix the norm of the group head's last (weight-normed) layer")
+    hidden_dim: Count = _field(2048, "Hidden width of the projection heads")
+    out_dim: Count = _field(256, "Output width of the instance and local-group heads")
+    predictor_hidden_dim: Count = _field(4096, "Hidden width of the student's predictors")
+    group_out_dim: Count = _field(65536, "Prototypes of the group head")
 
 
-@dataclass
+@section
 class LossConfig:
-    instance_weight: float = 1.0
-    local_group_weight: float = 1.0
-    group_weight: float = 1.0
-    instance_queue_size: int = 65536
-    instance_temp: float = 0.2
-    local_group_queue_size: int = 65536
-    local_group_temp: float = 0.2
-    local_group_knn_top_n: int = 8
-    # "official" reproduces the public code's 2n pointer stride (half the memory never written)
-    memory_pointer: Literal["fixed", "official"] = "fixed"
-    group_student_temp: float = 0.1
-    group_warmup_teacher_temp: float = 0.04
-    group_teacher_temp: float = 0.04
-    group_warmup_teacher_temp_epochs: int = 0
+    instance_weight: NonNegative = _field(1.0, "Weight of the instance contrast; 0 disables its head")
+    local_group_weight: NonNegative = _field(1.0, "Weight of the local-group contrast; 0 disables its head")
+    group_weight: NonNegative = _field(1.0, "Weight of the group discrimination; 0 disables its head")
+    instance_queue_size: Count = _field(65536, "Keys in the instance memory")
+    instance_temp: Positive = _field(0.2, "Temperature of the instance contrast")
+    local_group_queue_size: Count = _field(65536, "Keys in the local-group memory")
+    local_group_temp: Positive = _field(0.2, "Temperature of the local-group contrast")
+    local_group_knn_top_n: Count = _field(8, "Neighbours aggregated into a local group")
+    memory_pointer: Literal["fixed", "official"] = _field("fixed", "official: the public code's 2n stride")
+    group_student_temp: Positive = _field(0.1, "Student temperature of the group discrimination")
+    group_warmup_teacher_temp: Positive = _field(0.04, "Teacher temperature at the start of its warm-up")
+    group_teacher_temp: Positive = _field(0.04, "Teacher temperature after its warm-up")
+    group_warmup_teacher_temp_epochs: Natural = _field(0, "Epochs of the teacher temperature's warm-up")
+
+    def weights(self) -> dict[str, float]:
+        """The enabled supervisions (weight > 0) and their weights, in METHOD order: which heads the
+        networks have and which losses the objective sums are both read from here."""
+        weights = {"instance": self.instance_weight, "local_group": self.local_group_weight}
+        return {name: w for name, w in {**weights, "group": self.group_weight}.items() if w > 0}
 
 
-@dataclass
+@section
 class AugmentConfig:
-    global_size: int = 224
-    local_size: int = 96
-    n_local: int = 10
-    global_scale: tuple[float, float] = (0.25, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.25)
-    weak_prob: float = 0.5
-    rand_augment: str = "rand-m9-mstd0.5-inc1"
-    erasing_prob: float = 0.25
-    # where the views are computed: by the loader processes (the reference) or, from the parameters they
-    # draw, on the training device for the whole batch (mugs.data.device_augment)
-    backend: Literal["cpu", "device"] = "cpu"
+    global_size: Count = _field(224, "Side of the two global crops, in pixels")
+    local_size: Count = _field(96, "Side of the local crops, in pixels")
+    n_local: Natural = _field(10, "Local crops per image")
+    global_scale: tuple[Fraction, Fraction] = _field((0.25, 1.0), "Area range of a global crop")
+    local_scale: tuple[Fraction, Fraction] = _field((0.05, 0.25), "Area range of a local crop")
+    weak_prob: Probability = _field(0.5, "Probability that a view gets the weak augmentation")
+    rand_augment: Str = _field("rand-m9-mstd0.5-inc1", "timm RandAugment policy of the strong views")
+    erasing_prob: Probability = _field(0.25, "Random-erasing probability of the strong views")
+    backend: Literal["cpu", "device"] = _field(
+        "cpu",
+        "Where the views are computed: by the loader processes (the reference) or, from the parameters "
+        "they draw, on the training device for the whole batch (mugs.data.device_augment)",
+    )
 
 
-@dataclass
+@section
 class OptimConfig:
-    epochs: int = 100
-    batch_size: int = 1024  # global, over all ranks
-    lr: float = 8e-4  # for a batch of 256, scaled linearly
-    min_lr: float = 1e-6
-    warmup_epochs: int = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.2
-    momentum_teacher: float = 0.996
-    clip_grad: float = 3.0  # per tensor; 0 disables
-    # the public code divides the clip by 10 for vit_large after epoch 100
-    clip_grad_late_epoch: int | None = None
-    clip_grad_late_factor: float = 0.1
-    patch_embed_lr_mult: float = 0.2
-    freeze_last_layer: int = 1
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    epochs: Count = _field(100, "Pretraining epochs")
+    batch_size: Count = _field(1024, "Global batch, over all ranks")
+    lr: NonNegative = _field(8e-4, "Peak learning rate for a batch of 256, scaled linearly")
+    min_lr: NonNegative = _field(1e-6, "Learning rate at the end of the cosine decay")
+    warmup_epochs: Natural = _field(10, "Epochs of linear learning-rate warm-up")
+    weight_decay: NonNegative = _field(0.04, "Weight decay at the start (cosine schedule)")
+    weight_decay_end: NonNegative = _field(0.2, "Weight decay at the end")
+    momentum_teacher: Probability = _field(0.996, "EMA momentum of the teacher at the start (to 1 by cosine)")
+    clip_grad: NonNegative = _field(3.0, "Gradient-norm clip per tensor; 0 disables")
+    clip_grad_late_epoch: Natural | None = _field(None, "Epoch after which the clip is scaled (ViT-L: 100)")
+    clip_grad_late_factor: NonNegative = _field(0.1, "Factor on the clip after clip_grad_late_epoch")
+    patch_embed_lr_mult: NonNegative = _field(0.2, "Learning-rate multiplier of the patch embedding")
+    freeze_last_layer: Natural = _field(1, "Epochs during which the group head's last layer is frozen")
+    precision: Literal["fp32", "bf16", "fp16"] = _field("fp32", "Autocast precision on a GPU")
 
 
-@dataclass
+@section
 class DataConfig:
-    source: Literal["fashion-mnist", "imagefolder"] = "fashion-mnist"
-    root: str = "data/fashion-mnist"  # the raw dataset directory (tracked by data.dvc)
-    prepared_dir: str = "results/data"  # manifests and statistics written by `mugs prepare`
-    val_fraction: float = 0.1  # held out of train when the source has no validation split
-    split_seed: int = 0
-    on_bad_image: Literal["skip", "error"] = "skip"
-    classes: list[str] | None = None
-    max_per_class: int | None = None
-    workers: int = 2  # processes for scanning and decoding
-    # a training subset for quick runs (first N images of a seeded permutation); None = all
-    train_subset: int | None = None
+    source: Literal["fashion-mnist", "imagefolder"] = _field("fashion-mnist", "Dataset layout")
+    root: Str = _field("data/fashion-mnist", "The raw dataset directory (tracked by data.dvc)")
+    prepared_dir: Str = _field("results/data", "Manifests and statistics written by `mugs prepare`")
+    val_fraction: BelowOne = _field(0.1, "Held out of train when the source has no validation split")
+    split_seed: Natural = _field(0, "Seed of that hold-out")
+    on_bad_image: Literal["skip", "error"] = _field("skip", "What an undecodable image does to `prepare`")
+    classes: list[Str] | None = _field(None, "The classes to keep; null: all")
+    max_per_class: Count | None = _field(None, "Images kept per class and split; null: all")
+    workers: Natural = _field(2, "Processes for scanning and decoding")
+    train_subset: Count | None = _field(None, "Train on the first N of a seeded permutation; null: all")
 
 
-@dataclass
+@section
 class TrainConfig:
-    output_dir: str = "results/run"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    # data-loader processes per rank; "auto": on a GPU, the cores this rank may use less one for itself
-    # (the multi-crop augmentation, not the GPU, bounds a step on 16 cores: see docs/benchmarks.md); on
-    # the CPU, 0 (loader processes would fight the training's threads)
-    num_workers: int | Literal["auto"] = "auto"
-    threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
-    log_every: int = 50  # iterations between JSON log lines
-    checkpoint_every: int = 500  # iterations between refreshes of the latest checkpoint; 0 = epoch ends only
-    keep_every_epochs: int = 10  # keep a copy every N epochs (and the last); 0 keeps none
-    max_iterations: int | None = None  # stop (with a checkpoint) after this global iteration
-    compile: bool = False
-    stop_on_collapse: bool = False
-    # a checkpoint to start a new run from (e.g. one made by `mugs import-official`)
-    init_from: str | None = None
+    output_dir: Str = _field("results/run", "The run directory (checkpoints, log, DONE)")
+    seed: Natural = _field(0, "Seed of the weights, the data order and the augmentations")
+    device: Device = _field("auto", "Training device; auto: cuda when present")
+    num_workers: Natural | Literal["auto"] = _field(
+        "auto",
+        "Data-loader processes per rank; auto: on a GPU, the cores this rank may use less one for itself "
+        "(the multi-crop augmentation bounds a step: docs/benchmarks.md), on the CPU 0",
+    )
+    threads: Count | None = _field(None, "torch intra-op threads on CPU; null leaves torch's default")
+    log_every: Count = _field(50, "Iterations between JSON log lines")
+    checkpoint_every: Natural = _field(500, "Iterations between refreshes of latest.pt; 0: epoch ends only")
+    keep_every_epochs: Natural = _field(10, "Keep a checkpoint every N epochs (and the last); 0 keeps none")
+    max_iterations: Count | None = _field(None, "Stop (with a checkpoint) after this global iteration")
+    compile: Bool = _field(False, "torch.compile the networks")
+    stop_on_collapse: Bool = _field(False, "Stop when the representation collapses")
+    init_from: Str | None = _field(None, "A checkpoint to start a new run from (e.g. `mugs import-official`)")
 
 
-@dataclass
+@section
 class FinetuneConfig:
-    """End-to-end fine-tuning (METHOD §8), BEiT / iBOT recipe; lr is for a batch of 256, scaled linearly."""
-
-    epochs: int = 100
-    batch_size: int = 1024  # global, over all ranks
-    lr: float = 1.2e-3
-    min_lr: float = 1e-6
-    warmup_epochs: int = 5
-    weight_decay: float = 0.05
-    layer_decay: float = 0.55  # 0.75 for vit_large
-    drop_path_rate: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
-    rand_augment: str = "rand-m9-mstd0.5-inc1"
-    erasing_prob: float = 0.25
-    checkpoint_key: Literal["teacher", "student"] = "teacher"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    epochs: Count = _field(100, "Fine-tuning epochs (METHOD §8, the BEiT / iBOT recipe)")
+    batch_size: Count = _field(1024, "Global batch, over all ranks")
+    lr: NonNegative = _field(1.2e-3, "Peak learning rate for a batch of 256, scaled linearly")
+    min_lr: NonNegative = _field(1e-6, "Learning rate at the end of the cosine decay")
+    warmup_epochs: Natural = _field(5, "Epochs of linear learning-rate warm-up")
+    weight_decay: NonNegative = _field(0.05, "Weight decay")
+    layer_decay: Fraction = _field(0.55, "Layer-wise learning-rate decay (0.75 for vit_large)")
+    drop_path_rate: BelowOne = _field(0.1, "Stochastic depth rate")
+    mixup: NonNegative = _field(0.8, "Mixup alpha; 0 disables")
+    cutmix: NonNegative = _field(1.0, "CutMix alpha; 0 disables")
+    label_smoothing: BelowOne = _field(0.1, "Label smoothing")
+    rand_augment: Str = _field("rand-m9-mstd0.5-inc1", "timm RandAugment policy")
+    erasing_prob: Probability = _field(0.25, "Random-erasing probability")
+    checkpoint_key: Literal["teacher", "student"] = _field("teacher", "Which pretrained network to tune")
+    precision: Literal["fp32", "bf16"] = _field("fp32", "Autocast precision")
 
 
-@dataclass
+@section
 class EvalConfig:
-    """Frozen-feature evaluations (METHOD §8) and checkpoint selection; linear lrs are for a batch of 256."""
-
-    network: Literal["teacher", "student"] = "teacher"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    batch_size: int = 256  # images per forward pass while extracting features
-    num_workers: int = 4
-    cache_dir: str = "results/features"  # extracted features, keyed by checkpoint hash and transform
-    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    knn_temperature: float = 0.07
-    knn_split: Literal["val", "test"] = "test"  # what `mugs knn` reports; selection always scores val
-    knn_chunk_size: int = 1024  # queries per similarity block
-    knn_bank_chunk_size: int = 262144  # bank rows per similarity block (bounds memory on big banks)
-    linear_n_last_blocks: int = 4  # CLS tokens of the last n blocks (4 for ViT-S, 1 + avgpool for B)
-    linear_avgpool: bool = False  # append the mean patch token of the last block
-    linear_epochs: int = 100
-    linear_batch_size: int = 1024
-    linear_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
-    linear_weight_decays: list[float] = field(default_factory=lambda: [0.0, 1e-4])
-    linear_seed: int = 0
-    fewshot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1])
-    fewshot_seed: int = 0
-    fewshot_c: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])  # chosen on val
-    fewshot_max_iter: int = 1000
-    selection_policy: Literal["best_knn", "last"] = "best_knn"
-    selection_k: int = 20
+    network: Literal["teacher", "student"] = _field("teacher", "Which network's features are evaluated")
+    device: Device = _field("auto", "Evaluation device; auto: cuda when present")
+    batch_size: Count = _field(256, "Images per forward pass while extracting features")
+    num_workers: Natural = _field(4, "Data-loader processes while extracting features")
+    cache_dir: Str = _field("results/features", "Extracted features, keyed by checkpoint hash and transform")
+    knn_k: list[Count] = _list([10, 20, 100, 200], "Neighbour counts of the weighted kNN classifier")
+    knn_temperature: Positive = _field(0.07, "Temperature of the kNN vote")
+    knn_split: Literal["val", "test"] = _field("test", "What `mugs knn` reports; selection always scores val")
+    knn_chunk_size: Count = _field(1024, "Queries per similarity block")
+    knn_bank_chunk_size: Count = _field(262144, "Bank rows per similarity block (bounds memory on big banks)")
+    linear_n_last_blocks: Count = _field(4, "CLS tokens of the last n blocks (ViT-S: 4; B: 1 + avgpool)")
+    linear_avgpool: Bool = _field(False, "Append the mean patch token of the last block")
+    linear_epochs: Count = _field(100, "Linear-probe epochs")
+    linear_batch_size: Count = _field(1024, "Linear-probe batch")
+    linear_lrs: list[NonNegative] = _list([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "Probe lrs per 256")
+    linear_weight_decays: list[NonNegative] = _list([0.0, 1e-4], "Linear-probe weight decays swept")
+    linear_seed: Natural = _field(0, "Seed of the linear probes")
+    fewshot_fractions: list[Fraction] = _list([0.01, 0.1], "Labelled fractions of the few-shot evaluation")
+    fewshot_seed: Natural = _field(0, "Seed of the few-shot subsets")
+    fewshot_c: list[Positive] = _list([0.1, 1.0, 10.0], "Logistic-regression C values, chosen on val")
+    fewshot_max_iter: Count = _field(1000, "Logistic-regression iterations")
+    selection_policy: Literal["best_knn", "last"] = _field("best_knn", "Which checkpoint is evaluated")
+    selection_k: Count = _field(20, "The k whose val kNN accuracy selects the checkpoint")
 
 
-@dataclass
+@section
 class LaunchConfig:
-    """Where pretraining runs: here (``local``, ``nprocs`` processes) or as one SLURM job through submitit.
-
-    The SLURM job has ``nodes * tasks_per_node`` ranks (one per GPU on GPU nodes). Time limits and
-    preemption are survived by checkpointing on SLURM's signal (``signal_delay_s`` before the limit) and
-    requeueing, at most ``max_num_timeout`` times for time limits. ``container`` runs the job's Python in
-    that image on every node, through ``container_runtime``: an Apptainer image (a .sif file or a URI) or
-    the name of a podman image; ``container_options`` go to the runtime before the image.
-    """
-
-    launcher: Literal["local", "slurm"] = "local"
-    nprocs: int = 1  # local processes
-    nodes: int = 1
-    tasks_per_node: int = 1
-    gpus_per_node: int = 0
-    cpus_per_task: int | None = None  # None: the partition's default
-    mem_gb: float | None = None  # per node; None: the partition's default
-    timeout_min: int = 1440
-    partition: str | None = None  # None: the cluster's default partition
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    sbatch_extra: dict[str, str | int | bool] = field(default_factory=dict)  # {"exclusive": true, ...}
-    max_num_timeout: int = 20
-    signal_delay_s: int = 120  # must cover one iteration and a checkpoint write
-    container: str | None = None
-    container_bind: list[str] = field(default_factory=list)  # "SRC[:DEST[:OPTS]]" binds
-    container_runtime: Literal["apptainer", "podman"] = "apptainer"
-    container_options: list[str] = field(default_factory=list)  # e.g. podman's ["--runtime", "runc"]
-    poll_seconds: float = 10.0
+    launcher: Literal["local", "slurm"] = _field("local", "Here, or as one SLURM job through submitit")
+    nprocs: Count = _field(1, "Local processes")
+    nodes: Count = _field(1, "SLURM nodes")
+    tasks_per_node: Count = _field(1, "Ranks per node (one per GPU on GPU nodes)")
+    gpus_per_node: Natural = _field(0, "GPUs per node")
+    cpus_per_task: Count | None = _field(None, "CPUs per rank; null: the partition's default")
+    mem_gb: Positive | None = _field(None, "Memory per node, GB; null: the partition's default")
+    timeout_min: Count = _field(1440, "Time limit of the job, minutes")
+    partition: Str | None = _field(None, "null: the cluster's default partition")
+    account: Str | None = _field(None, "SLURM account")
+    qos: Str | None = _field(None, "SLURM quality of service")
+    constraint: Str | None = _field(None, "SLURM node constraint")
+    sbatch_extra: dict[str, Str | Int | Bool] = _field({}, "Further sbatch options, e.g. {exclusive: true}")
+    max_num_timeout: Natural = _field(20, "Requeues after a time limit (preemptions are not counted)")
+    signal_delay_s: Natural = _field(120, "Checkpoint this long before the limit: one iteration and a write")
+    container: Str | None = _field(None, "Run the job's Python in this image on every node")
+    container_bind: list[Str] = _field([], '"SRC[:DEST[:OPTS]]" binds into the container')
+    container_runtime: Literal["apptainer", "podman"] = _field("apptainer", "apptainer: a .sif or a URI")
+    container_options: list[Str] = _field([], "Runtime options before the image, e.g. [--runtime, runc]")
+    poll_seconds: Positive = _field(10.0, "Seconds between looks at the SLURM job")
 
 
-@dataclass
+@section
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    model: ModelConfig = _field(ModelConfig, "The networks")
+    loss: LossConfig = _field(LossConfig, "The three supervisions")
+    augment: AugmentConfig = _field(AugmentConfig, "The multi-crop views")
+    optim: OptimConfig = _field(OptimConfig, "Pretraining's optimiser and schedules")
+    data: DataConfig = _field(DataConfig, "The dataset and its preparation")
+    train: TrainConfig = _field(TrainConfig, "The pretraining run")
+    evaluate: EvalConfig = _field(EvalConfig, "Frozen-feature evaluations (METHOD §8), checkpoint selection")
+    finetune: FinetuneConfig = _field(FinetuneConfig, "End-to-end fine-tuning")
+    launch: LaunchConfig = _field(LaunchConfig, "Where pretraining runs: here, or one (requeued) SLURM job")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists for tuples) that YAML, JSON and ``torch.load(weights_only=True)`` accept."""
@@ -232,174 +262,112 @@ class Config:
         """SHA-256 of the resolved configuration, stable across key order."""
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
-
-# Published settings (sail-sg/mugs pretraining.sh) and small ones that run on a laptop CPU.
-PRESETS: dict[str, dict[str, Any]] = {
-    "vit_small_100ep": {},
-    "vit_small_300ep": {
-        "optim": {"epochs": 300, "batch_size": 1024, "weight_decay_end": 0.1},
-        "loss": {"group_teacher_temp": 0.07, "group_warmup_teacher_temp_epochs": 30},
-    },
-    "vit_small_800ep": {
-        "optim": {"epochs": 800, "batch_size": 1024, "weight_decay_end": 0.1},
-        "loss": {"group_teacher_temp": 0.07, "group_warmup_teacher_temp_epochs": 30},
-    },
-    "vit_base_400ep": {
-        "model": {"arch": "vit_base"},
-        "optim": {
-            "epochs": 400,
-            "batch_size": 1008,
-            "min_lr": 2e-6,
-            "weight_decay_end": 0.1,
-            "freeze_last_layer": 3,
-        },
-        "loss": {"group_teacher_temp": 0.07, "group_warmup_teacher_temp_epochs": 50},
-    },
-    "vit_large_250ep": {
-        "model": {"arch": "vit_large", "drop_path_rate": 0.3, "norm_last_layer": True},
-        "optim": {
-            "epochs": 250,
-            "batch_size": 640,
-            "lr": 1.5e-3,
-            "min_lr": 1.5e-4,
-            "weight_decay": 0.025,
-            "weight_decay_end": 0.08,
-            "freeze_last_layer": 3,
-            "clip_grad_late_epoch": 100,
-        },
-        "loss": {"group_teacher_temp": 0.07, "group_warmup_teacher_temp_epochs": 50},
-    },
-    # Fashion-MNIST on CPU: 28 px images, 32 px globals and 16 px locals with 4 px patches.
-    "demo": {
-        "model": {
-            "arch": "vit_tiny",
-            "depth": 6,
-            "patch_size": 7,
-            "drop_path_rate": 0.0,
-            "hidden_dim": 512,
-            "out_dim": 128,
-            "predictor_hidden_dim": 512,
-            "group_out_dim": 1024,
-        },
-        # 600 iterations of 32 (twice the updates of 64, each image 4 % dearer), a teacher that follows
-        # the student within ~20 of them, queues of a few dozen iterations' keys, a sharper instance
-        # contrast and no frozen last layer learn fastest (the search in docs/results.md)
-        "loss": {"instance_queue_size": 1024, "local_group_queue_size": 1024, "instance_temp": 0.1},
-        "augment": {"global_size": 28, "local_size": 14, "n_local": 2},
-        "optim": {
-            "epochs": 3,
-            "batch_size": 32,
-            "lr": 1e-3,
-            "warmup_epochs": 1,
-            "momentum_teacher": 0.95,
-            "patch_embed_lr_mult": 1.0,
-            "freeze_last_layer": 0,
-        },
-        "data": {"train_subset": 6400},
-        # on 2 cores, augmenting in the training process beats a loader process fighting for the cores;
-        # one kept checkpoint (the last) halves the selection's feature extraction
-        "train": {"num_workers": 0, "log_every": 10, "checkpoint_every": 50, "keep_every_epochs": 3},
-        # cached features make probe epochs cheap; on these features the best lr lies above ImageNet's;
-        # the probe on the last block's CLS token reads the features kNN extracted instead of its own
-        "evaluate": {
-            "linear_n_last_blocks": 1,
-            "num_workers": 2,
-            "linear_epochs": 30,
-            "linear_batch_size": 256,
-            "linear_lrs": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
-        },
-        "finetune": {"epochs": 2, "batch_size": 128, "lr": 5e-4, "warmup_epochs": 1},
-    },
-}
-
-
-def _is_instance(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return any(_is_instance(value, arm) for arm in typing.get_args(annotation))
-    if origin is Literal:
-        return value in typing.get_args(annotation)
-    if origin is tuple:
-        arms = typing.get_args(annotation)
-        return (
-            isinstance(value, (list, tuple))
-            and len(value) == len(arms)
-            and all(_is_instance(v, a) for v, a in zip(value, arms, strict=True))
+    @pydantic.model_validator(mode="after")
+    def check_rules(self) -> Config:
+        """Rules between keys: errors where the combination cannot run, warnings where it is merely odd."""
+        model, loss, augment, optim, data, launch = (
+            getattr(self, key) for key in ("model", "loss", "augment", "optim", "data", "launch")
         )
-    if origin is list:
-        (arm,) = typing.get_args(annotation)
-        return isinstance(value, list) and all(_is_instance(v, arm) for v in value)
-    if origin is dict:
-        key_arm, value_arm = typing.get_args(annotation)
-        return isinstance(value, dict) and all(
-            _is_instance(k, key_arm) and _is_instance(v, value_arm) for k, v in value.items()
+        if not loss.weights():
+            raise ValueError("loss.instance_weight, loss.local_group_weight, loss.group_weight are all 0")
+        top_n, queue = loss.local_group_knn_top_n, loss.local_group_queue_size
+        if loss.local_group_weight > 0 and top_n > queue:
+            raise ValueError(
+                f"loss.local_group_knn_top_n={top_n} exceeds loss.local_group_queue_size={queue}"
+            )
+        for key in ("global_scale", "local_scale"):
+            if (scale := list(getattr(augment, key)))[0] > scale[1]:
+                raise ValueError(f"augment.{key}={scale}: the lower bound exceeds the upper one")
+        for key in ("global_size", "local_size"):
+            if (size := getattr(augment, key)) % (patch := model.patch_size):
+                raise ValueError(f"augment.{key}={size} is not a multiple of model.patch_size={patch}")
+        if augment.n_local and (local := augment.local_size) > (size := augment.global_size):
+            _warn(
+                f"augment.local_size={local} exceeds augment.global_size={size}: local crops are small views"
+            )
+        depth, blocks = (
+            model.depth or (24 if model.arch == "vit_large" else 12),
+            self.evaluate.linear_n_last_blocks,
         )
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)) or _is_float_text(value)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
+        if blocks > depth:
+            raise ValueError(
+                f"evaluate.linear_n_last_blocks={blocks} exceeds the model's {depth} blocks "
+                f"(model.arch={model.arch}, model.depth={model.depth})"
+            )
+        for key, s in (("optim", optim), ("finetune", self.finetune)):
+            if s.warmup_epochs > s.epochs:
+                raise ValueError(f"{key}.warmup_epochs={s.warmup_epochs} exceeds {key}.epochs={s.epochs}")
+            if s.min_lr > s.lr:
+                _warn(
+                    f"{key}.min_lr={s.min_lr:g} exceeds {key}.lr={s.lr:g}: the rate rises after the warm-up"
+                )
+        if (subset := data.train_subset) is not None and subset < (batch := optim.batch_size):
+            raise ValueError(
+                f"data.train_subset={subset} is smaller than one global batch (optim.batch_size={batch})"
+            )
+        for key, epoch in (
+            ("optim.clip_grad_late_epoch", optim.clip_grad_late_epoch),
+            ("optim.freeze_last_layer", optim.freeze_last_layer),
+            ("loss.group_warmup_teacher_temp_epochs", loss.group_warmup_teacher_temp_epochs),
+        ):
+            if epoch is not None and epoch > optim.epochs:
+                _warn(f"{key}={epoch} lies beyond optim.epochs={optim.epochs}")
+        unknown = [name for name in data.classes or () if name not in FASHION_MNIST_CLASSES]
+        if data.source == "fashion-mnist" and unknown:
+            raise ValueError(
+                f"data.classes {unknown} are not Fashion-MNIST classes; valid: {FASHION_MNIST_CLASSES}"
+            )
+        nodes, tasks, gpus = launch.nodes, launch.tasks_per_node, launch.gpus_per_node
+        if launch.launcher == "slurm" and optim.batch_size % (nodes * tasks):
+            raise ValueError(
+                f"optim.batch_size={optim.batch_size} does not divide by the world size "
+                f"{nodes * tasks} (launch.nodes={nodes} × launch.tasks_per_node={tasks})"
+            )
+        if launch.launcher == "slurm" and gpus not in (0, tasks):
+            raise ValueError(
+                f"launch.tasks_per_node={tasks} must equal launch.gpus_per_node={gpus}: one rank per GPU"
+            )
+        if (delay := launch.signal_delay_s) >= (limit := launch.timeout_min) * 60:
+            raise ValueError(
+                f"launch.signal_delay_s={delay} leaves no time to run within launch.timeout_min={limit}"
+            )
+        return self
 
 
-def _is_float_text(value: Any) -> bool:
-    # YAML 1.1 reads "1e-3" (no dot) as a string; accept it where a float is expected
-    if not isinstance(value, str):
-        return False
-    try:
-        float(value)
-    except ValueError:
-        return False
-    return True
+def _warn(message: str) -> None:
+    warnings.warn(message, ConfigWarning, stacklevel=3)
 
 
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Turn YAML lists into tuples, and ints or numeric strings into floats, where the annotation asks."""
-    origin = typing.get_origin(annotation)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(_coerce(v, a) for v, a in zip(value, typing.get_args(annotation), strict=True))
-    if origin is list and isinstance(value, list):
-        (arm,) = typing.get_args(annotation)
-        return [_coerce(v, arm) for v in value]
-    if annotation is float and isinstance(value, (int, str)):
-        return float(value)
-    if origin in (Union, types.UnionType):
-        for arm in typing.get_args(annotation):
-            if _is_instance(value, arm):
-                return _coerce(value, arm)
-    return value
+CONFIG = pydantic.TypeAdapter(Config)
+# the pydantic error types that say what a value should be, and the name users know that type by
+_EXPECTED = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "list", "tuple": "list"}
+_EXPECTED |= {"dict": "a mapping", "dataclass": "a mapping"}
 
 
-def _describe(annotation: Any) -> str:
-    if typing.get_origin(annotation) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation)
+def _expected(error: Any) -> str | None:
+    if error["type"] == "literal_error":
+        return "one of " + error["ctx"]["expected"]
+    return _EXPECTED.get(error["type"].split("_")[0])
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown key '{where}{unknown[0]}'"
-            + (f" (and {unknown[1:]})" if unknown[1:] else "")
-            + f"; valid keys here: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{where}{name}"
-        annotation = hints[name]
-        if dataclasses.is_dataclass(annotation):
-            kwargs[name] = _build(annotation, value, key + ".")
-        elif not _is_instance(value, annotation):
-            raise ConfigError(f"{key}: expected {_describe(annotation)}, got {value!r}")
-        else:
-            kwargs[name] = _coerce(value, annotation)
-    return cls(**kwargs)
+def _explain(error: pydantic.ValidationError, values: dict[str, Any]) -> str:
+    """pydantic's first error as one line naming the key and the value, in the words of the YAML file."""
+    first, *others = error.errors()
+    loc = first["loc"]
+    key = ".".join(map(str, loc[:2]))
+    if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        cls: Any = Config
+        for name in loc[:-1]:
+            cls = typing.get_type_hints(cls)[name]
+        return f"unknown key '{key}'; valid keys here: {', '.join(f.name for f in dataclasses.fields(cls))}"
+    if _expected(first):  # an int | "auto" union fails once for each arm
+        arms = [_expected(e) for e in [first, *others] if e["loc"][:2] == loc[:2]]
+        return f"{key}: expected {' or '.join(dict.fromkeys(filter(None, arms)))}, got {first['input']!r}"
+    if first["type"] == "value_error":  # a rule between keys, which names them
+        return str(first["ctx"]["error"])
+    value = values.get(loc[0], {}).get(loc[1], first["input"]) if len(loc) > 1 else first["input"]
+    items = "".join(f" (item {index})" for index in loc[2:] if isinstance(index, int))
+    return f"{key}={value}{items}: {first['msg']}"
 
 
 def merge_values(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -441,240 +409,23 @@ def parse_override(text: str) -> dict[str, Any]:
     return nested
 
 
-class ConfigWarning(UserWarning):
-    """A configuration that runs but is probably not what was meant; the message names the keys."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; errors name the file."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(error)}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
 
 
-@dataclass(frozen=True)
-class Range:
-    """The finite values from ``low`` to ``high`` (either may be ``None``: unbounded on that side)."""
-
-    low: float | None = None
-    high: float | None = None
-    low_included: bool = True
-    high_included: bool = True
-
-    def __contains__(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        above = self.low is None or (value >= self.low if self.low_included else value > self.low)
-        below = self.high is None or (value <= self.high if self.high_included else value < self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>=' if self.low_included else '>'} {self.low:g}"
-        left, right = "[" if self.low_included else "(", "]" if self.high_included else ")"
-        return f"in {left}{self.low:g}, {self.high:g}{right}"
-
-
-AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_included=False)
-PROBABILITY, BELOW_1 = Range(0, 1), Range(0, 1, high_included=False)
-FRACTION = Range(0, 1, low_included=False)
-
-# The allowed values of every numeric key (each element of a list or pair); None ("not set") and
-# "auto" are left to the type check. tests/test_config.py checks that no numeric key is missing.
-RANGES: dict[str, Range] = {
-    "model.depth": AT_LEAST_1,
-    "model.patch_size": AT_LEAST_1,
-    "model.drop_path_rate": BELOW_1,
-    "model.hidden_dim": AT_LEAST_1,
-    "model.out_dim": AT_LEAST_1,
-    "model.predictor_hidden_dim": AT_LEAST_1,
-    "model.group_out_dim": AT_LEAST_1,
-    "loss.instance_weight": AT_LEAST_0,
-    "loss.local_group_weight": AT_LEAST_0,
-    "loss.group_weight": AT_LEAST_0,
-    "loss.instance_queue_size": AT_LEAST_1,
-    "loss.instance_temp": POSITIVE,
-    "loss.local_group_queue_size": AT_LEAST_1,
-    "loss.local_group_temp": POSITIVE,
-    "loss.local_group_knn_top_n": AT_LEAST_1,
-    "loss.group_student_temp": POSITIVE,
-    "loss.group_warmup_teacher_temp": POSITIVE,
-    "loss.group_teacher_temp": POSITIVE,
-    "loss.group_warmup_teacher_temp_epochs": AT_LEAST_0,
-    "augment.global_size": AT_LEAST_1,
-    "augment.local_size": AT_LEAST_1,
-    "augment.n_local": AT_LEAST_0,
-    "augment.global_scale": FRACTION,
-    "augment.local_scale": FRACTION,
-    "augment.weak_prob": PROBABILITY,
-    "augment.erasing_prob": PROBABILITY,
-    "optim.epochs": AT_LEAST_1,
-    "optim.batch_size": AT_LEAST_1,
-    "optim.lr": AT_LEAST_0,
-    "optim.min_lr": AT_LEAST_0,
-    "optim.warmup_epochs": AT_LEAST_0,
-    "optim.weight_decay": AT_LEAST_0,
-    "optim.weight_decay_end": AT_LEAST_0,
-    "optim.momentum_teacher": PROBABILITY,
-    "optim.clip_grad": AT_LEAST_0,
-    "optim.clip_grad_late_epoch": AT_LEAST_0,
-    "optim.clip_grad_late_factor": AT_LEAST_0,
-    "optim.patch_embed_lr_mult": AT_LEAST_0,
-    "optim.freeze_last_layer": AT_LEAST_0,
-    "data.val_fraction": BELOW_1,
-    "data.split_seed": AT_LEAST_0,
-    "data.max_per_class": AT_LEAST_1,
-    "data.workers": AT_LEAST_0,
-    "data.train_subset": AT_LEAST_1,
-    "train.seed": AT_LEAST_0,
-    "train.num_workers": AT_LEAST_0,
-    "train.threads": AT_LEAST_1,
-    "train.log_every": AT_LEAST_1,
-    "train.checkpoint_every": AT_LEAST_0,
-    "train.keep_every_epochs": AT_LEAST_0,
-    "train.max_iterations": AT_LEAST_1,
-    "evaluate.batch_size": AT_LEAST_1,
-    "evaluate.num_workers": AT_LEAST_0,
-    "evaluate.knn_k": AT_LEAST_1,
-    "evaluate.knn_temperature": POSITIVE,
-    "evaluate.knn_chunk_size": AT_LEAST_1,
-    "evaluate.knn_bank_chunk_size": AT_LEAST_1,
-    "evaluate.linear_n_last_blocks": AT_LEAST_1,
-    "evaluate.linear_epochs": AT_LEAST_1,
-    "evaluate.linear_batch_size": AT_LEAST_1,
-    "evaluate.linear_lrs": AT_LEAST_0,
-    "evaluate.linear_weight_decays": AT_LEAST_0,
-    "evaluate.linear_seed": AT_LEAST_0,
-    "evaluate.fewshot_fractions": FRACTION,
-    "evaluate.fewshot_seed": AT_LEAST_0,
-    "evaluate.fewshot_c": POSITIVE,
-    "evaluate.fewshot_max_iter": AT_LEAST_1,
-    "evaluate.selection_k": AT_LEAST_1,
-    "finetune.epochs": AT_LEAST_1,
-    "finetune.batch_size": AT_LEAST_1,
-    "finetune.lr": AT_LEAST_0,
-    "finetune.min_lr": AT_LEAST_0,
-    "finetune.warmup_epochs": AT_LEAST_0,
-    "finetune.weight_decay": AT_LEAST_0,
-    "finetune.layer_decay": FRACTION,
-    "finetune.drop_path_rate": BELOW_1,
-    "finetune.mixup": AT_LEAST_0,
-    "finetune.cutmix": AT_LEAST_0,
-    "finetune.label_smoothing": BELOW_1,
-    "finetune.erasing_prob": PROBABILITY,
-    "launch.nprocs": AT_LEAST_1,
-    "launch.nodes": AT_LEAST_1,
-    "launch.tasks_per_node": AT_LEAST_1,
-    "launch.gpus_per_node": AT_LEAST_0,
-    "launch.cpus_per_task": AT_LEAST_1,
-    "launch.mem_gb": POSITIVE,
-    "launch.timeout_min": AT_LEAST_1,
-    "launch.max_num_timeout": AT_LEAST_0,
-    "launch.signal_delay_s": AT_LEAST_0,
-    "launch.poll_seconds": POSITIVE,
-}
-
-
-def _value(config: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
-
-
-def _check_ranges(config: Config) -> None:
-    for key, allowed in RANGES.items():
-        value = _value(config, key)
-        if isinstance(value, (list, tuple)):
-            if not value:
-                raise ConfigError(f"{key} must not be empty")
-            bad = [v for v in value if v not in allowed]
-            if bad:
-                raise ConfigError(f"{key}={list(value)}: every value must be {allowed}, got {bad}")
-        elif value is not None and not isinstance(value, str) and value not in allowed:
-            raise ConfigError(f"{key} must be {allowed}, got {value}")
-
-
-def _check_combinations(config: Config) -> None:
-    """Rules between keys: errors where the combination cannot run, warnings where it is merely odd."""
-    weights = (config.loss.instance_weight, config.loss.local_group_weight, config.loss.group_weight)
-    if sum(weights) == 0:
-        raise ConfigError("loss.instance_weight, loss.local_group_weight, loss.group_weight are all 0")
-    if config.loss.local_group_weight > 0 and config.loss.local_group_knn_top_n > (
-        config.loss.local_group_queue_size
-    ):
-        raise ConfigError(
-            f"loss.local_group_knn_top_n={config.loss.local_group_knn_top_n} exceeds "
-            f"loss.local_group_queue_size={config.loss.local_group_queue_size}"
-        )
-    for key in ("global_scale", "local_scale"):
-        low, high = getattr(config.augment, key)
-        if low > high:
-            raise ConfigError(f"augment.{key}={[low, high]}: the lower bound exceeds the upper one")
-    patch = config.model.patch_size
-    for key in ("global_size", "local_size"):
-        size = getattr(config.augment, key)
-        if size % patch:
-            raise ConfigError(f"augment.{key}={size} is not a multiple of model.patch_size={patch}")
-    global_size, local_size = config.augment.global_size, config.augment.local_size
-    if config.augment.n_local and local_size > global_size:
-        _warn(
-            f"augment.local_size={local_size} exceeds augment.global_size={global_size}: local crops are "
-            "meant to be the small views"
-        )
-    depth = config.model.depth or (24 if config.model.arch == "vit_large" else 12)
-    if config.evaluate.linear_n_last_blocks > depth:
-        raise ConfigError(
-            f"evaluate.linear_n_last_blocks={config.evaluate.linear_n_last_blocks} exceeds the model's "
-            f"{depth} blocks (model.arch={config.model.arch}, model.depth={config.model.depth})"
-        )
-    for section in ("optim", "finetune"):
-        settings = getattr(config, section)
-        if settings.warmup_epochs > settings.epochs:
-            raise ConfigError(
-                f"{section}.warmup_epochs={settings.warmup_epochs} exceeds {section}.epochs={settings.epochs}"
-            )
-        if settings.min_lr > settings.lr:
-            _warn(
-                f"{section}.min_lr={settings.min_lr:g} exceeds {section}.lr={settings.lr:g}: the learning "
-                "rate rises after the warm-up"
-            )
-    optim = config.optim
-    subset = config.data.train_subset
-    if subset is not None and subset < optim.batch_size:
-        raise ConfigError(
-            f"data.train_subset={subset} is smaller than one global batch "
-            f"(optim.batch_size={optim.batch_size})"
-        )
-    for key, epoch in (
-        ("optim.clip_grad_late_epoch", optim.clip_grad_late_epoch),
-        ("optim.freeze_last_layer", optim.freeze_last_layer),
-        ("loss.group_warmup_teacher_temp_epochs", config.loss.group_warmup_teacher_temp_epochs),
-    ):
-        if epoch is not None and epoch > optim.epochs:
-            _warn(f"{key}={epoch} lies beyond optim.epochs={optim.epochs}")
-    data = config.data
-    if data.source == "fashion-mnist" and data.classes is not None:
-        from mugs.data.sources import FASHION_MNIST_CLASSES  # numpy and PIL: only for a class list
-
-        unknown = [name for name in data.classes if name not in FASHION_MNIST_CLASSES]
-        if unknown:
-            raise ConfigError(
-                f"data.classes {unknown} are not Fashion-MNIST classes; valid: {FASHION_MNIST_CLASSES}"
-            )
-    launch = config.launch
-    if launch.launcher == "slurm":
-        world_size = launch.nodes * launch.tasks_per_node
-        if optim.batch_size % world_size:
-            raise ConfigError(
-                f"optim.batch_size={optim.batch_size} does not divide by the world size {world_size} "
-                f"(launch.nodes={launch.nodes} × launch.tasks_per_node={launch.tasks_per_node})"
-            )
-        if launch.gpus_per_node and launch.tasks_per_node != launch.gpus_per_node:
-            raise ConfigError(
-                f"launch.tasks_per_node={launch.tasks_per_node} must equal launch.gpus_per_node="
-                f"{launch.gpus_per_node}: one rank per GPU"
-            )
-    if launch.signal_delay_s >= launch.timeout_min * 60:
-        raise ConfigError(
-            f"launch.signal_delay_s={launch.signal_delay_s} leaves no time to run within "
-            f"launch.timeout_min={launch.timeout_min}"
-        )
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, ConfigWarning, stacklevel=4)
+# Published settings (sail-sg/mugs pretraining.sh) and small ones that run on a laptop CPU, each the
+# values it changes over the defaults above.
+PRESETS = {path.stem: read_yaml(path) for path in sorted((Path(__file__).parent / "presets").glob("*.yaml"))}
 
 
 def config_from_dict(
@@ -685,18 +436,15 @@ def config_from_dict(
     values = dict(values or {})
     file_preset = values.pop("preset", None)
     preset = preset or file_preset
-    base: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-        base = PRESETS[preset]
-    merged = merge_values(base, values)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    merged = merge_values(PRESETS[preset] if preset else {}, values)
     for text in overrides:
         merged = merge_values(merged, parse_override(text))
-    config = _build(Config, merged, "")
-    _check_ranges(config)
-    _check_combinations(config)
-    return config
+    try:
+        return CONFIG.validate_python(merged)
+    except pydantic.ValidationError as error:
+        raise ConfigError(_explain(error, merged)) from None
 
 
 # Keys of a pipeline parameter file that are not part of one run's Config: the named runs (each a
@@ -749,27 +497,9 @@ def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
     return merge_values(values, runs[run] or {})
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from ``path``; errors name the file."""
-    path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML{_yaml_problem(error)}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return values
-
-
 def files_shaping_run(paths: Sequence[str | Path], run: str) -> list[str]:
-    """Those of the pipeline files ``paths`` that can change ``run``'s settings: every file with a
-    value outside ``runs:``, and every file that defines ``runs.<run>``.
-
-    The others only add other runs. Leaving them out of a run's commands keeps its jobs' recorded
-    parameters as they were, so a ``--configfile`` that adds a run reruns nothing of the existing ones.
-    """
+    """The pipeline files that can change ``run``'s settings: those with a value outside ``runs:`` or a
+    ``runs.<run>``. The others only add runs: left out of this run's commands, they rerun nothing of it."""
     shaping = []
     for path in paths:
         values = read_yaml(path)
@@ -784,12 +514,9 @@ def load_config(
     run: str | None = None,
     preset: str | None = None,
 ) -> Config:
-    """Read YAML config files (or one ``run`` of pipeline files); errors name the files and the key.
-
-    Later files are merged over earlier ones key by key, nested mappings included, as Snakemake
-    merges ``params.yaml`` with each ``--configfile``: a file can add a run or change one value.
-    ``preset`` (else a ``preset:`` key of the files) lies underneath the files; ``overrides`` on top.
-    """
+    """Read YAML config files (or one ``run`` of pipeline files), each merged over the ones before key by
+    key as Snakemake merges ``--configfile``s; ``preset`` (else the files' ``preset:``) lies underneath,
+    ``overrides`` on top. Errors name the files and the key."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     values: dict[str, Any] = {}
     for path in paths:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import pickle
 import re
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +19,8 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from mugs.config import Config, config_from_dict
+from mugs.config import PRESETS, Config, config_from_dict
+from mugs.files import check_output
 from mugs.losses import MugsObjective
 from mugs.model import build_networks
 from mugs.model.backbone import VIT_SIZES
@@ -30,7 +29,6 @@ from mugs.training import checkpoint as ckpt
 __all__ = [
     "CheckpointError",
     "OfficialCheckpointError",
-    "check_output",
     "export_backbone",
     "import_official_checkpoint",
     "read_checkpoint",
@@ -121,27 +119,6 @@ def read_checkpoint(path: str | Path, network: str | None = None) -> dict[str, A
     return payload
 
 
-def check_output(out: str | Path, inputs: Sequence[str | Path] = (), *, directory: bool = False) -> Path:
-    """Refuse, before anything is written, an output ``out`` (a file, or with ``directory`` a directory)
-    that cannot be written or that is one of ``inputs`` (also through a link)."""
-    out = Path(out)
-    if out.exists():
-        if out.is_dir() != directory:
-            kind = "is a directory" if out.is_dir() else "is a file, not a directory"
-            raise CheckpointError(f"cannot write {out}: it {kind}")
-        same = [str(source) for source in inputs if Path(source).exists() and out.samefile(source)]
-        if same:
-            raise CheckpointError(
-                f"{out} is the input {same[0]}: refusing to overwrite it; choose another output"
-            )
-    parent = next(folder for folder in out.absolute().parents if folder.exists())
-    if not parent.is_dir():
-        raise CheckpointError(f"cannot write {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CheckpointError(f"cannot write {out}: no write permission in {parent}")
-    return out
-
-
 # official loss entry -> our loss name, and the buffer names inside each
 _LOSSES = {"instance-sup.": "instance", "local-group-sup.": "local_group", "group-sup.": "group"}
 _LOSS_BUFFERS = {"queue": "queue", "queue_ptr": "queue_pointer", "center": "center"}
@@ -156,12 +133,6 @@ _UNUSED_MEMORY_BUFFERS = {"block.queue_v"}
 _WEIGHT_NORM = {
     "group_head.last_layer.weight_g": "group_head.last_layer.parametrizations.weight.original0",
     "group_head.last_layer.weight_v": "group_head.last_layer.parametrizations.weight.original1",
-}
-# published presets by arch; the first is the default, the others are picked by their epoch count
-_PRESETS_BY_ARCH = {
-    "vit_small": ("vit_small_100ep", "vit_small_300ep", "vit_small_800ep"),
-    "vit_base": ("vit_base_400ep",),
-    "vit_large": ("vit_large_250ep",),
 }
 # official argparse name -> (config section, key), for values the weights cannot tell
 _ARGS_TO_CONFIG = {
@@ -328,9 +299,12 @@ def _config_from_args(values: dict[str, Any], heads_present: dict[str, bool]) ->
 
 
 def _choose_preset(arch: str, epoch: int) -> str | None:
-    candidates = _PRESETS_BY_ARCH.get(arch, ())
-    by_epochs = [name for name in candidates if config_from_dict({"preset": name}).optim.epochs == epoch]
-    return (by_epochs or list(candidates) or [None])[0]
+    """The published preset of ``arch`` (named ``{arch}_{epochs}ep``) with ``epoch`` epochs, else the
+    shortest one."""
+    published = [name for name in PRESETS if name.startswith(f"{arch}_")]
+    epochs = {name: config_from_dict({"preset": name}).optim.epochs for name in published}
+    by_epochs = [name for name, count in epochs.items() if count == epoch]
+    return (by_epochs or sorted(epochs, key=epochs.__getitem__) or [None])[0]
 
 
 def _build_config(

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from mugs.config import Config
 from mugs.distributed import all_gather_cat, all_reduce_mean
+from mugs.ring_buffer import ring_write
 
 if TYPE_CHECKING:
     from mugs.model import NetworkOutput
@@ -101,18 +102,10 @@ class InfoNCEQueueLoss(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
-        """Write the keys of every rank into the ring buffer at the pointer, wrapping at the end.
-
-        Index arithmetic stays on the device so the step needs no host synchronisation.
-        """
+        """Write the keys of every rank into the ring buffer at the pointer, wrapping at the end."""
         keys = all_gather_cat(keys)
-        n = keys.shape[0]
-        # Writing more keys than the queue holds leaves only the last ``queue_size`` of them.
-        kept = min(n, self.queue_size)
-        start = self.queue_pointer + (n - kept)
-        columns = (start + torch.arange(kept, device=keys.device)) % self.queue_size
-        self.queue.index_copy_(1, columns, keys[n - kept :].T.to(self.queue.dtype))
-        self.queue_pointer.add_(n).remainder_(self.queue_size)
+        columns, dropped = ring_write(self.queue_pointer, keys.shape[0], self.queue_size)
+        self.queue.index_copy_(1, columns, keys[dropped:].T.to(self.queue.dtype))
 
 
 class GroupLoss(nn.Module):
@@ -196,18 +189,6 @@ class GroupLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
-def loss_weights(config: Config) -> dict[str, float]:
-    """The enabled supervisions (weight > 0) and their weights, in METHOD order: which heads the
-    networks have and which losses the objective sums are both read from here."""
-    loss = config.loss
-    weights = {
-        "instance": loss.instance_weight,
-        "local_group": loss.local_group_weight,
-        "group": loss.group_weight,
-    }
-    return {name: weight for name, weight in weights.items() if weight > 0}
-
-
 class MugsObjective(nn.Module):
     """The Mugs objective (METHOD §1): the weighted mean of the enabled supervisions, each between the
     student outputs of every crop and the teacher outputs of the global crops of the same head.
@@ -223,7 +204,7 @@ class MugsObjective(nn.Module):
 
     @classmethod
     def from_config(cls, config: Config) -> MugsObjective:
-        loss, n_crops, weights = config.loss, 2 + config.augment.n_local, loss_weights(config)
+        loss, n_crops, weights = config.loss, 2 + config.augment.n_local, config.loss.weights()
         losses: dict[str, nn.Module] = {}
         if "instance" in weights:
             losses["instance"] = InfoNCEQueueLoss(

@@ -17,25 +17,25 @@ from typing import Any, Literal
 import torch
 
 from mugs.config import Config
-from mugs.evaluation.metrics_io import file_sha256, write_metrics
+from mugs.evaluation.metrics_io import write_metrics
+from mugs.files import file_sha256, publish_link
+from mugs.rundir import SELECTED, SELECTION, RunDir
 from mugs.training import checkpoint as ckpt
 
-__all__ = ["SELECTED", "SELECTION_JSON", "candidate_checkpoints", "select_checkpoint"]
-
-SELECTED = "selected.pt"
-SELECTION_JSON = "selection.json"
+__all__ = ["candidate_checkpoints", "select_checkpoint"]
 
 
 def candidate_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """The kept ``(epoch, path)`` pairs of a run, oldest first; ``latest.pt`` alone when none was kept."""
-    directory = Path(run_dir) / ckpt.DIRECTORY
-    kept = ckpt.kept_checkpoints(directory)
+    run = RunDir(run_dir)
+    kept = run.kept_checkpoints()
     if kept:
         return kept
-    latest = directory / ckpt.LATEST
-    if latest.is_file():
-        return [(int(ckpt.load_checkpoint(latest)["epoch"]), latest)]
-    raise FileNotFoundError(f"{directory} holds no checkpoint (neither epochNNNN.pt nor {ckpt.LATEST})")
+    if run.latest.is_file():
+        return [(int(ckpt.load_checkpoint(run.latest)["epoch"]), run.latest)]
+    raise FileNotFoundError(
+        f"{run.checkpoints} holds no checkpoint (neither epochNNNN.pt nor {run.latest.name})"
+    )
 
 
 def select_checkpoint(
@@ -97,7 +97,7 @@ def select_checkpoint(
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     selected = out_dir / SELECTED
-    ckpt.publish_link(chosen["path"], selected)
+    publish_link(chosen["path"], selected)
     result = {
         "policy": policy,
         "selected": {**chosen, "published_as": str(selected)},
@@ -109,7 +109,7 @@ def select_checkpoint(
         "scores": scores,
     }
     write_metrics(
-        out_dir / SELECTION_JSON,
+        out_dir / SELECTION,
         result,
         config=config,
         checkpoint=selected,

@@ -79,6 +79,10 @@ def snapshot(root: Path) -> dict[str, str]:
 
 PRETRAIN = ["pretrain", "--preset", "demo", "--no-progress", "--set"]
 
+# An output where nothing can be created (for root too, whom permission bits do not stop): every
+# command that writes refuses it before any work, naming the path given, never a temporary file's.
+UNWRITABLE = "/proc/mugs-no-such-output"
+
 # (arguments, what the message must name); every case exits with 2
 CASES = [
     # ranges of single values
@@ -170,6 +174,27 @@ CASES = [
     (["prepare", "--preset", "demo", "--set", "data.prepared_dir=afile"], ["afile"]),
     (["demo-data", "--preset", "demo", "--dest", "afile"], ["afile"]),
     (["features", "good.pt", "--set", "evaluate.cache_dir=afile"], ["afile"]),
+    # unwritable outputs, one per command that writes
+    (["export", "good.pt", UNWRITABLE], [f"cannot write {UNWRITABLE}"]),
+    (["import-official", "args.pt", UNWRITABLE], [f"cannot write {UNWRITABLE}"]),
+    (["knn", "good.pt", "--out", f"{UNWRITABLE}.json"], [f"cannot write {UNWRITABLE}.json"]),
+    (["linear", "good.pt", "--out", f"{UNWRITABLE}.json"], [f"cannot write {UNWRITABLE}.json"]),
+    (["fewshot", "good.pt", "--out", f"{UNWRITABLE}.json"], [f"cannot write {UNWRITABLE}.json"]),
+    (["finetune", "good.pt", "--out", f"{UNWRITABLE}.json"], [f"cannot write {UNWRITABLE}.json"]),
+    (["features", "good.pt", "--set", f"evaluate.cache_dir={UNWRITABLE}"], [f"cannot write {UNWRITABLE}"]),
+    (["select", "badrun", "--out-dir", UNWRITABLE], [f"cannot write {UNWRITABLE}"]),
+    (["report", "--runs", "emptyrun", "--out", UNWRITABLE], [f"cannot write {UNWRITABLE}"]),
+    (["init-checkpoint", "--preset", "demo", "--out", UNWRITABLE], [f"cannot write {UNWRITABLE}"]),
+    (
+        ["raw-pixel-knn", "--preset", "demo", "--out", f"{UNWRITABLE}.json"],
+        [f"cannot write {UNWRITABLE}.json"],
+    ),
+    (
+        ["prepare", "--preset", "demo", "--set", f"data.prepared_dir={UNWRITABLE}"],
+        [f"cannot write {UNWRITABLE}"],
+    ),
+    (["demo-data", "--preset", "demo", "--dest", UNWRITABLE], [f"cannot write {UNWRITABLE}"]),
+    ([*PRETRAIN[:-1], "--output-dir", UNWRITABLE], [f"cannot write {UNWRITABLE}"]),
 ]
 
 
@@ -189,7 +214,7 @@ def test_bad_input_is_one_line_naming_it(
     code = run_cli(argv)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and ".tmp" not in err  # never a temporary file's name
     assert len(err.strip().splitlines()) == 1, err
     for culprit in named:
         assert culprit in err, f"{culprit!r} not named in: {err}"

@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mugs.config import Config
 from mugs.launch.local import launch_local
 from mugs.model import update_memories
+from mugs.rundir import RunDir
 from mugs.testing.compare import assert_same
 from mugs.testing.configs import tiny_training_config
 from mugs.testing.synthetic import SyntheticImages
@@ -37,7 +38,7 @@ def train(output_dir: Path, *overrides: str):
 
 
 def final_state(output_dir: Path) -> dict:
-    return ckpt.load_checkpoint(output_dir / "checkpoints" / ckpt.LATEST)
+    return ckpt.load_checkpoint(RunDir(output_dir).latest)
 
 
 def assert_states_identical(a: dict, b: dict) -> None:
@@ -78,7 +79,7 @@ def test_training_is_finite_and_moves_the_teacher(straight_run: Path) -> None:
 
 
 def test_kept_checkpoints_and_plain_data(straight_run: Path) -> None:
-    kept = ckpt.kept_checkpoints(straight_run / "checkpoints")
+    kept = RunDir(straight_run).kept_checkpoints()
     assert [epoch for epoch, _ in kept] == [1, 2]
     payload = torch.load(kept[0][1], weights_only=True)  # no pickled objects anywhere
     assert payload["epoch"] == 1 and payload["iteration_in_epoch"] == 0 and payload["global_iteration"] == 3
@@ -88,13 +89,13 @@ def test_kept_checkpoints_and_plain_data(straight_run: Path) -> None:
 
 def test_rerunning_a_finished_run_restores_its_marker_and_trains_nothing(tmp_path: Path) -> None:
     train(tmp_path)
-    latest = (tmp_path / "checkpoints" / ckpt.LATEST).read_bytes()
+    latest = RunDir(tmp_path).latest.read_bytes()
     log = (tmp_path / "log.jsonl").read_text()
     (tmp_path / "DONE").unlink()  # Snakemake removes a job's outputs before it reruns the job
     result = train(tmp_path)
     assert (result.status, result.global_iteration) == ("finished", 6)
     assert json.loads((tmp_path / "DONE").read_text()) == {"global_iteration": 6}
-    assert (tmp_path / "checkpoints" / ckpt.LATEST).read_bytes() == latest
+    assert RunDir(tmp_path).latest.read_bytes() == latest
     assert (tmp_path / "log.jsonl").read_text() == log
 
 
@@ -158,7 +159,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(
     tmp_path: Path, monkeypatch, log_every: int, found_after: int, last_line: int
 ) -> None:
     train(tmp_path, "train.max_iterations=3")
-    latest = tmp_path / "checkpoints" / ckpt.LATEST
+    latest = RunDir(tmp_path).latest
     before = latest.read_bytes()
 
     original = Trainer.train_step
@@ -325,4 +326,4 @@ def test_changed_settings_set_the_old_run_aside(tmp_path: Path) -> None:
     assert set_aside_if_changed(tiny_config(run_dir, "train.log_every=5")) is None  # no effect on results
     moved = set_aside_if_changed(tiny_config(run_dir, "optim.lr=0.1"))
     assert moved is not None and moved.name.startswith("pretrain.superseded-")
-    assert (moved / "checkpoints" / ckpt.LATEST).exists() and not run_dir.exists()
+    assert RunDir(moved).latest.exists() and not run_dir.exists()

@@ -18,7 +18,8 @@ from mugs.data.sources import FASHION_MNIST_SYSTEM_DIR, install_demo_data
 from mugs.evaluation.features import extract_features
 from mugs.evaluation.fewshot import run_fewshot
 from mugs.evaluation.linear import run_linear
-from mugs.selection import SELECTED, select_checkpoint
+from mugs.rundir import SELECTED
+from mugs.selection import select_checkpoint
 from mugs.training.pretrain import run_pretraining
 
 pytestmark = [

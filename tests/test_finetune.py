@@ -66,7 +66,7 @@ def test_layer_decay_groups_for_a_two_block_model():
         "head.bias": (1.0, 0.0),
     }
     for name, (scale, decay) in expected.items():
-        assert by_name[name]["lr_scale"] == pytest.approx(scale), name
+        assert by_name[name]["lr_mult"] == pytest.approx(scale), name
         assert by_name[name]["weight_decay"] == decay, name
     # (layer id, decayed) pairs: 4 ids × {decay, no decay}
     assert [(g["layer_id"], g["weight_decay"] > 0) for g in groups] == [

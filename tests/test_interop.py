@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from mugs.config import config_from_dict
+from mugs.files import OutputError
 from mugs.interop import (
-    CheckpointError,
     OfficialCheckpointError,
     export_backbone,
     import_official_checkpoint,
@@ -385,9 +385,7 @@ def test_export_refuses_to_overwrite_its_input_also_through_a_link(exported, tmp
     (tmp_path / "hard.pt").hardlink_to(imported)
     (tmp_path / "soft.pt").symlink_to(imported)
     for out in (imported, tmp_path / "hard.pt", tmp_path / "soft.pt"):
-        with pytest.raises(
-            CheckpointError, match=rf"^{out} is the input {imported}: refusing to overwrite it"
-        ):
+        with pytest.raises(OutputError, match=rf"^{out} is the input {imported}: refusing to overwrite it"):
             export_backbone(imported, out)
     assert imported.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.pt", "soft.pt"]  # no temporary file left

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mugs.files import atomic_write_text
+from mugs.rundir import RunDir
 from mugs.testing.compare import assert_same_checkpoint, assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
 from mugs.training.log import MetricsLog
-from mugs.training.run_lock import LOCK_NAME
 
 FAULTS = [sys.executable, "-m", "mugs.testing.faults"]
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def reference(server: Server, tmp_path_factory) -> tuple[Path, float]:
 def test_same_seed_gives_identical_files(server: Server, reference, tmp_path: Path) -> None:
     assert server.run(tmp_path / "run") == 0
     assert_same_run(tmp_path / "run", reference[0])
-    latest = ckpt.load_checkpoint(tmp_path / "run" / ckpt.DIRECTORY / ckpt.LATEST)
+    latest = ckpt.load_checkpoint(RunDir(tmp_path / "run").latest)
     assert latest["config"]["model"]["drop_path_rate"] == 0.1
     assert latest["config"]["augment"]["rand_augment"].startswith("rand-m9")
 
@@ -98,7 +99,7 @@ def test_stopping_and_resuming_is_exact(server: Server, reference, tmp_path: Pat
     as the uninterrupted run (which had none)."""
     run_dir, loader = tmp_path / "run", f"train.num_workers={workers}"
     assert server.run(run_dir, "--set", loader, "--set", "train.max_iterations=4") == 0
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)
     assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
     assert server.run(run_dir, "--set", loader) == 0
     assert_same_run(run_dir, reference[0])
@@ -109,13 +110,13 @@ def test_a_checkpoint_without_a_log_window_still_resumes(server: Server, referen
     checkpoints, only the first log line after the stop averages fewer iterations."""
     run_dir = tmp_path / "run"
     assert server.run(run_dir, "--set", "train.max_iterations=4") == 0
-    latest = run_dir / ckpt.DIRECTORY / ckpt.LATEST
+    latest = RunDir(run_dir).latest
     payload = ckpt.load_checkpoint(latest)
     assert payload.pop("log_window")[0]["steps"] == 1  # iteration 4, after the line at 3
     ckpt.atomic_save(payload, latest)
     assert server.run(run_dir) == 0, server.stderr.read_text()
-    for path in sorted((reference[0] / ckpt.DIRECTORY).iterdir()):
-        assert_same_checkpoint(run_dir / ckpt.DIRECTORY / path.name, path)
+    for path in sorted(RunDir(reference[0]).checkpoints.iterdir()):
+        assert_same_checkpoint(RunDir(run_dir).checkpoints / path.name, path)
     resumed = {r["global_iteration"]: r for r in log_records(run_dir) if r["type"] == "iteration"}
     expected = {r["global_iteration"]: r for r in log_records(reference[0]) if r["type"] == "iteration"}
     assert resumed[6]["loss"] != expected[6]["loss"] and resumed[9] == expected[9]
@@ -137,7 +138,7 @@ def test_the_device_backend_gives_identical_files_for_the_same_seed(
 ) -> None:
     assert server.run(tmp_path / "run", "--set", DEVICE_BACKEND) == 0
     assert_same_run(tmp_path / "run", device_reference)
-    latest = ckpt.load_checkpoint(device_reference / ckpt.DIRECTORY / ckpt.LATEST)
+    latest = ckpt.load_checkpoint(RunDir(device_reference).latest)
     assert latest["config"]["augment"]["backend"] == "device"
 
 
@@ -180,7 +181,7 @@ def test_sigkill_at_a_named_point(server: Server, reference, tmp_path: Path, poi
 
 
 def _iterations_done(run_dir: Path) -> int:
-    latest = run_dir / ckpt.DIRECTORY / ckpt.LATEST
+    latest = RunDir(run_dir).latest
     return ckpt.load_checkpoint(latest)["global_iteration"] if latest.exists() else 0
 
 
@@ -233,7 +234,7 @@ def test_a_signal_stops_cleanly_with_a_checkpoint(
     _wait_for_iteration(run_dir, 2)
     os.kill(pid, stop_signal)
     assert server.wait() == 128 + stop_signal
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)["global_iteration"]
     message = server.stderr.read_text()
     assert f"stopped by {stop_signal.name} at global iteration {stopped}," in message
     assert "Traceback" not in message and 2 <= stopped < 9 and stopped % 3, "stopped on a log line"
@@ -285,7 +286,7 @@ def _stop_two_ranks(run_dir: Path, send: Callable[[subprocess.Popen], None], nam
     send(process)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.Signals[name], err
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"]
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)["global_iteration"]
     assert f"stopped by {name} at global iteration {stopped}," in err and "Traceback" not in err
     assert stopped % 3, "stopped on a log line: the resumed log would not test the log window"
     return stopped
@@ -311,14 +312,11 @@ def test_two_ranks_of_the_device_backend_stop_and_resume_exactly(tmp_path: Path)
     backend = ("--set", DEVICE_BACKEND, "--set", "train.num_workers=1")
     _run_two_ranks(reference, *backend)
     _run_two_ranks(run_dir, *backend, "--set", "train.max_iterations=4")
-    stopped = ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)
+    stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)
     assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
     _run_two_ranks(run_dir, *backend)
     assert_same_run(run_dir, reference)
-    assert (
-        ckpt.load_checkpoint(reference / ckpt.DIRECTORY / ckpt.LATEST)["config"]["augment"]["backend"]
-        == "device"
-    )
+    assert ckpt.load_checkpoint(RunDir(reference).latest)["config"]["augment"]["backend"] == "device"
 
 
 def test_a_second_start_is_refused_while_the_first_runs(server: Server, reference, tmp_path: Path) -> None:
@@ -328,7 +326,7 @@ def test_a_second_start_is_refused_while_the_first_runs(server: Server, referenc
     assert server.run(run_dir) == 2
     err = server.stderr.read_text()
     assert f"in use by pid {first.pid} on" in err and "Traceback" not in err
-    assert str(run_dir / LOCK_NAME) in err
+    assert str(RunDir(run_dir).lock) in err
     assert first.poll() is None, "the second start must not disturb the first"
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
@@ -338,7 +336,7 @@ def test_a_second_start_is_refused_while_the_first_runs(server: Server, referenc
 def _wait_for_lock(run_dir: Path, timeout: float = 300.0) -> None:
     """Wait until a launcher holds the run's lock (its holder is written into the lock file)."""
     deadline = time.monotonic() + timeout
-    lock = run_dir / LOCK_NAME
+    lock = RunDir(run_dir).lock
     while not (lock.exists() and lock.stat().st_size):
         assert time.monotonic() < deadline, f"{lock} was not taken"
         time.sleep(0.05)
@@ -355,7 +353,7 @@ def test_a_second_two_rank_start_is_refused_at_once(server: Server, tmp_path: Pa
     _, err = second.communicate(timeout=120)
     refused_after = time.monotonic() - started
     assert second.returncode == 2, err
-    assert f"in use by pid {first} on" in err and str(run_dir / LOCK_NAME) in err
+    assert f"in use by pid {first} on" in err and str(RunDir(run_dir).lock) in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     print(f"a 2-rank start refused after {refused_after:.1f} s (the process's imports included)")
     assert refused_after < 60
@@ -373,7 +371,7 @@ def test_two_ranks_stopped_while_starting_stop_as_one_rank_does(tmp_path: Path, 
     process = _spawn(run_dir, "--nprocs", "2")
     _wait_for_lock(run_dir)  # the launcher holds it, its ranks are about to start
     time.sleep(0.5)
-    assert not (run_dir / ckpt.DIRECTORY).exists()
+    assert not RunDir(run_dir).checkpoints.exists()
     if name == "SIGTERM":
         process.send_signal(signal.SIGTERM)
     else:
@@ -406,7 +404,7 @@ def test_a_refused_resume_leaves_the_run_directory_as_it_was(
     assert "different configuration (optim.epochs, optim.lr)" in message and "Traceback" not in message
     assert _files(run_dir) == before
 
-    latest = run_dir / ckpt.DIRECTORY / ckpt.LATEST
+    latest = RunDir(run_dir).latest
     payload = ckpt.load_checkpoint(latest)
     payload["config"]["model"]["from_a_later_version"] = 1
     ckpt.atomic_save(payload, latest)
@@ -438,12 +436,12 @@ def test_a_kept_checkpoint_lost_for_good_blocks_done(server: Server, reference, 
     run_dir = tmp_path / "run"
     subprocess.run(["cp", "-a", str(reference[0]), str(run_dir)], check=True)
     (run_dir / "DONE").unlink()
-    (run_dir / ckpt.DIRECTORY / "epoch0003.pt").unlink()
+    RunDir(run_dir).kept(3).unlink()
     assert server.run(run_dir) == 0
     assert_same_run(run_dir, reference[0])
 
     (run_dir / "DONE").unlink()
-    (run_dir / ckpt.DIRECTORY / "epoch0001.pt").unlink()
+    RunDir(run_dir).kept(1).unlink()
     assert server.run(run_dir) == 2
     message = server.stderr.read_text()
     assert "epoch0001.pt" in message and "cannot be rebuilt" in message and "Traceback" not in message
@@ -469,9 +467,10 @@ def test_a_torn_last_log_line_is_dropped_with_a_warning(tmp_path: Path) -> None:
 def test_checkpoints_get_the_permissions_of_any_file_the_user_writes(tmp_path: Path, umask: int) -> None:
     previous = os.umask(umask)
     try:
-        latest = ckpt.atomic_save({"format": ckpt.FORMAT}, tmp_path / ckpt.LATEST)
-        kept = ckpt.keep_checkpoint(tmp_path, 1)
-        text = ckpt.atomic_write_text(tmp_path / "DONE", "{}\n")
+        run = RunDir(tmp_path)
+        latest = ckpt.atomic_save({"format": ckpt.FORMAT}, run.latest)
+        kept = ckpt.keep_checkpoint(run, 1)
+        text = atomic_write_text(run.done, "{}\n")
     finally:
         os.umask(previous)
     for path in (latest, kept, text):

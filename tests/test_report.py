@@ -20,7 +20,8 @@ from mugs.model.backbone import VIT_SIZES, MugsViT
 from mugs.report import figures
 from mugs.report.attention import last_block_cls_attention
 from mugs.report.runs import METRICS, read_run
-from mugs.training.checkpoint import FORMAT, atomic_save, kept_checkpoint_name
+from mugs.rundir import RunDir
+from mugs.training.checkpoint import FORMAT, atomic_save
 
 FIGURES = ("curves.png", "knn_checkpoints.png", "accuracy.png", "tsne.png")
 
@@ -104,7 +105,7 @@ def _tiny_run(tmp_path: Path, name: str, prepared: Path, *, groups: bool) -> Pat
             "config": config.to_dict(),
             "epoch": epoch,
         }
-        atomic_save(payload, run / "checkpoints" / kept_checkpoint_name(epoch))
+        atomic_save(payload, RunDir(run).kept(epoch))
     lines = [json.dumps(_iteration(step, groups=groups)) for step in (2, 4, 6, 8)]
     lines.insert(2, json.dumps({"type": "epoch", "epoch": 1, "global_iteration": 4}))
     lines.append('{"type": "iteration", "global_it')  # cut short by a crash

@@ -16,17 +16,18 @@ from mugs.evaluation import features as features_module
 from mugs.evaluation import knn as knn_module
 from mugs.evaluation.features import FeatureSet
 from mugs.evaluation.fewshot import stratified_subset
-from mugs.evaluation.metrics_io import data_hash, file_sha256, write_metrics
+from mugs.evaluation.metrics_io import data_hash, write_metrics
+from mugs.files import file_sha256
+from mugs.rundir import SELECTED, SELECTION, RunDir
 from mugs.training import checkpoint as ckpt
 
 
 def fake_run(tmp_path: Path, val_top1: dict[int, float], monkeypatch) -> tuple[Path, list[tuple[str, str]]]:
     """A run whose kept checkpoints score ``val_top1[epoch]``; records the (path, split) extractions."""
     run = tmp_path / "run"
-    directory = run / "checkpoints"
-    directory.mkdir(parents=True)
+    RunDir(run).checkpoints.mkdir(parents=True)
     for epoch in val_top1:
-        (directory / ckpt.kept_checkpoint_name(epoch)).write_bytes(f"weights of epoch {epoch}".encode())
+        RunDir(run).kept(epoch).write_bytes(f"weights of epoch {epoch}".encode())
     extracted: list[tuple[str, str]] = []
 
     def fake_extract(path, split, config, **kwargs):
@@ -56,9 +57,9 @@ def test_best_knn_picks_the_best_val_score_and_publishes_it(tmp_path: Path, monk
     assert result["k"] == 7 and result["split"] == "val"
     assert sorted({split for _, split in extracted}) == ["train", "val"]
     assert len(extracted) == 6
-    published = run / selection.SELECTED
+    published = run / SELECTED
     assert os.path.samefile(published, run / "checkpoints" / "epoch0002.pt")
-    written = json.loads((run / selection.SELECTION_JSON).read_text())
+    written = json.loads((run / SELECTION).read_text())
     assert written["selected"]["sha256"] == file_sha256(published)
     assert written["provenance"]["checkpoint_sha256"] == file_sha256(published)
     assert "0.7000" in written["reason"] and set(written["timing"]) == {"seconds"}
@@ -69,13 +70,13 @@ def test_ties_go_to_the_later_epoch_and_reselection_replaces_the_link(tmp_path: 
     assert selection.select_checkpoint(run, CONFIG)["selected"]["epoch"] == 2
     last = selection.select_checkpoint(run, CONFIG, policy="last")
     assert last["selected"]["epoch"] == 3 and len(last["scores"]) == 3
-    assert os.path.samefile(run / selection.SELECTED, run / "checkpoints" / "epoch0003.pt")
+    assert os.path.samefile(run / SELECTED, run / "checkpoints" / "epoch0003.pt")
 
 
 def test_latest_is_the_candidate_when_nothing_was_kept(tmp_path: Path) -> None:
-    directory = tmp_path / "checkpoints"
-    ckpt.atomic_save({"format": ckpt.FORMAT, "epoch": 0}, directory / ckpt.LATEST)
-    assert selection.candidate_checkpoints(tmp_path) == [(0, directory / ckpt.LATEST)]
+    latest = RunDir(tmp_path).latest
+    ckpt.atomic_save({"format": ckpt.FORMAT, "epoch": 0}, latest)
+    assert selection.candidate_checkpoints(tmp_path) == [(0, latest)]
     with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         selection.candidate_checkpoints(tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown selection policy"):

@@ -35,6 +35,7 @@ from mugs.launch.slurm import (
     sbatch_parameters,
     status_line,
 )
+from mugs.rundir import RunDir
 from mugs.training.engine import TrainResult
 from mugs.training.run_lock import RunLockedError
 
@@ -276,17 +277,17 @@ def test_a_finished_run_returns_at_once(config: Config, monkeypatch: pytest.Monk
 def test_reattaches_to_a_live_job_and_resubmits_a_failed_one(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    slurm_dir = Path(config.train.output_dir) / "slurm"
-    slurm_dir.mkdir(parents=True)
-    JobRecord("41", str(slurm_dir / "41"), 4, "then").save(slurm_dir)
+    run = RunDir(config.train.output_dir)
+    run.slurm.mkdir(parents=True)
+    JobRecord("41", str(run.slurm / "41"), 4, "then").save(run)
     states = {"41": "RUNNING"}
     monkeypatch.setattr(slurm, "settled_status", lambda job_id: JobStatus(states[job_id]))
     monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
     submitted = []
 
-    def fake_submit(config: Config, slurm_dir: Path, job_class: type, earlier: JobRecord | None) -> JobRecord:
+    def fake_submit(config: Config, run: RunDir, job_class: type, earlier: JobRecord | None) -> JobRecord:
         submitted.append(earlier.job_id)
-        return JobRecord("42", str(slurm_dir / "42"), 4, "now", [earlier.job_id])
+        return JobRecord("42", str(run.slurm / "42"), 4, "now", [earlier.job_id])
 
     monkeypatch.setattr(slurm, "_submit", fake_submit)
     assert launch_slurm(config, wait=False, progress=False).job_id == "41"

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mugs import files
 from mugs.monitoring import (
     collapse_warnings,
     effective_rank,
@@ -288,7 +289,7 @@ def test_collapse_warnings_on_collapsed_and_healthy_batches():
 def test_publish_link_hard_links_else_copies_and_leaves_no_temporary(tmp_path, monkeypatch):
     source = tmp_path / "latest.pt"
     source.write_bytes(b"weights")
-    linked = ckpt.publish_link(source, tmp_path / "epoch0001.pt")
+    linked = files.publish_link(source, tmp_path / "epoch0001.pt")
     assert linked.read_bytes() == b"weights" and linked.stat().st_ino == source.stat().st_ino
 
     def no_hard_links(*args, **kwargs):
@@ -296,7 +297,7 @@ def test_publish_link_hard_links_else_copies_and_leaves_no_temporary(tmp_path, m
 
     monkeypatch.setattr(os, "link", no_hard_links)
     (tmp_path / "selected.pt").write_bytes(b"an older choice")
-    copied = ckpt.publish_link(source, tmp_path / "selected.pt")
+    copied = files.publish_link(source, tmp_path / "selected.pt")
     assert copied.read_bytes() == b"weights" and copied.stat().st_ino != source.stat().st_ino
     assert not list(tmp_path.glob(".*.tmp"))
 

@@ -159,9 +159,9 @@ def test_schema_rejects_an_unknown_protocol(worktree: Path, params_file: Path) -
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("optim", "lr", "abc", "optim.lr: expected float, got 'abc'"),
-        ("optim", "lrate", 0.1, "optim.lrate"),
-        ("evaluate", "knn_k", "ten", "evaluate.knn_k"),
+        ("optim", "lr", "abc", "On instance['optim']['lr']:\n    'abc'"),
+        ("optim", "lrate", 0.1, "'lrate' was unexpected"),
+        ("evaluate", "knn_k", "ten", "On instance['evaluate']['knn_k']"),
     ],
 )
 def test_a_bad_value_fails_at_parse_time_naming_the_key(
@@ -170,7 +170,7 @@ def test_a_bad_value_fails_at_parse_time_naming_the_key(
     values = read_params(worktree)
     values[section][key] = value
     output = _dry_run_fails(worktree, params_file, values)
-    assert "params.yaml" in output
+    assert "Error validating config file" in output
     assert message in output
 
 
@@ -178,7 +178,7 @@ def test_a_bad_value_in_a_named_run_is_named(worktree: Path, params_file: Path) 
     values = read_params(worktree)
     values["runs"]["group-only"] = {"loss": {"instance_weight": "none"}}
     output = _dry_run_fails(worktree, params_file, values)
-    assert "loss.instance_weight" in output
+    assert "On instance['runs']['group-only']['loss']['instance_weight']" in output
 
 
 def test_the_long_demo_file_adds_one_run_that_every_command_reads(worktree: Path) -> None:
@@ -197,11 +197,24 @@ def test_the_long_demo_file_adds_one_run_that_every_command_reads(worktree: Path
     assert long_run.model == demo_run.model and long_run.loss == demo_run.loss
 
 
-def test_a_bad_value_in_an_added_configfile_is_named(worktree: Path) -> None:
-    (worktree / "extra.yaml").write_text("runs:\n  other:\n    optim: {lr: fast}\n")
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        # the schema: a wrong type (in a run's overrides) and an out-of-range value
+        ("runs: {other: {optim: {lr: fast}}}", "On instance['runs']['other']['optim']['lr']:\n    'fast'"),
+        ("optim: {momentum_teacher: 2}", "On instance['optim']['momentum_teacher']:\n    2"),
+        # the configuration: a rule between keys
+        ("optim: {warmup_epochs: 5}", "params.yaml + extra.yaml: optim.warmup_epochs=5 exceeds optim.epochs"),
+    ],
+    ids=["type", "range", "rule"],
+)
+def test_a_bad_configfile_stops_snakemake_naming_the_key(worktree: Path, values: str, named: str) -> None:
+    (worktree / "extra.yaml").write_text(values)
     done = sh("snakemake", "-n", "all", "--configfile", "extra.yaml", cwd=worktree, check=False)
-    assert done.returncode != 0
-    assert "params.yaml + extra.yaml: optim.lr: expected float, got 'fast'" in done.stdout + done.stderr
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and named in output
+    assert "Traceback" not in output and 'File "' not in output  # the message alone, no frames
+    assert "Job stats" not in output and not (worktree / "results").exists()  # before any job
 
 
 # A --configfile path that runs `touch` twice wherever a rule or a DVC stage hands it to the shell unquoted.

@@ -43,7 +43,6 @@ from rich.console import Console
 
 from mugs.config import DataConfig
 from mugs.data.sources import (
-    FASHION_MNIST_CLASSES,
     FASHION_MNIST_COARSE,
     FASHION_MNIST_COARSE_CLASSES,
     FASHION_MNIST_FILES,
@@ -58,6 +57,7 @@ from mugs.data.sources import (
     stat_reason,
     to_rgb,
 )
+from mugs.fashion_mnist import FASHION_MNIST_CLASSES
 from mugs.progress import PlainProgress, progress_display
 
 if TYPE_CHECKING:

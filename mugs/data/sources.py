@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mugs.training.checkpoint import atomic_copy
+from mugs.fashion_mnist import FASHION_MNIST_CLASSES
+from mugs.files import atomic_copy
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -44,18 +45,6 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_MNIST_SIZES = {"train": 60000, "test": 10000}
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
 FASHION_MNIST_COARSE_CLASSES = ["tops", "trousers-dresses", "footwear", "bags"]
 FASHION_MNIST_COARSE = {
     "T-shirt/top": "tops",

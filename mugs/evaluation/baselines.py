@@ -1,8 +1,8 @@
 """Baselines that say what pretraining added: the same network at its random initialisation, and raw
 pixels.
 
-The random-init checkpoint is built by :func:`mugs.training.engine.build_networks` after seeding with
-``train.seed``, exactly as a pretraining run starts, and saved in the checkpoint format; ``mugs knn``
+The random-init checkpoint is built by :func:`mugs.model.initial_networks` (seeded with
+``train.seed``), exactly as a pretraining run starts, and saved in the checkpoint format; ``mugs knn``
 and ``mugs linear`` then evaluate it through the same code path as a trained checkpoint.
 
 Raw pixels are the evaluation view's geometry (resize the shorter side to ``round(g · 256/224)``,
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from mugs.config import Config
-from mugs.evaluation.features import FeatureSet
+from mugs.evaluation.features import FeatureSet, eval_geometry
 from mugs.evaluation.knn import knn_evaluate
 from mugs.evaluation.metrics_io import run_evaluation
 from mugs.progress import progress_display
@@ -31,11 +31,10 @@ __all__ = ["pixel_features", "random_init_checkpoint", "run_raw_pixel_knn"]
 def random_init_checkpoint(config: Config, out: str | Path) -> Path:
     """Write the student and teacher of ``config`` as pretraining initialises them (seeded by
     ``train.seed``), with the config, to the checkpoint ``out``."""
-    from mugs.model import build_networks
+    from mugs.model import initial_networks
     from mugs.training import checkpoint as ckpt
 
-    torch.manual_seed(config.train.seed)
-    student, teacher = build_networks(config)
+    student, teacher = initial_networks(config)
     # no losses: their queues and centre are not part of a backbone's evaluation
     payload = ckpt.training_payload(
         student=student, teacher=teacher, losses={}, config=config, epoch=0, global_iteration=0
@@ -49,8 +48,7 @@ def pixel_transform(global_size: int) -> T.Compose:
     """The evaluation view's resize and centre crop, in grey level, as a ``[g·g]`` vector in [0, 1]."""
     return T.Compose(
         [
-            T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(global_size),
+            *eval_geometry(global_size),
             T.Grayscale(),
             T.ToTensor(),
             torch.flatten,

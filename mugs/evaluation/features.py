@@ -29,18 +29,19 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from mugs.config import Config
-from mugs.evaluation.metrics_io import file_sha256
+from mugs.files import file_sha256
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.progress import progress_display
-from mugs.training.checkpoint import backbone_state, trained_config
+from mugs.training.checkpoint import atomic_save, backbone_state, load_checkpoint, trained_config
 
 __all__ = [
     "FeatureSet",
+    "eval_geometry",
     "eval_transform",
     "evaluation_features",
     "extract_features",
@@ -86,12 +87,20 @@ class FeatureSet:
         return mapping
 
 
+def eval_geometry(global_size: int) -> list[nn.Module]:
+    """The evaluation view's geometry: resize the shorter side to ``round(global_size · 256/224)``
+    (bicubic), centre-crop ``global_size``."""
+    return [
+        T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(global_size),
+    ]
+
+
 def eval_transform(global_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
-    """Resize to ``round(global_size · 256/224)``, centre-crop ``global_size``, to tensor, normalise."""
+    """The evaluation view (:func:`eval_geometry`), to tensor, normalised."""
     return T.Compose(
         [
-            T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(global_size),
+            *eval_geometry(global_size),
             T.ToTensor(),
             T.Normalize(mean, std),
         ]
@@ -197,8 +206,6 @@ def _save_cache(payload: dict[str, Any], path: Path) -> None:
 
     The record needs no atomic write: a torn one is not valid JSON, and the cache is extracted again.
     """
-    from mugs.training.checkpoint import atomic_save
-
     atomic_save(payload, path)
     record = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     _integrity_path(path).write_text(json.dumps(record))
@@ -269,7 +276,6 @@ def extract_features(
     """
     from mugs.data.datasets import open_split, read_stats
     from mugs.distributed import resolve_device
-    from mugs.training.checkpoint import load_checkpoint
 
     if layers <= 0:
         raise ValueError(f"layers must be positive, got {layers}")

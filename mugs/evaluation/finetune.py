@@ -32,6 +32,7 @@ from mugs.data.transforms import SeededRandAugment
 from mugs.evaluation.features import eval_transform
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.training.checkpoint import backbone_state, load_checkpoint, trained_config
+from mugs.training.optim import apply_schedules, mixed_precision
 from mugs.training.schedules import cosine_schedule
 
 __all__ = [
@@ -67,7 +68,7 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def layer_decay_groups(model: MugsViT, *, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups with layer-wise lr decay: ``lr_scale = layer_decay ** (depth + 1 − id)``.
+    """AdamW parameter groups with layer-wise lr decay: ``lr_mult = layer_decay ** (depth + 1 − id)``.
 
     One group per (layer id, decayed or not); biases, 1-D tensors, the class token and the position
     table get no weight decay. The head (``id = depth + 1``) keeps scale 1 and the stem the smallest
@@ -86,7 +87,8 @@ def layer_decay_groups(model: MugsViT, *, weight_decay: float, layer_decay: floa
                 "params": [],
                 "names": [],
                 "layer_id": index,
-                "lr_scale": layer_decay ** (depth + 1 - index),
+                "lr_mult": layer_decay ** (depth + 1 - index),
+                "apply_weight_decay": decayed,
                 "weight_decay": weight_decay if decayed else 0.0,
             },
         )
@@ -298,8 +300,7 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
     else:
         criterion = nn.CrossEntropyLoss()
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=tune.precision == "bf16")
+    autocast, _scaler = mixed_precision(tune.precision, device, "finetune.precision")  # no fp16: no scaler
 
     network: nn.Module = model
     if distributed.is_distributed():
@@ -319,8 +320,7 @@ def run_finetune(checkpoint: str | Path, config: Config, out: str | Path, *, pro
         loss_sum = torch.zeros((), device=device)
         for step, (images, labels) in enumerate(loader):
             it = epoch * steps + step
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_schedule[it]) * group["lr_scale"]
+            apply_schedules(optimizer, float(lr_schedule[it]), tune.weight_decay)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if mixup is not None:
                 images, labels = mixup(images, labels)

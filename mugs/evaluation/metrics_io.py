@@ -22,38 +22,19 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mugs.config import Config
-from mugs.training.checkpoint import atomic_write_text
+from mugs.files import atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
     from mugs.evaluation.features import FeatureSet
 
 __all__ = [
     "data_hash",
-    "file_sha256",
     "git_commit",
     "package_versions",
     "provenance",
     "run_evaluation",
     "write_metrics",
 ]
-
-_CHUNK = 1 << 22
-# (path, size, mtime_ns) -> digest: a multi-GB checkpoint is hashed once per process
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (memoised on path, size and modification time)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(_CHUNK):
-                digest.update(block)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
 
 
 def git_commit(directory: str | Path | None = None) -> dict[str, Any] | None:

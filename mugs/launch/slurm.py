@@ -29,9 +29,10 @@ import submitit
 from rich.console import Console
 
 from mugs.config import Config, ConfigError, config_from_dict, merge_values
+from mugs.files import atomic_write_text
 from mugs.launch.distributed_env import slurm_process_group
 from mugs.launch.local import backend_for
-from mugs.training import checkpoint as ckpt
+from mugs.rundir import RunDir
 from mugs.training.checkpoint import MissingCheckpointError
 from mugs.training.engine import CollapseError, NonFiniteLossError, TrainResult
 from mugs.training.pretrain import run_pretraining
@@ -56,7 +57,6 @@ ACTIVE_STATES = frozenset(
         "RESV_DEL_HOLD",
     }
 )
-RECORD_NAME = "job.json"
 # a preempted job that is requeued turns PENDING within seconds; one that stays PREEMPTED was cancelled
 PREEMPTED_SETTLE_S = 60.0
 
@@ -428,12 +428,12 @@ class JobRecord:
     earlier_job_ids: list[str] = field(default_factory=list)
 
     @staticmethod
-    def load(slurm_dir: Path) -> JobRecord | None:
-        path = slurm_dir / RECORD_NAME
+    def load(run: RunDir) -> JobRecord | None:
+        path = run.slurm_record
         return JobRecord(**json.loads(path.read_text())) if path.exists() else None
 
-    def save(self, slurm_dir: Path) -> None:
-        ckpt.atomic_write_text(slurm_dir / RECORD_NAME, json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+    def save(self, run: RunDir) -> None:
+        atomic_write_text(run.slurm_record, json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
 
 def decide(status: JobStatus | None, finished: bool) -> Literal["attach", "finished", "submit"]:
@@ -451,7 +451,7 @@ def decide(status: JobStatus | None, finished: bool) -> Literal["attach", "finis
 def recorded_active_job(run_dir: Path) -> str | None:
     """The id of the run's recorded SLURM job if it may still be running, else None (no SLURM call
     is made when the run has no job record)."""
-    record = JobRecord.load(Path(run_dir) / "slurm")
+    record = JobRecord.load(RunDir(run_dir))
     if record is None:
         return None
     return record.job_id if settled_status(record.job_id).active else None
@@ -468,9 +468,9 @@ def _exclusive(lock_file: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _finished_result(run_dir: Path) -> TrainResult:
-    done = json.loads((run_dir / "DONE").read_text())
-    return TrainResult("finished", done["global_iteration"], run_dir / "checkpoints" / ckpt.LATEST)
+def _finished_result(run: RunDir) -> TrainResult:
+    done = json.loads(run.done.read_text())
+    return TrainResult("finished", done["global_iteration"], run.latest)
 
 
 def launch_slurm(
@@ -489,20 +489,20 @@ def launch_slurm(
     """
     console = Console(stderr=True)
     config = with_absolute_paths(config)
-    run_dir = Path(config.train.output_dir)
-    slurm_dir = run_dir / "slurm"
+    run = RunDir(config.train.output_dir)
+    run_dir = run.root
     try:
-        slurm_dir.mkdir(parents=True, exist_ok=True)
+        run.slurm.mkdir(parents=True, exist_ok=True)
     except OSError:
         check_before_submit(config, _partitions_or_none())  # names the unwritable directory, and more
         raise
-    with _exclusive(slurm_dir / "launch.lock"):
-        record = JobRecord.load(slurm_dir)
+    with _exclusive(run.launch_lock):
+        record = JobRecord.load(run)
         status = settled_status(record.job_id) if record else None
-        action = decide(status, (run_dir / "DONE").exists())
+        action = decide(status, run.done.exists())
         if action == "finished":
             console.print(f"{run_dir} has finished already")
-            return _finished_result(run_dir)
+            return _finished_result(run)
         if action == "attach":
             console.print(f"reattaching to SLURM job {record.job_id} ({status.describe()}) of {run_dir}")
         else:
@@ -515,7 +515,7 @@ def launch_slurm(
                 console.print(
                     f"SLURM job {record.job_id} ended {status.state}: resubmitting, resuming from latest.pt"
                 )
-            record = _submit(config, slurm_dir, job_class, record)
+            record = _submit(config, run, job_class, record)
             console.print(f"submitted SLURM job {record.job_id} for {run_dir}")
     if not wait:
         return record
@@ -546,12 +546,12 @@ def _partitions_or_none() -> dict[str, Partition] | None:
 
 def _submit(
     config: Config,
-    slurm_dir: Path,
+    run: RunDir,
     job_class: Callable[[dict[str, Any]], PretrainJob],
     earlier: JobRecord | None,
 ) -> JobRecord:
     executor = submitit.SlurmExecutor(
-        folder=slurm_dir / "%j",
+        folder=run.slurm / "%j",
         max_num_timeout=config.launch.max_num_timeout,
         python=container_python(config),
     )
@@ -564,7 +564,7 @@ def _submit(
         submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         earlier_job_ids=[*earlier.earlier_job_ids, earlier.job_id] if earlier else [],
     )
-    record.save(slurm_dir)
+    record.save(run)
     return record
 
 
@@ -598,7 +598,7 @@ def status_line(job_id: str, status: JobStatus, record: dict[str, Any] | None, e
 def wait_for_job(record: JobRecord, config: Config, console: Console | None = None) -> TrainResult:
     """Poll the job every ``launch.poll_seconds`` until it ends, showing its state on ``console``; its
     rank 0 result."""
-    log_file = Path(config.train.output_dir) / "log.jsonl"
+    log_file = RunDir(config.train.output_dir).log
     status = query_job(record.job_id)
     first_line = status_line(record.job_id, status, None, config.optim.epochs)
     with console.status(first_line) if console else contextlib.nullcontext() as display:

@@ -8,6 +8,7 @@ from mugs.model.network import (
     NetworkOutput,
     build_networks,
     create_mugs_network,
+    initial_networks,
     update_memories,
 )
 
@@ -23,5 +24,6 @@ __all__ = [
     "build_networks",
     "create_backbone",
     "create_mugs_network",
+    "initial_networks",
     "update_memories",
 ]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mugs.ring_buffer import ring_write
+
 __all__ = ["POINTER_MODES", "NeighbourMemory"]
 
 POINTER_MODES = ("fixed", "official")
@@ -60,22 +62,16 @@ class NeighbourMemory(nn.Module):
         if n == 0:
             return
         rows = rows.detach().to(device=self.values.device, dtype=self.values.dtype)
-        offsets = torch.arange(n, device=rows.device)
         if self.pointer_mode == "official":
             if n > self.size:
                 raise ValueError(f"cannot write {n} rows into a memory of {self.size} (official pointer)")
-            self._write((self.pointer + offsets) % self.size, rows)
+            self._write((self.pointer + torch.arange(n, device=rows.device)) % self.size, rows)
             # a write that fits leaves the pointer at (ptr + 2n) % size, one that wraps at ptr + n - size
             end = self.pointer + n
             self.pointer.copy_(torch.where(end <= self.size, (end + n) % self.size, end - self.size))
             return
-        if n > self.size:
-            # Only the newest `size` rows survive a full lap; drop the rest up front so that no
-            # slot is written twice in one call.
-            offsets = offsets[n - self.size :]
-            rows = rows[n - self.size :]
-        self._write((self.pointer + offsets) % self.size, rows)
-        self.pointer.add_(n).remainder_(self.size)
+        slots, dropped = ring_write(self.pointer, n, self.size)
+        self._write(slots, rows[dropped:])
 
     def _write(self, index: torch.Tensor, rows: torch.Tensor) -> None:
         self.search_keys.index_copy_(0, index, rows)

@@ -10,7 +10,6 @@ from torch import nn
 
 from mugs import distributed
 from mugs.config import Config, ModelConfig
-from mugs.losses import loss_weights
 from mugs.model.backbone import MugsViT, create_backbone
 from mugs.model.heads import GroupHead, ProjectionPredictionHead
 from mugs.model.memory import NeighbourMemory
@@ -155,7 +154,7 @@ def create_mugs_network(
 
 def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
     """Student and teacher; the teacher starts from the student's parameters (not its memory)."""
-    loss, enabled = config.loss, loss_weights(config)
+    loss, enabled = config.loss, config.loss.weights()
     common = dict(
         img_size=config.augment.global_size,
         instance="instance" in enabled,
@@ -173,6 +172,13 @@ def build_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
             parameter.copy_(student_parameters[name])
             parameter.requires_grad_(False)
     return student, teacher
+
+
+def initial_networks(config: Config) -> tuple[MugsNetwork, MugsNetwork]:
+    """Student and teacher as a pretraining run starts: :func:`build_networks` after seeding torch
+    with ``train.seed``, so every rank, and the random-init baseline, gets the same weights."""
+    torch.manual_seed(config.train.seed)
+    return build_networks(config)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from mugs.report.runs import (
     summary_payload,
     write_curves,
 )
+from mugs.rundir import RunDir
 
 __all__ = ["find_checkpoint", "run_report"]
 
@@ -31,22 +32,20 @@ _MIN_TSNE = 5
 
 def find_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint to show for a run: ``selected.pt``, else the last kept copy, else ``latest.pt``."""
-    from mugs.training.checkpoint import DIRECTORY, LATEST, kept_checkpoints
-
-    run_dir = Path(run_dir)
-    if (run_dir / "selected.pt").is_file():
-        return run_dir / "selected.pt"
-    kept = kept_checkpoints(run_dir / DIRECTORY)
+    run = RunDir(run_dir)
+    if run.selected.is_file():
+        return run.selected
+    kept = run.kept_checkpoints()
     if kept:
         return kept[-1][1]
-    latest = run_dir / DIRECTORY / LATEST
-    return latest if latest.is_file() else None
+    return run.latest if run.latest.is_file() else None
 
 
 def _run_config(run_dir: Path, checkpoint: dict[str, Any], overrides: Sequence[str]) -> Config:
     """The run's ``config.yaml`` with ``overrides``; the config saved in the checkpoint when it is gone."""
-    if (run_dir / "config.yaml").is_file():
-        return load_config(run_dir / "config.yaml", list(overrides))
+    recorded = RunDir(run_dir).config
+    if recorded.is_file():
+        return load_config(recorded, list(overrides))
     return config_from_dict(checkpoint["config"], list(overrides))
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mugs.rundir import SELECTION, RunDir
+
 __all__ = [
     "CURVE_COLUMNS",
     "METRICS",
@@ -195,9 +197,9 @@ def read_run(
     directory itself, and ``selection.json`` likewise in both places (run directory first).
     """
     run_dir = Path(run_dir)
-    eval_dir = Path(eval_dir) if eval_dir is not None else run_dir / "eval"
+    eval_dir = Path(eval_dir) if eval_dir is not None else RunDir(run_dir).eval
     record = RunRecord(name=name or run_dir.name, run_dir=run_dir, eval_dir=eval_dir)
-    record.log = _read_log(run_dir / "log.jsonl", record.notes)
+    record.log = _read_log(RunDir(run_dir).log, record.notes)
     places = (eval_dir, run_dir) if eval_dir != run_dir else (run_dir,)
 
     def first(file: str, order: tuple[Path, ...]) -> Any:
@@ -207,7 +209,7 @@ def read_run(
         record.notes.append(f"no {file} in {' or '.join(str(d) for d in order)}")
         return None
 
-    selection = first("selection.json", tuple(reversed(places)))
+    selection = first(SELECTION, tuple(reversed(places)))
     record.selection = selection if isinstance(selection, dict) else None
     for file in dict.fromkeys(metric.file for metric in METRICS):
         data = first(file, places)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from mugs.rundir import RunDir
 from mugs.training import checkpoint as ckpt
 from mugs.training.log import MetricsLog
 
@@ -46,19 +47,18 @@ def log_records(run_dir: Path) -> list[dict[str, Any]]:
     """The run's log records without their timings."""
     return [
         {key: value for key, value in record.items() if key not in TIMING_KEYS}
-        for _, record in MetricsLog(Path(run_dir) / "log.jsonl", enabled=True).records()
+        for _, record in MetricsLog(RunDir(run_dir).log, enabled=True).records()
     ]
 
 
 def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
     """``latest.pt``, every kept checkpoint, ``DONE`` and the log are those of the reference run, and
     no temporary file of a killed writer is left."""
-    directory, expected = Path(run_dir) / ckpt.DIRECTORY, Path(reference_dir) / ckpt.DIRECTORY
+    run, reference = RunDir(run_dir), RunDir(reference_dir)
+    directory, expected = run.checkpoints, reference.checkpoints
     assert sorted(p.name for p in directory.iterdir()) == sorted(p.name for p in expected.iterdir())
     for path in sorted(expected.iterdir()):
         assert_same_checkpoint(directory / path.name, path)
-    assert (Path(run_dir) / "DONE").read_text() == (Path(reference_dir) / "DONE").read_text()
-    assert log_records(run_dir) == log_records(reference_dir), (
-        f"{run_dir}/log.jsonl differs from the reference"
-    )
+    assert run.done.read_text() == reference.done.read_text()
+    assert log_records(run_dir) == log_records(reference_dir), f"{run.log} differs from the reference"
     assert not list(Path(run_dir).glob(".*.tmp"))

@@ -35,6 +35,7 @@ from typing import IO, Any
 import torch
 
 from mugs.config import Config
+from mugs.rundir import LATEST
 from mugs.testing.configs import tiny_training_config
 from mugs.testing.synthetic import SyntheticImages
 
@@ -116,7 +117,7 @@ def install_kill_point(point: str, occurrence: int) -> None:
 
     def killing_replace(source: Any, target: Any) -> None:
         name = Path(target).name
-        if name == ckpt.LATEST and counter.reached("checkpoint-rename"):
+        if name == LATEST and counter.reached("checkpoint-rename"):
             _die()
         if name.startswith("epoch") and counter.reached("keep-rename"):
             _die()

@@ -1,4 +1,4 @@
-"""Checkpoint files: their format, atomic writes and links, and the keep-every-N policy.
+"""Checkpoint files: their format, their atomic save, and the keep-every-N policy.
 
 Every checkpoint this project writes loads with ``torch.load(..., weights_only=True)``: it holds
 only tensors, numbers, strings, lists, tuples and dicts (the config as a plain dict, RNG states as
@@ -7,15 +7,11 @@ tensors and lists), never pickled objects.
 
 from __future__ import annotations
 
-import os
 import random
-import re
-import secrets
-import shutil
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,105 +19,21 @@ from torch import Tensor, nn
 
 from mugs import distributed
 from mugs.config import Config, ConfigError, config_from_dict
+from mugs.files import atomic_write, publish_link
 from mugs.result_keys import depends_on, flatten, pretraining_keys
+from mugs.rundir import RunDir, kept_checkpoint_name
 
 FORMAT = "mugs-pipeline/1"
-DIRECTORY = "checkpoints"  # in a run directory
-LATEST = "latest.pt"
-_KEPT = re.compile(r"epoch(\d{4,})\.pt$")
 
 
 class MissingCheckpointError(RuntimeError):
     """A checkpoint that the keep policy names is gone and cannot be rebuilt from ``latest.pt``."""
 
 
-def _temporary_beside(path: Path) -> tuple[int, Path]:
-    """A new, exclusive temporary file next to ``path``, created with the permissions of any file
-    the user writes (mode 0666 less the umask; ``tempfile.mkstemp`` would make it 0600, which a
-    project group on a shared file system could not read)."""
-    while True:
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
-        except FileExistsError:
-            continue
-
-
-def _sync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = _temporary_beside(path)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _sync_directory(path.parent)
-    return path
-
-
 def atomic_save(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` to ``path`` so that readers see either the old file or the complete new one.
-
-    The data go to a temporary file in the same directory, are flushed and fsync'ed, and the file is
-    renamed over ``path``; the directory is fsync'ed so the rename survives a crash. A writer killed
-    before the rename leaves a ``.<name>.<random>.tmp`` file, which :func:`remove_stale_temporaries`
-    deletes when the run starts again.
-    """
-    return _atomic_write(path, lambda handle: torch.save(payload, handle))
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Replace the text file ``path`` atomically (as :func:`atomic_save`)."""
-    return _atomic_write(path, lambda handle: handle.write(text.encode()))
-
-
-def atomic_copy(source: str | Path, target: str | Path) -> Path:
-    """Replace ``target`` with a copy of ``source`` atomically (as :func:`atomic_save`)."""
-    with open(source, "rb") as original:
-        return _atomic_write(target, lambda handle: shutil.copyfileobj(original, handle))
-
-
-def publish_link(source: str | Path, target: str | Path) -> Path:
-    """Make ``target`` name the same file as ``source`` (a hard link: no second write; a copy on file
-    systems without hard links).
-
-    The link is made under a temporary name and renamed, so ``target`` is either absent (or its old
-    self) or complete whenever the process dies.
-    """
-    source, target = Path(source), Path(target)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        os.link(source, temporary)
-    except OSError:  # file systems without hard links
-        return atomic_copy(source, target)
-    os.replace(temporary, target)
-    _sync_directory(target.parent)
-    return target
-
-
-def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporary files that writers killed before their rename left in ``directory``.
-
-    Only for the run's single writer (it holds the run lock), so no live write is among them.
-    """
-    directory = Path(directory)
-    stale = sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    """``torch.save`` ``payload`` to ``path`` so that readers see either the old file or the complete
+    new one (:func:`mugs.files.atomic_write`)."""
+    return atomic_write(path, lambda handle: torch.save(payload, handle))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -264,25 +176,9 @@ def check_resumable(payload: dict[str, Any], config: Config, iterations_per_epoc
         )
 
 
-def kept_checkpoint_name(epoch: int) -> str:
-    """File name of the copy kept after ``epoch`` epochs (1-based count of finished epochs)."""
-    return f"epoch{epoch:04d}.pt"
-
-
-def keep_checkpoint(directory: Path, epoch: int) -> Path:
+def keep_checkpoint(run: RunDir, epoch: int) -> Path:
     """Keep the current ``latest.pt`` as the copy for ``epoch`` (a hard link: no second write)."""
-    return publish_link(directory / LATEST, directory / kept_checkpoint_name(epoch))
-
-
-def kept_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
-    """The kept copies in ``directory`` as ``(epoch, path)``, oldest first."""
-    directory = Path(directory)
-    found = []
-    for path in directory.glob("epoch*.pt"):
-        match = _KEPT.search(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    return publish_link(run.latest, run.kept(epoch))
 
 
 def kept_epochs(finished: Iterable[int], total_epochs: int, keep_every: int) -> list[int]:
@@ -290,13 +186,13 @@ def kept_epochs(finished: Iterable[int], total_epochs: int, keep_every: int) -> 
     return [epoch for epoch in finished if should_keep(epoch, total_epochs, keep_every)]
 
 
-def check_kept_checkpoints(directory: Path, epochs: Iterable[int]) -> None:
-    """Raise :class:`MissingCheckpointError` unless the kept copies of ``epochs`` are all in ``directory``."""
-    missing = [name for name in map(kept_checkpoint_name, epochs) if not (directory / name).exists()]
+def check_kept_checkpoints(run: RunDir, epochs: Iterable[int]) -> None:
+    """Raise :class:`MissingCheckpointError` unless the kept copies of ``epochs`` are all in ``run``."""
+    missing = [kept_checkpoint_name(epoch) for epoch in epochs if not run.kept(epoch).exists()]
     if missing:
         raise MissingCheckpointError(
-            f"{directory}: the kept checkpoints {', '.join(missing)} are missing and "
-            f"{LATEST} has moved past them, so they cannot be rebuilt; DONE is not written. "
+            f"{run.checkpoints}: the kept checkpoints {', '.join(missing)} are missing and "
+            f"{run.latest.name} has moved past them, so they cannot be rebuilt; DONE is not written. "
             "Restore them from a copy, or retrain in a new train.output_dir"
         )
 

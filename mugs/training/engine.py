@@ -23,9 +23,11 @@ from torch.utils.data import Dataset
 from mugs import distributed
 from mugs.config import Config
 from mugs.data.loader import GlobalBatchSampler, build_finisher, build_loader
+from mugs.files import atomic_write_text
 from mugs.losses import MugsObjective
-from mugs.model import build_networks, update_memories
+from mugs.model import initial_networks, update_memories
 from mugs.progress import PlainProgress, progress_display
+from mugs.rundir import RunDir
 from mugs.training import checkpoint as ckpt
 from mugs.training.ema import ema_update
 from mugs.training.log import (
@@ -70,8 +72,7 @@ class Trainer:
         self.config = config
         self.device = distributed.resolve_device(config.train.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        self.output_dir = Path(config.train.output_dir)
-        self.checkpoint_dir = self.output_dir / ckpt.DIRECTORY
+        self.run_dir = RunDir(config.train.output_dir)
         if self.device.type == "cpu":
             # denormal floats (tiny softmax tails of sharp teacher distributions) slow CPU kernels
             # several-fold; flushing them to zero is deterministic
@@ -92,8 +93,7 @@ class Trainer:
     def _build_networks(self) -> None:
         config = self.config
         # identical initial weights on every rank, then a per-rank stream for drop path
-        torch.manual_seed(config.train.seed)
-        self.student, self.teacher = build_networks(config)
+        self.student, self.teacher = initial_networks(config)
         self.objective = MugsObjective.from_config(config)
         # every RNG a checkpoint records is seeded, so equal runs write byte-identical files
         rank_seed = config.train.seed + 1 + self.rank
@@ -138,16 +138,14 @@ class Trainer:
         self.optimizer = build_optimizer(
             parameter_groups(self.student, patch_embed_lr_mult=optim.patch_embed_lr_mult)
         )
-        self.autocast_dtype, self.use_autocast, self.scaler = mixed_precision(optim.precision, self.device)
+        self.autocast, self.scaler = mixed_precision(optim.precision, self.device)
 
     # ------------------------------------------------------------------ one iteration
     def train_step(self, crops: list[torch.Tensor], weak_flags: torch.Tensor) -> dict[str, torch.Tensor]:
         """One Mugs iteration (METHOD §1); returns the losses as 0-d tensors (no host sync)."""
         it, epoch = self.global_iteration, self.epoch
         apply_schedules(self.optimizer, float(self.lr_schedule[it]), float(self.wd_schedule[it]))
-        autocast = torch.autocast(self.device.type, self.autocast_dtype, enabled=self.use_autocast)
-
-        with autocast:
+        with self.autocast():
             with torch.no_grad():
                 teacher_out = self.teacher_forward(crops[:2])
             student_out = self.student_ddp(crops[2:])
@@ -214,7 +212,7 @@ class Trainer:
         payload = self.state_dict()
         path = None
         if self.rank == 0:
-            path = ckpt.atomic_save(payload, self.checkpoint_dir / ckpt.LATEST)
+            path = ckpt.atomic_save(payload, self.run_dir.latest)
         distributed.barrier()
         return path
 
@@ -263,17 +261,15 @@ class Trainer:
         """Resume from this run's ``latest.pt``, else start (from ``train.init_from`` if set); the log
         keeps only what the checkpoint has seen. A checkpoint that cannot be resumed is refused before
         anything is written, the run's ``config.yaml`` included."""
-        latest = self.checkpoint_dir / ckpt.LATEST
+        latest = self.run_dir.latest
         resumed = latest.exists()
         if resumed:
             self.load(latest)
         elif self.config.train.init_from:
             self.initialise_from(Path(self.config.train.init_from))
         if self.rank == 0:
-            ckpt.atomic_write_text(
-                self.output_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-            )
-        log = MetricsLog(self.output_dir / "log.jsonl", enabled=self.rank == 0)
+            atomic_write_text(self.run_dir.config, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        log = MetricsLog(self.run_dir.log, enabled=self.rank == 0)
         log.truncate_after(self.global_iteration)
         if resumed and self.iteration_in_epoch == 0 and self.epoch > self.start_epoch:
             # the run may have died between its epoch-end checkpoint and what follows it
@@ -338,7 +334,7 @@ class Trainer:
         ``train.max_iterations``. A run that trained ends with a checkpoint of its last step."""
         finished = self.global_iteration >= self.config.optim.epochs * self.iterations_per_epoch
         status = "interrupted" if interrupted else "finished" if finished else "stopped"
-        latest = self.checkpoint_dir / ckpt.LATEST
+        latest = self.run_dir.latest
         if not trained:
             path = latest if latest.exists() else None
         elif self.iteration_in_epoch or status != "finished":
@@ -363,18 +359,16 @@ class Trainer:
             return
         if not log.has_epoch(self.epoch):
             log.write({"type": "epoch", "epoch": self.epoch, "global_iteration": self.global_iteration})
-        kept = self.checkpoint_dir / ckpt.kept_checkpoint_name(self.epoch)
+        kept = self.run_dir.kept(self.epoch)
         if self.epoch in self._kept_epochs() and not kept.exists():
-            ckpt.keep_checkpoint(self.checkpoint_dir, self.epoch)
+            ckpt.keep_checkpoint(self.run_dir, self.epoch)
 
     def _mark_done(self) -> None:
         """Write the ``DONE`` marker the workflow waits for (rank 0), once every kept checkpoint is there."""
         if self.rank != 0:
             return
-        ckpt.check_kept_checkpoints(self.checkpoint_dir, self._kept_epochs())
-        ckpt.atomic_write_text(
-            self.output_dir / "DONE", json.dumps({"global_iteration": self.global_iteration}) + "\n"
-        )
+        ckpt.check_kept_checkpoints(self.run_dir, self._kept_epochs())
+        atomic_write_text(self.run_dir.done, json.dumps({"global_iteration": self.global_iteration}) + "\n")
 
     def _log_record(self, window: LogWindow, log: MetricsLog) -> dict[str, Any]:
         self.check_finite()

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 
 from mugs import distributed
+from mugs.files import atomic_write_text
 from mugs.losses import GroupLoss
 from mugs.model import NetworkOutput
 from mugs.monitoring import collapse_warnings, effective_rank, feature_std, normalised_group_entropy
-from mugs.training.checkpoint import atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
@@ -102,16 +104,20 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
 
 
 def mixed_precision(
-    precision: str, device: torch.device
-) -> tuple[torch.dtype | None, bool, torch.amp.GradScaler | None]:
-    """``optim.precision`` on ``device``: the autocast dtype, whether autocast is on (CUDA only), and
-    the gradient scaler fp16 needs."""
+    precision: str, device: torch.device, key: str = "optim.precision"
+) -> tuple[Callable[[], AbstractContextManager], torch.amp.GradScaler | None]:
+    """``precision`` (the setting ``key``) on ``device``, for pretraining and fine-tuning alike: a
+    factory of the forward pass's autocast context, and the gradient scaler fp16 needs.
+
+    Autocast is CUDA only: on CPU, bf16 and fp16 are ignored with a warning, so a CPU run computes in
+    fp32 whatever the preset says.
+    """
     use_cuda_amp = device.type == "cuda" and precision != "fp32"
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cuda") if use_cuda_amp and precision == "fp16" else None
     if precision != "fp32" and device.type == "cpu":
-        warnings.warn(f"optim.precision={precision} is ignored on CPU (fp32 is used)", stacklevel=4)
-    return autocast_dtype, use_cuda_amp, scaler
+        warnings.warn(f"{key}={precision} is ignored on CPU (fp32 is used)", stacklevel=4)
+    return functools.partial(torch.autocast, device.type, autocast_dtype, enabled=use_cuda_amp), scaler
 
 
 def clip_norm(optim: OptimConfig, epoch: int) -> float:

@@ -12,6 +12,8 @@ from torch.utils.data import Dataset, Subset
 
 from mugs import distributed
 from mugs.config import Config
+from mugs.files import remove_stale_temporaries
+from mugs.rundir import RunDir
 from mugs.training import checkpoint as ckpt
 from mugs.training.engine import Trainer, TrainResult
 from mugs.training.run_lock import RunLockedError, exclusive_run
@@ -41,8 +43,8 @@ def locked_run_directory(run_dir: Path) -> Iterator[None]:
             except RunLockedError as error:
                 refusal = str(error)
             else:
-                for directory in (run_dir, run_dir / ckpt.DIRECTORY):
-                    ckpt.remove_stale_temporaries(directory)
+                for directory in (run_dir, RunDir(run_dir).checkpoints):
+                    remove_stale_temporaries(directory)
         refusal = distributed.broadcast_object(refusal)
         if refusal:
             raise RunLockedError(refusal)
@@ -56,7 +58,7 @@ def set_aside_if_changed(config: Config) -> Path | None:
     result: it is renamed to ``<output_dir>.superseded-<UTC time>``, never deleted. Returns the new name.
     """
     output_dir = Path(config.train.output_dir)
-    latest = output_dir / ckpt.DIRECTORY / ckpt.LATEST
+    latest = RunDir(output_dir).latest
     if not latest.exists():
         return None
     saved = ckpt.load_checkpoint(latest)["config"]

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-LOCK_NAME = ".lock"
+from mugs.rundir import RunDir
 
 
 class RunLockedError(RuntimeError):
@@ -49,7 +49,7 @@ def exclusive_run(run_dir: str | Path) -> Iterator[Path]:
     """Hold ``run_dir``'s lock for the duration; :class:`RunLockedError` names the holder at once."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = run_dir / LOCK_NAME
+    lock_path = RunDir(run_dir).lock
     descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:

@@ -26,6 +26,7 @@ from mugs.data.prepare import run_prepare
 from mugs.data.sources import install_demo_data
 from mugs.launch.local import launch_local
 from mugs.launch.slurm import JobRecord, PreflightError, launch_slurm, query_job, wait_for_job
+from mugs.rundir import RunDir
 from mugs.testing.compare import assert_same_run
 from mugs.testing.configs import tiny_training_config
 from mugs.testing.slurm_jobs import PacedPretrainJob
@@ -110,7 +111,7 @@ def assert_same_losses(run_dir: Path, expected_dir: Path) -> None:
 
 def assert_bit_identical(run_dir: Path, expected_dir: Path) -> None:
     """Every tensor of every checkpoint (optimizer and RNG states included), DONE and the log."""
-    assert ckpt.load_checkpoint(run_dir / ckpt.DIRECTORY / ckpt.LATEST)["global_iteration"] == ITERATIONS
+    assert ckpt.load_checkpoint(RunDir(run_dir).latest)["global_iteration"] == ITERATIONS
     assert_same_run(run_dir, expected_dir)
 
 
@@ -132,7 +133,7 @@ def jobs_named(cluster: SlurmCluster, name: str) -> set[str]:
 
 
 def checkpoint_position(run_dir: Path) -> tuple[int, int]:
-    state = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.LATEST)
+    state = ckpt.load_checkpoint(RunDir(run_dir).latest)
     return state["epoch"], state["iteration_in_epoch"]
 
 
@@ -162,7 +163,7 @@ def test_one_node_two_tasks_matches_the_local_two_process_run(
     cluster_env: SlurmCluster, reference: Path, local_run: Path
 ) -> None:
     assert_same_losses(reference, local_run)
-    job_id = JobRecord.load(reference / "slurm").job_id
+    job_id = JobRecord.load(RunDir(reference)).job_id
     (record,) = allocation(cluster_env, job_id)
     assert (record["AllocNodes"], record["Partition"], record["ExitCode"]) == ("1", "cpu", "0:0")
 
@@ -175,7 +176,7 @@ def test_two_nodes_one_task_matches_the_local_two_process_run(
     assert (result.status, result.global_iteration) == ("finished", ITERATIONS)
     assert_same_losses(output_dir, local_run)
     assert_bit_identical(output_dir, reference)  # two gloo ranks sum the same way on one node or two
-    (record,) = allocation(cluster_env, JobRecord.load(output_dir / "slurm").job_id)
+    (record,) = allocation(cluster_env, JobRecord.load(RunDir(output_dir)).job_id)
     assert (record["AllocNodes"], record["NodeList"]) == ("2", "node[1-2]")
 
 
@@ -227,7 +228,7 @@ def test_a_run_longer_than_its_time_limit_completes_through_requeues(
     result = launch_slurm(config, progress=False, job_class=paced(4.0))
     assert (result.status, result.global_iteration) == ("finished", ITERATIONS)
     assert_bit_identical(output_dir, reference)
-    record = JobRecord.load(output_dir / "slurm")
+    record = JobRecord.load(RunDir(output_dir))
     states = [r["State"] for r in allocation(cluster_env, record.job_id)]
     assert len(states) >= 2 and set(states[:-1]) == {"REQUEUED"}
     # each requeue answered the time limit's signal (not a preemption), as submitit counts them

@@ -10,7 +10,7 @@ rule random_init:
     input:
         PREPARED,
     output:
-        "results/{run}/random-init/checkpoint.pt",
+        run_path("random_init_checkpoint"),
     log:
         "results/logs/random_init-{run}.log",
     conda:

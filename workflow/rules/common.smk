@@ -1,9 +1,11 @@
 # Shared helpers: the runs, their resolved settings, and per-rule cluster resources.
 import json
 import os
+import sys
 
-from mugs.config import RUN_NAME, files_shaping_run, load_config, read_yaml
+from mugs.config import RUN_NAME, ConfigError, files_shaping_run, load_config, read_yaml
 from mugs.result_keys import RESULT_KEYS
+from mugs.rundir import WorkflowRun
 
 # The parameter files in the order Snakemake merges them (params.yaml, then each --configfile on
 # top), relative so that commands (and the dvc.yaml generated from them) do not depend on where the
@@ -34,8 +36,13 @@ RUNS = list(
 )
 LAUNCHER = config.get("launcher", config.get("launch", {}).get("launcher", "local"))
 
-# Validate every run's settings before anything is scheduled: errors name the file and the key.
-RUN_CONFIGS = {run: load_config(PARAMS, run=run) for run in RUNS}
+# Validate every run's settings before anything is scheduled: errors name the file and the key. The
+# schema has checked each value; this checks the rules between them, and stops with the one line (an
+# exception raised here would print its frames after it).
+try:
+    RUN_CONFIGS = {run: load_config(PARAMS, run=run) for run in RUNS}
+except ConfigError as error:
+    sys.exit(f"Error in the configuration: {error}")
 # what each run's commands read (`--config {params.config_files}`): the files that shape it
 RUN_FILES = {run: files_shaping_run(PARAMS, run) for run in RUNS}
 DATA = RUN_CONFIGS[RUNS[0]].data  # data.* is shared by every run
@@ -58,11 +65,19 @@ wildcard_constraints:
     evaluated="eval|random-init",
 
 
+def run_path(what, run="{run}", *args):
+    """The path `what` of run `run` in the workflow's layout (mugs.rundir.WorkflowRun's attribute,
+    or its method called with `args`), as text; `run` defaults to the rules' `{run}` wildcard.
+    """
+    value = getattr(WorkflowRun(run), what)
+    return str(value(*args) if callable(value) else value)
+
+
 # What the knn and linear rules evaluate: a run's selected checkpoint (results/{run}/eval/) or the
 # same networks at their random initialisation (results/{run}/random-init/, a baseline).
 EVALUATED_CHECKPOINTS = {
-    "eval": "results/{run}/eval/selected.pt",
-    "random-init": "results/{run}/random-init/checkpoint.pt",
+    "eval": run_path("selected"),
+    "random-init": run_path("random_init_checkpoint"),
 }
 BASELINE_PROTOCOLS = {"random-init": ("knn", "linear"), "raw-pixels": ("knn",)}
 RAW_PIXELS = "results/baselines/raw-pixels"
@@ -77,7 +92,7 @@ def baselines():
     run's random initialisation and the raw pixels, with the protocols they have among `protocols:`.
     """
     chosen = [
-        (f"{run} at random init", f"results/{run}/random-init", "random-init")
+        (f"{run} at random init", run_path("random_init", run), "random-init")
         for run in RUNS
     ] + [("raw pixels", RAW_PIXELS, "raw-pixels")]
     listed = []
@@ -125,12 +140,12 @@ def rule_resources(rule_name):
 
 
 def evaluation_outputs(run):
-    return [f"results/{run}/eval/{protocol}.json" for protocol in config["protocols"]]
+    return [run_path("metrics", run, protocol) for protocol in config["protocols"]]
 
 
 for _run, _config in RUN_CONFIGS.items():
-    if _config.train.output_dir != f"results/{_run}/pretrain":
+    if _config.train.output_dir != run_path("pretrain_dir", _run):
         raise ValueError(
             f"{' + '.join(PARAMS)}: run {_run!r} has train.output_dir={_config.train.output_dir!r}; the workflow "
-            "expects results/{run}/pretrain (write `output_dir: results/{run}/pretrain` under train:)"
+            f"expects {run_path('pretrain_dir')} (write `output_dir: {run_path('pretrain_dir')}` under train:)"
         )

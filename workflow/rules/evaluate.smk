@@ -8,22 +8,22 @@
 EVALUATIONS = {
     "knn": (
         evaluated_checkpoint,
-        "results/{run}/{evaluated}/knn.json",
+        run_path("metrics", "{run}", "knn", "{evaluated}"),
         "results/logs/knn-{run}-{evaluated}.log",
     ),
     "linear": (
         evaluated_checkpoint,
-        "results/{run}/{evaluated}/linear.json",
+        run_path("metrics", "{run}", "linear", "{evaluated}"),
         "results/logs/linear-{run}-{evaluated}.log",
     ),
     "fewshot": (
-        "results/{run}/eval/selected.pt",
-        "results/{run}/eval/fewshot.json",
+        run_path("selected"),
+        run_path("metrics", "{run}", "fewshot"),
         "results/logs/fewshot-{run}.log",
     ),
     "finetune": (
-        "results/{run}/eval/selected.pt",
-        "results/{run}/eval/finetune.json",
+        run_path("selected"),
+        run_path("metrics", "{run}", "finetune"),
         "results/logs/finetune-{run}.log",
     ),
 }

@@ -8,7 +8,7 @@ rule pretrain:
     input:
         PREPARED,
     output:
-        "results/{run}/pretrain/DONE",
+        run_path("done"),
     log:
         "results/logs/pretrain-{run}.log",
     localrule: True

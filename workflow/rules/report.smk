@@ -7,8 +7,8 @@ REPORT = "results/report"
 
 rule report:
     input:
-        done=expand("results/{run}/pretrain/DONE", run=RUNS),
-        selections=expand("results/{run}/eval/selection.json", run=RUNS),
+        done=expand(run_path("done"), run=RUNS),
+        selections=expand(run_path("selection"), run=RUNS),
         metrics=[path for run in RUNS for path in evaluation_outputs(run)],
         baselines=[path for _, _, files in baselines() for path in files],
     output:

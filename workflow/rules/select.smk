@@ -3,10 +3,10 @@
 
 rule select:
     input:
-        "results/{run}/pretrain/DONE",
+        run_path("done"),
     output:
-        selection="results/{run}/eval/selection.json",
-        checkpoint="results/{run}/eval/selected.pt",
+        selection=run_path("selection"),
+        checkpoint=run_path("selected"),
     log:
         "results/logs/select-{run}.log",
     conda:
