@@ -198,15 +198,15 @@ def test_rendering_never_reads_device_values_on_the_host() -> None:
     """On the meta device a tensor has no values: any read of one on the host raises."""
     settings = {"global_size": 32, "local_size": 16, "n_local": 6, "erasing_prob": 0.5}
     params = DeviceMultiCropParams(**settings)
-    data = SyntheticImages(16, side=40)
-    batch = collate_device([(seeded(params, data[i][0], i), 0) for i in range(16)])
+    data = SyntheticImages(24, side=40)  # enough samples that every op is drawn
+    batch = collate_device([(seeded(params, data[i][0], i), 0) for i in range(24)])
     everything = ViewParams(*(torch.cat(column) for column in zip(*batch.params, strict=True)))
     assert set(everything.ra_ops.flatten().tolist()) == set(range(len(RAND_AUGMENT_OPS)))
     assert everything.grayscale.any() and everything.solarize.any() and (everything.blur_sigma > 0).any()
     assert (everything.jitter_order >= 0).any() and everything.fill_active.any()
     augment = DeviceAugmentation(MEAN, (0.2, 0.2, 0.2), torch.device("meta"), global_size=32, local_size=16)
     crops = augment(batch)
-    assert [tuple(c.shape) for c in crops] == [(16, 3, 32, 32)] * 4 + [(16, 3, 16, 16)] * 6
+    assert [tuple(c.shape) for c in crops] == [(24, 3, 32, 32)] * 4 + [(24, 3, 16, 16)] * 6
     assert all(c.device.type == "meta" for c in crops)
 
 
