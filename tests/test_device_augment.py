@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from mugs.config import Config, config_from_dict
-from mugs.data.device_augment import DeviceAugmentation, image_stats, render_views
+from mugs.data.device_augment import DeviceAugmentation, render_views
 from mugs.data.device_params import RAND_AUGMENT_OPS, DeviceMultiCropParams, ViewParams, collate_device
 from mugs.data.prepare import run_prepare
 from mugs.data.sources import FASHION_MNIST_SYSTEM_DIR, install_demo_data
@@ -78,7 +78,7 @@ def view_params(
 def device_crop(image: Image.Image, params: ViewParams) -> torch.Tensor:
     pixels = F.pil_to_tensor(image)[None].to(torch.float32)
     sizes = torch.tensor([image.size])
-    return render_views(pixels, sizes, params, SIZE, FILL_COLOUR, image_stats(pixels, sizes))[0]
+    return render_views(pixels, sizes, params, SIZE, FILL_COLOUR)[0]
 
 
 def reference_crop(image: Image.Image) -> Image.Image:
@@ -115,29 +115,30 @@ def _jitter(index: int, factor: float):
 # name: (reference, device parameters, bound on the mean absolute difference, bound on the fraction of
 # pixels more than 8 grey levels off): about twice the differences measured on the image of photo_like.
 # The crop and resize alone differ by 0.8 levels (torch's bicubic kernel, supersampled, against PIL's
-# antialiased one); threshold ops (Posterize, Solarize, SolarizeAdd, Equalize) cut interpolated pixels
-# on the device and whole-resolution ones in the reference, so edges move by a pixel.
+# antialiased one); RandAugment's pixel ops run on the whole image on both sides, as exactly as
+# test_each_pixel_op_on_the_whole_image_is_pils shows, so they add little to it, but Equalize stretches
+# the crop's one-level differences over several levels.
 OPS = {
     "resized crop": (*_weak(lambda image: image), 1.6, 0.01),
     "flip": (*_weak(F.hflip, flip=True), 1.6, 0.01),
-    "brightness": (*_jitter(0, 1.3), 2.0, 0.01),
-    "contrast": (*_jitter(1, 0.7), 1.5, 0.01),
+    "brightness": (*_jitter(0, 1.3), 1.8, 0.01),
+    "contrast": (*_jitter(1, 0.7), 1.2, 0.01),
     "saturation": (*_jitter(2, 1.2), 2.0, 0.01),
-    "hue": (*_jitter(3, 0.08), 2.5, 0.01),
+    "hue": (*_jitter(3, 0.08), 2.2, 0.01),
     "grayscale": (*_weak(lambda image: image.convert("L").convert("RGB"), grayscale=True), 1.2, 0.01),
     "blur": (*_weak(lambda image: image.filter(ImageFilter.GaussianBlur(1.2)), blur_sigma=1.2), 1.0, 0.01),
     "solarize": (*_weak(lambda image: F.solarize(image, 128), solarize=True), 1.6, 0.01),
     "AutoContrast": (*_ra("AutoContrast", auto_augment.auto_contrast), 2.0, 0.01),
-    "Equalize": (*_ra("Equalize", auto_augment.equalize), 6.0, 0.2),
+    "Equalize": (*_ra("Equalize", auto_augment.equalize), 5.0, 0.11),
     "Invert": (*_ra("Invert", auto_augment.invert), 1.6, 0.01),
-    "Posterize": (*_ra("Posterize", posterize_or_black, 2), 8.0, 0.3),
+    "Posterize": (*_ra("Posterize", posterize_or_black, 2), 2.5, 0.03),
     "Posterize 0 bits": (*_ra("Posterize", posterize_or_black, 0), 0.01, 0.0),
-    "Solarize": (*_ra("Solarize", auto_augment.solarize, 100), 4.0, 0.1),
-    "SolarizeAdd": (*_ra("SolarizeAdd", auto_augment.solarize_add, 60), 5.0, 0.15),
-    "Color": (*_ra("Color", auto_augment.color, 1.6), 2.5, 0.02),
-    "Contrast": (*_ra("Contrast", auto_augment.contrast, 1.6), 2.5, 0.02),
-    "Brightness": (*_ra("Brightness", auto_augment.brightness, 0.6), 1.5, 0.01),
-    "Sharpness": (*_ra("Sharpness", auto_augment.sharpness, 1.8), 3.0, 0.03),
+    "Solarize": (*_ra("Solarize", auto_augment.solarize, 100), 1.8, 0.01),
+    "SolarizeAdd": (*_ra("SolarizeAdd", auto_augment.solarize_add, 60), 2.1, 0.01),
+    "Color": (*_ra("Color", auto_augment.color, 1.6), 2.2, 0.015),
+    "Contrast": (*_ra("Contrast", auto_augment.contrast, 1.6), 2.3, 0.015),
+    "Brightness": (*_ra("Brightness", auto_augment.brightness, 0.6), 1.1, 0.01),
+    "Sharpness": (*_ra("Sharpness", auto_augment.sharpness, 1.8), 2.5, 0.015),
     "Rotate": (*_ra("affine", auto_augment.rotate, 25.0), 2.0, 0.01),
     "ShearX": (*_ra("affine", auto_augment.shear_x, 0.25), 2.0, 0.01),
     "ShearY": (*_ra("affine", auto_augment.shear_y, -0.25), 2.0, 0.01),
@@ -163,6 +164,52 @@ def test_each_op_matches_the_reference_on_the_same_parameters(name: str) -> None
         assert (got - device_crop(image, view_params())).abs().mean() > 0.5, name
 
 
+WHOLE_IMAGE_OPS = {
+    "AutoContrast": (auto_augment.auto_contrast,),
+    "Equalize": (auto_augment.equalize,),
+    "Invert": (auto_augment.invert,),
+    "Posterize": (posterize_or_black, 3),
+    "Solarize": (auto_augment.solarize, 100),
+    "SolarizeAdd": (auto_augment.solarize_add, 60),
+    "Color": (auto_augment.color, 1.6),
+    "Contrast": (auto_augment.contrast, 0.4),
+    "Brightness": (auto_augment.brightness, 1.4),
+    "Sharpness": (auto_augment.sharpness, 1.8),
+    "brightness": (F.adjust_brightness, 1.3),
+    "contrast": (F.adjust_contrast, 0.7),
+    "saturation": (F.adjust_saturation, 1.4),
+    "hue": (F.adjust_hue, -0.08),
+}
+
+
+@pytest.mark.parametrize("name", WHOLE_IMAGE_OPS)
+def test_each_pixel_op_on_the_whole_image_is_pils(name: str) -> None:
+    """Without a resize between them, the device's pixel ops give PIL's integers: its blends truncate
+    (``ImageEnhance``), its HSV is 8-bit. Color's grey and hue's round trip are off by a level or a few
+    on under 0.2 % of the pixels (float rounding at a boundary)."""
+    fn, arg = (*WHOLE_IMAGE_OPS[name], 0.0)[:2]
+    image = photo_like(64, 64)
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], dtype=torch.float64)
+    jitter = ("brightness", "contrast", "saturation", "hue")
+    if name in jitter:
+        index = jitter.index(name)
+        factors = [1.0, 1.0, 1.0, 0.0]
+        factors[index] = arg
+        params = view_params(jitter=factors, jitter_order=[index, -1, -1, -1])
+    else:
+        params = view_params(ra_op=name, ra_arg=arg)
+    params = params._replace(source_map=identity)
+    pixels = F.pil_to_tensor(image)[None].to(torch.float32)
+    got = render_views(pixels, torch.tensor([image.size]), params, 64, FILL_COLOUR)[0]
+    off = got - F.pil_to_tensor(
+        fn(image, arg) if name not in ("AutoContrast", "Equalize", "Invert") else fn(image)
+    )
+    if name in ("Color", "hue"):
+        assert float((off != 0).float().mean()) < 0.002 and float(off.abs().max()) <= 4, name
+    else:
+        assert not off.any(), name
+
+
 def seeded(transform, image: Image.Image, seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
@@ -185,8 +232,7 @@ def test_a_seeded_sample_draws_the_reference_parameters_and_gets_close_views() -
             assert torch.equal(batch.erase_noise[position], expected.erase_noise[position].flatten())
             size = settings["global_size"] if position < 4 else settings["local_size"]
             pixels = batch.images.to(torch.float32)
-            stats = image_stats(pixels, batch.sizes)
-            got = render_views(pixels, batch.sizes, params, size, FILL_COLOUR, stats)[0]
+            got = render_views(pixels, batch.sizes, params, size, FILL_COLOUR)[0]
             difference = (got - expected.crops[position].to(torch.float32)).abs().mean()
             means.append(float(difference))
             ops.update(params.ra_ops.flatten().tolist())

@@ -1,25 +1,27 @@
 """The device backend's pixels: every view of a batch rendered on the training device, each sample with
 the parameters its loader drew (:mod:`mugs.data.device_params`), then finished as on the CPU backend.
 
-Per crop position, one bicubic ``grid_sample`` of the batch's images through each view's composed
-affine map gives the resized crop, flips and RandAugment's geometric ops at once; it samples ``s × s``
-points per output pixel and averages them (``s`` = the largest source-pixel stride of the batch, at
-most 4), an antialiased resize like PIL's. Then, in the reference's order, RandAugment's pixel ops
-(the fill of what a geometric op uncovers, at its place in the sequence), colour jitter in each
-sample's order, grayscale, blur and solarize, rounding to grey levels after each as PIL does; erasing
-and normalisation are :class:`~mugs.data.transforms.CropFinisher`'s.
+Per crop position, RandAugment's pixel ops run first, on each row's whole image, where the reference
+runs them (before the crop: a threshold then cuts source pixels, not interpolated ones, and Sharpness
+sharpens at the source's resolution). Then one bicubic ``grid_sample`` of those images through each
+view's composed affine map gives the resized crop, flips and RandAugment's geometric ops at once; it
+samples ``s × s`` points per output pixel and averages them (``s`` = the largest source-pixel stride of
+the batch, at most 4), an antialiased resize like PIL's. What a geometric op uncovers gets the fill
+colour as the pixel ops after it leave it. Then colour jitter in each sample's order, grayscale, blur
+and solarize; after each op the grey levels are integers again as in PIL (``ImageEnhance``'s blends
+truncate, resampling and conversions round). Erasing and normalisation are
+:class:`~mugs.data.transforms.CropFinisher`'s.
 
 torch's own ops throughout: torchvision's tensor functions take one factor per call, not one per
 sample, and kornia, measured against these (docs/benchmarks.md), would be a dependency for the same
 arithmetic. Which rows an op applies to is host data (the parameters arrive on the host), so rows are
 selected with index tensors of known size: nothing is read back from the device.
 
-Known departures from the reference, bounded by tests/test_device_augment.py: RandAugment's pixel ops
-run after the crop instead of on the whole image before it (threshold ops such as Posterize and
-Solarize then cut interpolated pixels); AutoContrast, Equalize and Contrast read the statistics of the
-image before RandAugment, not after the op of the layer before theirs; RandAugment's geometric ops
-resample with the crop's bicubic kernel (PIL's bilinear or bicubic, once more); PIL's Gaussian blur is
-an extended box filter, here a Gaussian kernel of the same σ.
+Known departures from the reference, bounded by tests/test_device_augment.py: RandAugment's geometric
+ops resample once, with the crop's bicubic kernel (PIL's bilinear or bicubic, once more), so a pixel op
+after a geometric one sees the image before that op's resampling (and AutoContrast, Equalize and
+Contrast its statistics, without the fill); PIL's Gaussian blur is an extended box filter, here a
+Gaussian kernel of the same σ.
 """
 
 from __future__ import annotations
@@ -75,14 +77,19 @@ def _quantise(x: Tensor) -> Tensor:
     return x.clamp_(0, 255).round_()
 
 
+def _truncate(x: Tensor) -> Tensor:
+    return x.clamp_(0, 255).floor_()
+
+
 def _grey(x: Tensor) -> Tensor:
     red, green, blue = x.split(1, dim=1)
     return (red * _LUMA[0] + green * _LUMA[1] + blue * _LUMA[2]).round_()
 
 
 def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
-    """PIL's ``Image.blend(degenerate, x, factor)`` (ImageEnhance), factors per row."""
-    return _quantise(degenerate + _per_row(factor) * (x - degenerate))
+    """PIL's ``Image.blend(degenerate, x, factor)`` (ImageEnhance), factors per row: its float result is
+    truncated to an integer, not rounded (0.4 grey levels a blend, measured)."""
+    return _truncate(degenerate + _per_row(factor) * (x - degenerate))
 
 
 def _posterize(x: Tensor, bits: Tensor) -> Tensor:
@@ -135,6 +142,7 @@ def _equalize(x: Tensor, _: Tensor, stats: ImageStats) -> Tensor:
 
 
 _WHOLE_IMAGE = {"AutoContrast", "Equalize", "Contrast"}  # these read statistics of the whole image
+_NOT_POINTWISE = {"Sharpness"}  # leaves a uniform area, such as a geometric op's fill, as it is
 _RAND_AUGMENT: dict[str, Callable[..., Tensor]] = {
     "AutoContrast": _autocontrast,
     "Equalize": _equalize,
@@ -150,19 +158,34 @@ _RAND_AUGMENT: dict[str, Callable[..., Tensor]] = {
 
 
 def _hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Hue rotated by ``shift`` turns (PIL's HSV round trip, in floating point)."""
+    """Hue rotated by ``shift`` turns through PIL's 8-bit HSV, as torchvision's PIL path does it: hue and
+    saturation truncated to 0-255, ``int(shift · 255)`` added modulo 256, and back with PIL's rounding
+    (in floating point, the round trip made the views 0.4 grey levels darker, measured)."""
     r, g, b = x.unbind(1)
-    value, _ = x.max(1)
-    chroma = value - x.min(1)[0]
-    safe = chroma.clamp(min=1e-8)
+    value, low = x.amax(1), x.amin(1)
+    chroma = (value - low).clamp_(min=1)  # where it is 0, saturation is 0 and hue unused
+    red_gap, green_gap, blue_gap = (value - r) / chroma, (value - g) / chroma, (value - b) / chroma
     hue = torch.where(
-        value == r, ((g - b) / safe) % 6, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4)
+        r == value,
+        blue_gap - green_gap,
+        torch.where(g == value, 2 + red_gap - blue_gap, 4 + green_gap - red_gap),
     )
-    hue = (hue / 6 + shift.view(-1, 1, 1)) % 1
-    saturation = torch.where(value > 0, chroma / value.clamp(min=1e-8), torch.zeros_like(value))
-    k = torch.stack([(offset + hue * 6) % 6 for offset in (5.0, 3.0, 1.0)], 1)
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return _quantise(value[:, None] * (1 - saturation[:, None] * ramp))
+    hue = ((hue / 6 + 1) % 1).mul_(255).floor_()
+    saturation = torch.where(value > low, ((value - low) / value.clamp(min=1)).mul_(255).floor_(), 0)
+    hue = (hue + _per_row(torch.trunc(shift * 255))[:, 0]).remainder_(256).mul_(6 / 255)
+    sector = hue.floor()
+    fraction, saturation = hue - sector, saturation / 255
+    low = (value * (1 - saturation)).add_(0.5).floor_()
+    falling = (value * (1 - saturation * fraction)).add_(0.5).floor_()
+    rising = (value * (1 - saturation * (1 - fraction))).add_(0.5).floor_()
+    # per channel, its level in each of the six hue sectors (colorsys's table)
+    table = (value, falling, low, low, rising, value)
+    table += (rising, value, value, falling, low, low)
+    table += (low, low, rising, value, value, falling)
+    levels = torch.stack(table, 1).unflatten(1, (3, 6))
+    sector = sector.long().remainder_(6)[:, None, None].expand(-1, 3, 1, -1, -1)
+    rgb = levels.gather(2, sector).squeeze(2)
+    return torch.where(saturation[:, None] > 0, rgb, value[:, None].expand_as(rgb))
 
 
 _JITTER: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (  # torchvision's ColorJitter op indices
@@ -190,16 +213,14 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
     return _quantise(flat.view_as(x))
 
 
-def _rows_of(value: Tensor | ImageStats, rows: Tensor | None, like: Tensor) -> Tensor | ImageStats:
-    """``rows`` of a host or device tensor (all when ``None``), on ``like``'s device, floats as its."""
-    if isinstance(value, ImageStats):
-        return ImageStats(*(_rows_of(field, rows, like) for field in value))
+def _rows_of(value: Tensor, rows: Tensor | None, like: Tensor) -> Tensor:
+    """``rows`` of a host tensor (all when ``None``), on ``like``'s device, floats as its."""
     if rows is not None:
         value = value.index_select(0, rows.to(value.device, non_blocking=True))
     return value.to(like.device, like.dtype, non_blocking=True)
 
 
-def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor | ImageStats) -> Tensor:
+def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor) -> Tensor:
     """``op`` on the rows where the host tensor ``mask`` is True, with those rows of ``args``."""
     rows = mask.nonzero().flatten()
     if not len(rows):
@@ -225,36 +246,56 @@ def _outside(points: Tensor, sizes: Tensor) -> Tensor:
     return ((points < 0) | (points >= limits)).any(-1)[:, None].to(points.dtype)
 
 
-def render_views(
-    images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Tensor, stats: ImageStats
-) -> Tensor:
+def _pixel_layer(
+    source: Tensor, fills: list[Tensor], sizes: Tensor, ops: Tensor, args: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    """One RandAugment layer's pixel ops (``ops``, ``args``: each row's, on the host) on each row's
+    whole image in ``source`` and on the ``[B, 3, 1, 1]`` fill colours of the geometric layers before."""
+    for index in ops.unique().tolist():
+        if not index:
+            continue
+        name = RAND_AUGMENT_OPS[index]
+        rows = (ops == index).nonzero().flatten()
+        on_device = rows.to(source.device, non_blocking=True)
+        picked = source.index_select(0, on_device)
+        extra = (image_stats(picked, sizes.index_select(0, on_device)),) if name in _WHOLE_IMAGE else ()
+        arg = _rows_of(args, rows, source)
+        op = _RAND_AUGMENT[name]
+        source = source.index_copy(0, on_device, op(picked, arg, *extra))
+        if name not in _NOT_POINTWISE:
+            fills = [
+                fill.index_copy(0, on_device, op(fill.index_select(0, on_device), arg, *extra))
+                for fill in fills
+            ]
+    return source, fills
+
+
+def render_views(images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Tensor) -> Tensor:
     """``[B, 3, size, size]`` float grey levels of one crop position's views of ``images`` (float,
-    on the device; ``sizes`` their (width, height), ``stats`` their :func:`image_stats` and ``fill`` the
-    ``[1, 3, 1, 1]`` colour of uncovered pixels, on the device), drawn as ``params`` (on the host).
+    on the device; ``sizes`` their (width, height) and ``fill`` the ``[1, 3, 1, 1]`` colour of
+    uncovered pixels, on the device), drawn as ``params`` (on the host).
     Nothing goes from the host to the device but those parameters' rows, asynchronously."""
     device, dtype = images.device, images.dtype
+    source, fills = images, []
+    for layer in range(params.ra_ops.shape[1]):
+        if params.fill_active[:, layer].any():
+            fills.append(fill.expand(len(images), -1, -1, -1).clone())
+        source, fills = _pixel_layer(source, fills, sizes, params.ra_ops[:, layer], params.ra_args[:, layer])
     stride = params.source_map[:, :, :2].norm(dim=1).max().item()  # host tensor: no device sync
     supersampling = min(_MAX_SUPERSAMPLING, max(1, math.ceil(stride - 1e-6)))
     maps = params.source_map.to(device, dtype, non_blocking=True)
     points = _sample_points(size, supersampling, maps)
     height, width = images.shape[-2:]  # padded
     grid = torch.stack([points[..., 0] * (2 / width) - 1, points[..., 1] * (2 / height) - 1], -1)
-    x = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    x = F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False)
     x = _quantise(F.avg_pool2d(x, supersampling))
-    for layer in range(params.ra_ops.shape[1]):
+    geometric = (layer for layer in range(params.ra_ops.shape[1]) if params.fill_active[:, layer].any())
+    for layer, layer_fill in zip(geometric, fills, strict=True):
         active = params.fill_active[:, layer]
-        if active.any():
-            layer_maps = params.fill_maps[:, layer].to(device, dtype, non_blocking=True)
-            uncovered = _outside(_sample_points(size, supersampling, layer_maps), sizes.to(dtype))
-            uncovered = F.avg_pool2d(uncovered, supersampling) * _per_row(active.to(device, dtype))
-            x = _quantise(torch.lerp(x, fill.expand_as(x), uncovered))
-        ops = params.ra_ops[:, layer]
-        for index in ops.unique().tolist():
-            name = RAND_AUGMENT_OPS[index]
-            if name in _WHOLE_IMAGE:
-                x = _on_rows(x, ops == index, _RAND_AUGMENT[name], params.ra_args[:, layer], stats)
-            elif index:
-                x = _on_rows(x, ops == index, _RAND_AUGMENT[name], params.ra_args[:, layer])
+        layer_maps = params.fill_maps[:, layer].to(device, dtype, non_blocking=True)
+        uncovered = _outside(_sample_points(size, supersampling, layer_maps), sizes.to(dtype))
+        uncovered = F.avg_pool2d(uncovered, supersampling) * _per_row(active.to(device, dtype))
+        x = _quantise(torch.lerp(x, layer_fill.expand_as(x), uncovered))
     return _weak_colour(x, params)
 
 
@@ -292,10 +333,9 @@ class DeviceAugmentation:
     def __call__(self, batch: DeviceBatch) -> list[Tensor]:
         images = batch.images.to(self.device, non_blocking=True).to(torch.float32)
         sizes = batch.sizes.to(self.device, non_blocking=True)
-        stats = image_stats(images, sizes)
         sizes_per_position = [self.global_size] * 4 + [self.local_size] * (len(batch.params) - 4)
         crops = [
-            render_views(images, sizes, params, size, self.fill, stats)
+            render_views(images, sizes, params, size, self.fill)
             for params, size in zip(batch.params, sizes_per_position, strict=True)
         ]
         boxes = [params.erase_box for params in batch.params]
