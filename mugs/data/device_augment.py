@@ -1,26 +1,24 @@
 """The device backend's pixels: every view of a batch rendered on the training device, each sample with
 the parameters its loader drew (:mod:`mugs.data.device_params`), then finished as on the CPU backend.
 
-Per crop position, RandAugment's pixel ops run first, on each row's whole image, where the reference
-runs them (before the crop: a threshold then cuts source pixels, not interpolated ones, and Sharpness
-sharpens at the source's resolution). Then one bicubic ``grid_sample`` of those images through each
-view's composed affine map gives the resized crop, flips and RandAugment's geometric ops at once; it
-samples ``s × s`` points per output pixel and averages them (``s`` = the largest source-pixel stride of
-the batch, at most 4), an antialiased resize like PIL's. What a geometric op uncovers gets the fill
-colour as the pixel ops after it leave it. Then colour jitter in each sample's order, grayscale, blur
-and solarize; after each op the grey levels are integers again as in PIL (``ImageEnhance``'s blends
-truncate, resampling and conversions round). Erasing and normalisation are
-:class:`~mugs.data.transforms.CropFinisher`'s.
+Per crop position, RandAugment runs first, on each row's whole image, layer by layer as the reference
+runs it: a geometric op warps the image (PIL's affine transform: its bilinear or bicubic as drawn, the
+data mean where it uncovers), a pixel op maps its grey levels, reading the statistics of the image as
+it is by then. Then one bicubic ``grid_sample`` of those images through each view's crop map gives the
+resized crop and the flip; it samples ``s × s`` points per output pixel and averages them
+(``s`` = the largest source-pixel stride of the batch, at most 4), an antialiased resize like PIL's.
+Then colour jitter in each sample's order, grayscale, blur and solarize; after each op the grey levels
+are integers again as in PIL (``ImageEnhance``'s blends truncate, resampling and conversions round).
+Erasing and normalisation are :class:`~mugs.data.transforms.CropFinisher`'s.
 
 torch's own ops throughout: torchvision's tensor functions take one factor per call, not one per
 sample, and kornia, measured against these (docs/benchmarks.md), would be a dependency for the same
 arithmetic. Which rows an op applies to is host data (the parameters arrive on the host), so rows are
 selected with index tensors of known size: nothing is read back from the device.
 
-Known departures from the reference, bounded by tests/test_device_augment.py: RandAugment's geometric
-ops resample once, with the crop's bicubic kernel (PIL's bilinear or bicubic, once more), so a pixel op
-after a geometric one sees the image before that op's resampling (and AutoContrast, Equalize and
-Contrast its statistics, without the fill); PIL's Gaussian blur is an extended box filter, here a
+Known departures from the reference, bounded by tests/test_device_augment.py: torch's bicubic kernel
+(a = -0.75) where PIL's is a = -0.5, in the warps and the crop; the crop's antialiasing is a box average
+of bicubic samples, not PIL's separable filter; PIL's Gaussian blur is an extended box filter, here a
 Gaussian kernel of the same σ.
 """
 
@@ -28,13 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mugs.data.device_params import RAND_AUGMENT_OPS, DeviceBatch, ViewParams
+from mugs.data.device_params import RAND_AUGMENT_OPS, WARP_MODES, DeviceBatch, ViewParams
 from mugs.data.transforms import CropFinisher, MultiCropBatch, rand_augment_fill
 
 __all__ = ["DeviceAugmentation", "ImageStats", "image_stats", "render_views"]
@@ -142,7 +141,6 @@ def _equalize(x: Tensor, _: Tensor, stats: ImageStats) -> Tensor:
 
 
 _WHOLE_IMAGE = {"AutoContrast", "Equalize", "Contrast"}  # these read statistics of the whole image
-_NOT_POINTWISE = {"Sharpness"}  # leaves a uniform area, such as a geometric op's fill, as it is
 _RAND_AUGMENT: dict[str, Callable[..., Tensor]] = {
     "AutoContrast": _autocontrast,
     "Equalize": _equalize,
@@ -214,7 +212,7 @@ def _blur(x: Tensor, sigma: Tensor) -> Tensor:
 
 
 def _rows_of(value: Tensor, rows: Tensor | None, like: Tensor) -> Tensor:
-    """``rows`` of a host tensor (all when ``None``), on ``like``'s device, floats as its."""
+    """``rows`` of a host or device tensor (all when ``None``), on ``like``'s device, floats as its."""
     if rows is not None:
         value = value.index_select(0, rows.to(value.device, non_blocking=True))
     return value.to(like.device, like.dtype, non_blocking=True)
@@ -232,71 +230,66 @@ def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor) 
     return x.index_copy(0, on_device, op(x.index_select(0, on_device), *picked))
 
 
-def _sample_points(size: int, supersampling: int, maps: Tensor) -> Tensor:
-    """``[B, n, n, 2]`` source coordinates of the ``n = size · supersampling`` sample points per side."""
-    steps = (torch.arange(size * supersampling, dtype=maps.dtype, device=maps.device) + 0.5) / supersampling
-    y, x = torch.meshgrid(steps, steps, indexing="ij")
-    points = torch.stack([x, y, torch.ones_like(x)], -1)  # [n, n, 3]
+def _sample_points(height: int, width: int, supersampling: int, maps: Tensor) -> Tensor:
+    """``[B, h, w, 2]`` input coordinates of an output's ``h × w`` sample points (``supersampling`` per
+    pixel and axis, at their centres) through each row's ``[2, 3]`` map."""
+    steps = [
+        (torch.arange(n * supersampling, dtype=maps.dtype, device=maps.device) + 0.5) / supersampling
+        for n in (height, width)
+    ]
+    y, x = torch.meshgrid(*steps, indexing="ij")
+    points = torch.stack([x, y, torch.ones_like(x)], -1)  # [h, w, 3]
     return torch.einsum("bij,yxj->byxi", maps, points)
 
 
-def _outside(points: Tensor, sizes: Tensor) -> Tensor:
-    """``[B, 1, n, n]``: 1.0 where a point falls outside its image (as PIL's affine transform has it)."""
-    limits = sizes.view(-1, 1, 1, 2)
-    return ((points < 0) | (points >= limits)).any(-1)[:, None].to(points.dtype)
+def _resample(images: Tensor, points: Tensor, mode: str) -> Tensor:
+    """``images`` (padded to their common size) sampled at the continuous coordinates ``points``."""
+    height, width = images.shape[-2:]
+    grid = torch.stack([points[..., 0] * (2 / width) - 1, points[..., 1] * (2 / height) - 1], -1)
+    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
 
 
-def _pixel_layer(
-    source: Tensor, fills: list[Tensor], sizes: Tensor, ops: Tensor, args: Tensor
-) -> tuple[Tensor, list[Tensor]]:
-    """One RandAugment layer's pixel ops (``ops``, ``args``: each row's, on the host) on each row's
-    whole image in ``source`` and on the ``[B, 3, 1, 1]`` fill colours of the geometric layers before."""
-    for index in ops.unique().tolist():
-        if not index:
-            continue
-        name = RAND_AUGMENT_OPS[index]
-        rows = (ops == index).nonzero().flatten()
-        on_device = rows.to(source.device, non_blocking=True)
-        picked = source.index_select(0, on_device)
-        extra = (image_stats(picked, sizes.index_select(0, on_device)),) if name in _WHOLE_IMAGE else ()
-        arg = _rows_of(args, rows, source)
-        op = _RAND_AUGMENT[name]
-        source = source.index_copy(0, on_device, op(picked, arg, *extra))
-        if name not in _NOT_POINTWISE:
-            fills = [
-                fill.index_copy(0, on_device, op(fill.index_select(0, on_device), arg, *extra))
-                for fill in fills
-            ]
-    return source, fills
+def _warp(x: Tensor, maps: Tensor, sizes: Tensor, fill: Tensor, *, mode: str) -> Tensor:
+    """A geometric RandAugment op on each row's whole image, as PIL's affine transform: each pixel
+    samples the image at its map's point, or is ``fill`` where that falls outside the image."""
+    points = _sample_points(*x.shape[-2:], 1, maps)
+    outside = ((points < 0) | (points >= sizes.view(-1, 1, 1, 2))).any(-1)[:, None]
+    return _quantise(torch.where(outside, fill, _resample(x, points, mode)))
+
+
+def _pixel_op(x: Tensor, args: Tensor, sizes: Tensor, *, name: str) -> Tensor:
+    """RandAugment pixel op ``name`` on whole images, those that read statistics reading theirs."""
+    extra = (image_stats(x, sizes),) if name in _WHOLE_IMAGE else ()
+    return _RAND_AUGMENT[name](x, args, *extra)
+
+
+def _rand_augment(images: Tensor, sizes: Tensor, params: ViewParams, fill: Tensor) -> Tensor:
+    """Each row's image after its RandAugment layers, run in order on the whole image as the reference
+    runs them: a geometric op warps it with its interpolation, a pixel op maps its grey levels."""
+    for layer in range(params.ra_ops.shape[1]):
+        warps, ops = params.ra_warp[:, layer], params.ra_ops[:, layer]
+        for index in warps.unique().tolist():
+            if index:
+                warp = partial(_warp, fill=fill, mode=WARP_MODES[index])
+                images = _on_rows(images, warps == index, warp, params.ra_maps[:, layer], sizes)
+        for index in ops.unique().tolist():
+            if index:
+                op = partial(_pixel_op, name=RAND_AUGMENT_OPS[index])
+                images = _on_rows(images, ops == index, op, params.ra_args[:, layer], sizes)
+    return images
 
 
 def render_views(images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Tensor) -> Tensor:
     """``[B, 3, size, size]`` float grey levels of one crop position's views of ``images`` (float,
-    on the device; ``sizes`` their (width, height) and ``fill`` the ``[1, 3, 1, 1]`` colour of
-    uncovered pixels, on the device), drawn as ``params`` (on the host).
+    on the device; ``sizes`` their (width, height) and ``fill`` the ``[1, 3, 1, 1]`` colour of the
+    pixels RandAugment's geometric ops uncover, on the device), drawn as ``params`` (on the host).
     Nothing goes from the host to the device but those parameters' rows, asynchronously."""
-    device, dtype = images.device, images.dtype
-    source, fills = images, []
-    for layer in range(params.ra_ops.shape[1]):
-        if params.fill_active[:, layer].any():
-            fills.append(fill.expand(len(images), -1, -1, -1).clone())
-        source, fills = _pixel_layer(source, fills, sizes, params.ra_ops[:, layer], params.ra_args[:, layer])
+    images = _rand_augment(images, sizes, params, fill)
     stride = params.source_map[:, :, :2].norm(dim=1).max().item()  # host tensor: no device sync
     supersampling = min(_MAX_SUPERSAMPLING, max(1, math.ceil(stride - 1e-6)))
-    maps = params.source_map.to(device, dtype, non_blocking=True)
-    points = _sample_points(size, supersampling, maps)
-    height, width = images.shape[-2:]  # padded
-    grid = torch.stack([points[..., 0] * (2 / width) - 1, points[..., 1] * (2 / height) - 1], -1)
-    x = F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    x = _quantise(F.avg_pool2d(x, supersampling))
-    geometric = (layer for layer in range(params.ra_ops.shape[1]) if params.fill_active[:, layer].any())
-    for layer, layer_fill in zip(geometric, fills, strict=True):
-        active = params.fill_active[:, layer]
-        layer_maps = params.fill_maps[:, layer].to(device, dtype, non_blocking=True)
-        uncovered = _outside(_sample_points(size, supersampling, layer_maps), sizes.to(dtype))
-        uncovered = F.avg_pool2d(uncovered, supersampling) * _per_row(active.to(device, dtype))
-        x = _quantise(torch.lerp(x, layer_fill.expand_as(x), uncovered))
-    return _weak_colour(x, params)
+    maps = params.source_map.to(images.device, images.dtype, non_blocking=True)
+    x = _resample(images, _sample_points(size, size, supersampling, maps), "bicubic")
+    return _weak_colour(_quantise(F.avg_pool2d(x, supersampling)), params)
 
 
 def _weak_colour(x: Tensor, params: ViewParams) -> Tensor:
