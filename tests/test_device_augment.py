@@ -3,6 +3,7 @@ the parameters a seeded sample draws, no host reads of device values, and traini
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import statistics
@@ -120,37 +121,39 @@ def _jitter(index: int, factor: float):
 
 
 # name: (reference, device parameters, bound on the mean absolute difference, bound on the fraction of
-# pixels more than 8 grey levels off): about twice the differences measured on the image of photo_like.
-# The crop and resize alone differ by 0.8 levels (torch's bicubic kernel, supersampled, against PIL's
-# antialiased one); RandAugment runs on the whole image on both sides (the pixel ops as exactly as
-# test_each_pixel_op_on_the_whole_image_is_pils shows), so it adds little to that, but Equalize
-# stretches the crop's one-level differences over several levels.
+# pixels more than 8 grey levels off). The crop and resize is PIL's resampling, and every pixel op and
+# blend is PIL's arithmetic, so these views are PIL's to a few pixels in ten thousand off by a level
+# (its fixed-point weights, float rounding in the HSV and grey conversions). Two departures remain,
+# bounded at about twice the measured differences on the image of photo_like: the blur (PIL's is an
+# extended box filter, here a Gaussian of the same σ: 0.37 levels) and the geometric ops' bicubic
+# kernel (PIL's affine transform has a = -1, torch's grid_sample a = -0.75: 0.16 to 0.29 levels).
+EXACT, BLUR, GEOMETRIC = (0.01, 0.0), (0.8, 0.001), (0.6, 0.001)
 OPS = {
-    "resized crop": (*_weak(lambda image: image), 1.6, 0.01),
-    "flip": (*_weak(F.hflip, flip=True), 1.6, 0.01),
-    "brightness": (*_jitter(0, 1.3), 1.8, 0.01),
-    "contrast": (*_jitter(1, 0.7), 1.2, 0.01),
-    "saturation": (*_jitter(2, 1.2), 2.0, 0.01),
-    "hue": (*_jitter(3, 0.08), 2.2, 0.01),
-    "grayscale": (*_weak(lambda image: image.convert("L").convert("RGB"), grayscale=True), 1.2, 0.01),
-    "blur": (*_weak(lambda image: image.filter(ImageFilter.GaussianBlur(1.2)), blur_sigma=1.2), 1.0, 0.01),
-    "solarize": (*_weak(lambda image: F.solarize(image, 128), solarize=True), 1.6, 0.01),
-    "AutoContrast": (*_ra("AutoContrast", auto_augment.auto_contrast), 2.0, 0.01),
-    "Equalize": (*_ra("Equalize", auto_augment.equalize), 5.0, 0.11),
-    "Invert": (*_ra("Invert", auto_augment.invert), 1.6, 0.01),
-    "Posterize": (*_ra("Posterize", posterize_or_black, 2), 2.5, 0.03),
-    "Posterize 0 bits": (*_ra("Posterize", posterize_or_black, 0), 0.01, 0.0),
-    "Solarize": (*_ra("Solarize", auto_augment.solarize, 100), 1.8, 0.01),
-    "SolarizeAdd": (*_ra("SolarizeAdd", auto_augment.solarize_add, 60), 2.1, 0.01),
-    "Color": (*_ra("Color", auto_augment.color, 1.6), 2.2, 0.015),
-    "Contrast": (*_ra("Contrast", auto_augment.contrast, 1.6), 2.3, 0.015),
-    "Brightness": (*_ra("Brightness", auto_augment.brightness, 0.6), 1.1, 0.01),
-    "Sharpness": (*_ra("Sharpness", auto_augment.sharpness, 1.8), 2.5, 0.015),
-    "Rotate": (*_ra("affine", auto_augment.rotate, 25.0), 1.6, 0.005),
-    "ShearX": (*_ra("affine", auto_augment.shear_x, 0.25), 1.7, 0.005),
-    "ShearY": (*_ra("affine", auto_augment.shear_y, -0.25), 1.7, 0.005),
-    "TranslateXRel": (*_ra("affine", auto_augment.translate_x_rel, 0.35), 1.2, 0.005),
-    "TranslateYRel": (*_ra("affine", auto_augment.translate_y_rel, -0.4), 1.3, 0.005),
+    "resized crop": (*_weak(lambda image: image), *EXACT),
+    "flip": (*_weak(F.hflip, flip=True), *EXACT),
+    "brightness": (*_jitter(0, 1.3), *EXACT),
+    "contrast": (*_jitter(1, 0.7), *EXACT),
+    "saturation": (*_jitter(2, 1.2), *EXACT),
+    "hue": (*_jitter(3, 0.08), *EXACT),
+    "grayscale": (*_weak(lambda image: image.convert("L").convert("RGB"), grayscale=True), *EXACT),
+    "blur": (*_weak(lambda image: image.filter(ImageFilter.GaussianBlur(1.2)), blur_sigma=1.2), *BLUR),
+    "solarize": (*_weak(lambda image: F.solarize(image, 128), solarize=True), *EXACT),
+    "AutoContrast": (*_ra("AutoContrast", auto_augment.auto_contrast), *EXACT),
+    "Equalize": (*_ra("Equalize", auto_augment.equalize), *EXACT),
+    "Invert": (*_ra("Invert", auto_augment.invert), *EXACT),
+    "Posterize": (*_ra("Posterize", posterize_or_black, 2), *EXACT),
+    "Posterize 0 bits": (*_ra("Posterize", posterize_or_black, 0), *EXACT),
+    "Solarize": (*_ra("Solarize", auto_augment.solarize, 100), *EXACT),
+    "SolarizeAdd": (*_ra("SolarizeAdd", auto_augment.solarize_add, 60), *EXACT),
+    "Color": (*_ra("Color", auto_augment.color, 1.6), *EXACT),
+    "Contrast": (*_ra("Contrast", auto_augment.contrast, 1.6), *EXACT),
+    "Brightness": (*_ra("Brightness", auto_augment.brightness, 0.6), *EXACT),
+    "Sharpness": (*_ra("Sharpness", auto_augment.sharpness, 1.8), *EXACT),
+    "Rotate": (*_ra("affine", auto_augment.rotate, 25.0), *GEOMETRIC),
+    "ShearX": (*_ra("affine", auto_augment.shear_x, 0.25), *GEOMETRIC),
+    "ShearY": (*_ra("affine", auto_augment.shear_y, -0.25), *GEOMETRIC),
+    "TranslateXRel": (*_ra("affine", auto_augment.translate_x_rel, 0.35), *GEOMETRIC),
+    "TranslateYRel": (*_ra("affine", auto_augment.translate_y_rel, -0.4), *GEOMETRIC),
 }
 
 
@@ -228,8 +231,9 @@ def test_a_pixel_op_before_or_after_a_geometric_one_matches_the_reference(
 ) -> None:
     """Two layers, each on the whole image in the reference's order: after Rotate, the pixel op sees
     the rotated image and its fill (Equalize's table reads them: 12 levels off when it did not).
-    The bounds are about twice the measured differences, the largest where a 2-bit Posterize cuts
-    the rotation's interpolated pixels (torch's bicubic kernel, PIL's is a little softer)."""
+    The bounds are about twice the measured differences (at most 0.77 levels, 2.4 % of the pixels
+    more than 8 off), the largest where a 2-bit Posterize cuts the rotation's interpolated pixels
+    (torch's bicubic kernel: PIL's affine transform has a = -1)."""
     fn, *args = SEQUENCE_OPS[name]
     kwargs = {"resample": BICUBIC, "fillcolor": FILL}
     steps = [
@@ -248,7 +252,7 @@ def test_a_pixel_op_before_or_after_a_geometric_one_matches_the_reference(
     for step in steps:
         expected = step(expected)
     mean, fraction = differences(reference_crop(expected), device_crop(image, params))
-    assert mean <= 3.5 and fraction <= 0.1, (mean, fraction)
+    assert mean <= 1.5 and fraction <= 0.05, (mean, fraction)
 
 
 def seeded(transform, image: Image.Image, seed: int):
@@ -343,3 +347,69 @@ def test_training_with_either_backend_reaches_the_same_knn_accuracy(tmp_path: Pa
     gap = abs(statistics.mean(top1["cpu"]) - statistics.mean(top1["device"]))
     assert min(top1["device"]) > 0.35, top1  # 10 classes: chance is 0.1
     assert gap <= max(noise, 0.03), top1  # 0.03: 7 of the 230 test images
+
+
+# The backends in distribution: seeded samples of photo-like images, each view rendered by both from
+# the same draws, compared on what the eye and the network see: sharpness (log10 of the variance of the
+# grey image's Laplacian, "dex") and mean grey level, per view kind and, for strong views, per op.
+DISTRIBUTION = {"global_size": 96, "local_size": 48, "n_local": 4, "mean": MEAN, "erasing_prob": 0.0}
+VIEW_KINDS = {
+    "weak global 1": [0],
+    "weak global 2": [1],
+    "strong global": [2, 3],
+    "strong local": [4, 5, 6, 7],
+}
+LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def _grey_levels(crops: torch.Tensor) -> torch.Tensor:
+    return (crops.to(torch.float64) * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(
+        1, keepdim=True
+    )
+
+
+def _sharpness(crops: torch.Tensor) -> torch.Tensor:
+    """Per view: log10(1 + variance of the Laplacian of its grey levels)."""
+    laplacian = torch.nn.functional.conv2d(_grey_levels(crops), LAPLACIAN.to(torch.float64))
+    return torch.log10(1 + laplacian.flatten(1).var(1))
+
+
+def _force_op(rand_augment, name: str) -> None:
+    """RandAugment reduced to its op ``name``, always applied."""
+    (op,) = (copy.copy(op) for op in rand_augment.ops if op.name == name)
+    op.prob = 1.0
+    rand_augment.ops, rand_augment.num_layers = [op], 1
+
+
+def _paired_views(weak_prob: float, op: str | None = None, samples: int = 12) -> tuple[list, list]:
+    """Per crop position, the ``[N, 3, H, W]`` grey levels of both backends' views of ``samples``
+    seeded samples (six photo-like images of 256 × 192, two seeds each): CPU, device."""
+    cpu = MultiCropAugmentation(weak_prob=weak_prob, **DISTRIBUTION)
+    device = DeviceMultiCropParams(weak_prob=weak_prob, **DISTRIBUTION)
+    if op is not None:
+        for kind in ("strong_global", "strong_local"):
+            _force_op(getattr(cpu, kind).transforms[1], op)
+            _force_op(getattr(device, kind).rand_augment, op)
+    images = [photo_like(seed=seed) for seed in range(samples // 2)]
+    cpu_views, device_views = [], []
+    for sample in range(samples):
+        image = images[sample % len(images)]
+        cpu_views.append(seeded(cpu, image, 1000 + sample).crops)
+        device_views.append((seeded(device, image, 1000 + sample), 0))
+    augment = DeviceAugmentation(MEAN, (1.0, 1.0, 1.0), torch.device("cpu"), global_size=96, local_size=48)
+    rendered = augment(collate_device(device_views))
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    device_levels = [((crops + mean) * 255).round() for crops in rendered]
+    cpu_levels = [torch.stack([views[i] for views in cpu_views]).to(torch.float32) for i in range(8)]
+    return cpu_levels, device_levels
+
+
+def _compare(cpu: list, device: list, positions: list[int]) -> tuple[float, float]:
+    """Mean paired differences, device − CPU, over the views at ``positions``: sharpness (dex), grey."""
+    cpu_views, device_views = (
+        torch.cat([cpu[i] for i in positions]),
+        torch.cat([device[i] for i in positions]),
+    )
+    sharpness = (_sharpness(device_views) - _sharpness(cpu_views)).mean()
+    grey = (_grey_levels(device_views).mean((1, 2, 3)) - _grey_levels(cpu_views).mean((1, 2, 3))).mean()
+    return float(sharpness), float(grey)

@@ -2,24 +2,24 @@
 the parameters its loader drew (:mod:`mugs.data.device_params`), then finished as on the CPU backend.
 
 Per crop position, RandAugment runs first, on each row's whole image, layer by layer as the reference
-runs it: a geometric op warps the image (PIL's affine transform: its bilinear or bicubic as drawn, the
+runs it: a geometric op warps the image (PIL's affine transform: bilinear or bicubic as drawn, the
 data mean where it uncovers), a pixel op maps its grey levels, reading the statistics of the image as
-it is by then. Then one bicubic ``grid_sample`` of those images through each view's crop map gives the
-resized crop and the flip; it samples ``s × s`` points per output pixel and averages them
-(``s`` = the largest source-pixel stride of the batch, at most 4), an antialiased resize like PIL's.
-Then colour jitter in each sample's order, grayscale, blur and solarize; after each op the grey levels
-are integers again as in PIL (``ImageEnhance``'s blends truncate, resampling and conversions round).
-Erasing and normalisation are :class:`~mugs.data.transforms.CropFinisher`'s.
+it is by then. Then each row's crop box is resized as PIL resizes it (antialiased bicubic, as two
+separable passes of per-row weights: batched matrix products), the flip folded into the weights. Then
+colour jitter in each sample's order, grayscale, blur and solarize. After each op the grey levels are
+integers again, as PIL leaves them (its blends and affine transforms truncate; its resampling and
+conversions round halves up). Erasing and normalisation are
+:class:`~mugs.data.transforms.CropFinisher`'s.
 
 torch's own ops throughout: torchvision's tensor functions take one factor per call, not one per
 sample, and kornia, measured against these (docs/benchmarks.md), would be a dependency for the same
 arithmetic. Which rows an op applies to is host data (the parameters arrive on the host), so rows are
 selected with index tensors of known size: nothing is read back from the device.
 
-Known departures from the reference, bounded by tests/test_device_augment.py: torch's bicubic kernel
-(a = -0.75) where PIL's is a = -0.5, in the warps and the crop; the crop's antialiasing is a box average
-of bicubic samples, not PIL's separable filter; PIL's Gaussian blur is an extended box filter, here a
-Gaussian kernel of the same σ.
+Known departures from the reference, bounded by tests/test_device_augment.py: the geometric ops'
+bicubic kernel (PIL's affine transform has a = -1, torch's ``grid_sample`` a = -0.75), and the blur
+(PIL's is an extended box filter, here a Gaussian kernel of the same σ). Everything else is PIL's
+arithmetic, to a level on a few pixels in ten thousand.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from mugs.data.transforms import CropFinisher, MultiCropBatch, rand_augment_fill
 
 __all__ = ["DeviceAugmentation", "ImageStats", "image_stats", "render_views"]
 
-_MAX_SUPERSAMPLING = 4
 _BLUR_REACH = 3.0  # kernel half-width in σ
 _MAX_BLUR_SIGMA = 2.0
 _LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion
@@ -73,7 +72,8 @@ def _per_row(values: Tensor) -> Tensor:
 
 
 def _quantise(x: Tensor) -> Tensor:
-    return x.clamp_(0, 255).round_()
+    """To PIL's 8-bit levels: clipped, halves rounded up (PIL adds a half, then truncates)."""
+    return x.clamp_(0, 255).add_(0.5).floor_()
 
 
 def _truncate(x: Tensor) -> Tensor:
@@ -230,31 +230,20 @@ def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor) 
     return x.index_copy(0, on_device, op(x.index_select(0, on_device), *picked))
 
 
-def _sample_points(height: int, width: int, supersampling: int, maps: Tensor) -> Tensor:
-    """``[B, h, w, 2]`` input coordinates of an output's ``h × w`` sample points (``supersampling`` per
-    pixel and axis, at their centres) through each row's ``[2, 3]`` map."""
-    steps = [
-        (torch.arange(n * supersampling, dtype=maps.dtype, device=maps.device) + 0.5) / supersampling
-        for n in (height, width)
-    ]
-    y, x = torch.meshgrid(*steps, indexing="ij")
-    points = torch.stack([x, y, torch.ones_like(x)], -1)  # [h, w, 3]
-    return torch.einsum("bij,yxj->byxi", maps, points)
-
-
-def _resample(images: Tensor, points: Tensor, mode: str) -> Tensor:
-    """``images`` (padded to their common size) sampled at the continuous coordinates ``points``."""
-    height, width = images.shape[-2:]
-    grid = torch.stack([points[..., 0] * (2 / width) - 1, points[..., 1] * (2 / height) - 1], -1)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="border", align_corners=False)
-
-
 def _warp(x: Tensor, maps: Tensor, sizes: Tensor, fill: Tensor, *, mode: str) -> Tensor:
     """A geometric RandAugment op on each row's whole image, as PIL's affine transform: each pixel
-    samples the image at its map's point, or is ``fill`` where that falls outside the image."""
-    points = _sample_points(*x.shape[-2:], 1, maps)
+    samples the image at its map's point (from its centre), truncated to an integer as PIL does
+    (rounding made these views 0.5 levels brighter), or is ``fill`` where that falls outside the image.
+    PIL's bilinear is torch's; its bicubic kernel has a = −1, torch's a = −0.75."""
+    height, width = x.shape[-2:]  # padded
+    rows = torch.arange(height, dtype=maps.dtype, device=maps.device) + 0.5
+    cols = torch.arange(width, dtype=maps.dtype, device=maps.device) + 0.5
+    y, z = torch.meshgrid(rows, cols, indexing="ij")
+    points = torch.einsum("bij,yxj->byxi", maps, torch.stack([z, y, torch.ones_like(z)], -1))
     outside = ((points < 0) | (points >= sizes.view(-1, 1, 1, 2))).any(-1)[:, None]
-    return _quantise(torch.where(outside, fill, _resample(x, points, mode)))
+    grid = torch.stack([points[..., 0] * (2 / width) - 1, points[..., 1] * (2 / height) - 1], -1)
+    warped = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    return _truncate(torch.where(outside, fill, warped))
 
 
 def _pixel_op(x: Tensor, args: Tensor, sizes: Tensor, *, name: str) -> Tensor:
@@ -279,17 +268,41 @@ def _rand_augment(images: Tensor, sizes: Tensor, params: ViewParams, fill: Tenso
     return images
 
 
+def _resize_weights(scale: Tensor, offset: Tensor, size: int, length: int) -> Tensor:
+    """``[B, size, length]``: PIL's antialiased bicubic resize (``Image.resize``) of each row's box on
+    one axis, as weights of the input pixels. The axis's map ``x_in = scale · x_out + offset`` gives
+    the box (``scale < 0``: mirrored); output pixel j reads the box's pixels x with weights
+    k((x + ½ − c_j) / max(|scale|, 1)), c_j its centre and k the bicubic kernel with a = −½, normalised."""
+    stride = scale.abs()[:, None, None]
+    start = torch.where(scale < 0, offset + scale * size, offset).round()[:, None, None]
+    outputs = torch.arange(size, dtype=scale.dtype, device=scale.device)[None, :, None]
+    outputs = torch.where(scale[:, None, None] < 0, size - 1 - outputs, outputs)
+    inputs = torch.arange(length, dtype=scale.dtype, device=scale.device)[None, None, :]
+    t = ((inputs - start - (outputs + 0.5) * stride + 0.5) / stride.clamp(min=1)).abs()
+    kernel = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, ((t - 5) * t + 8).mul_(t).sub_(4).mul_(-0.5))
+    in_box = (inputs >= start) & (inputs < start + (stride * size).round())
+    kernel = torch.where(in_box & (t < 2), kernel, 0)
+    return kernel / kernel.sum(2, keepdim=True)
+
+
+def _resized_crop(images: Tensor, maps: Tensor, size: int) -> Tensor:
+    """Each row's crop box resized to ``size`` pixels as PIL resizes it: a horizontal pass rounded to
+    8 bits, then a vertical one; ``maps`` (``[B, 2, 3]``, axis-aligned) give the boxes."""
+    height, width = images.shape[-2:]
+    across = _resize_weights(maps[:, 0, 0], maps[:, 0, 2], size, width)
+    down = _resize_weights(maps[:, 1, 1], maps[:, 1, 2], size, height)
+    rows = _quantise(torch.einsum("bcyx,bjx->bcyj", images, across))
+    return _quantise(torch.einsum("biy,bcyj->bcij", down, rows))
+
+
 def render_views(images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Tensor) -> Tensor:
     """``[B, 3, size, size]`` float grey levels of one crop position's views of ``images`` (float,
     on the device; ``sizes`` their (width, height) and ``fill`` the ``[1, 3, 1, 1]`` colour of the
     pixels RandAugment's geometric ops uncover, on the device), drawn as ``params`` (on the host).
     Nothing goes from the host to the device but those parameters' rows, asynchronously."""
     images = _rand_augment(images, sizes, params, fill)
-    stride = params.source_map[:, :, :2].norm(dim=1).max().item()  # host tensor: no device sync
-    supersampling = min(_MAX_SUPERSAMPLING, max(1, math.ceil(stride - 1e-6)))
     maps = params.source_map.to(images.device, images.dtype, non_blocking=True)
-    x = _resample(images, _sample_points(size, size, supersampling, maps), "bicubic")
-    return _weak_colour(_quantise(F.avg_pool2d(x, supersampling)), params)
+    return _weak_colour(_resized_crop(images, maps, size), params)
 
 
 def _weak_colour(x: Tensor, params: ViewParams) -> Tensor:
