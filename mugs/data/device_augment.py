@@ -219,7 +219,9 @@ def _rows_of(value: Tensor, rows: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor) -> Tensor:
-    """``op`` on the rows where the host tensor ``mask`` is True, with those rows of ``args``."""
+    """``op`` on the rows where the host tensor ``mask`` is True, with those rows of ``args``; they are
+    written into ``x`` in place (only those rows move: a copy of a batch of whole images per op cost
+    more than the ops)."""
     rows = mask.nonzero().flatten()
     if not len(rows):
         return x
@@ -227,7 +229,7 @@ def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor) 
         return op(x, *(_rows_of(arg, None, x) for arg in args))
     on_device = rows.to(x.device, non_blocking=True)
     picked = (_rows_of(arg, rows, x) for arg in args)
-    return x.index_copy(0, on_device, op(x.index_select(0, on_device), *picked))
+    return x.index_copy_(0, on_device, op(x.index_select(0, on_device), *picked))
 
 
 def _warp(x: Tensor, maps: Tensor, sizes: Tensor, fill: Tensor, *, mode: str) -> Tensor:
@@ -254,18 +256,24 @@ def _pixel_op(x: Tensor, args: Tensor, sizes: Tensor, *, name: str) -> Tensor:
 
 def _rand_augment(images: Tensor, sizes: Tensor, params: ViewParams, fill: Tensor) -> Tensor:
     """Each row's image after its RandAugment layers, run in order on the whole image as the reference
-    runs them: a geometric op warps it with its interpolation, a pixel op maps its grey levels."""
+    runs them: a geometric op warps it with its interpolation, a pixel op maps its grey levels.
+    ``images`` is left as it is (other crop positions read it); the rows with an op are copied once."""
+    rows = ((params.ra_ops != 0) | (params.ra_warp != 0)).any(1).nonzero().flatten()
+    if not len(rows):
+        return images
+    on_device = rows.to(images.device, non_blocking=True)
+    augmented, sizes = images.index_select(0, on_device), sizes.index_select(0, on_device)
     for layer in range(params.ra_ops.shape[1]):
-        warps, ops = params.ra_warp[:, layer], params.ra_ops[:, layer]
+        warps, ops = params.ra_warp[rows, layer], params.ra_ops[rows, layer]
         for index in warps.unique().tolist():
             if index:
                 warp = partial(_warp, fill=fill, mode=WARP_MODES[index])
-                images = _on_rows(images, warps == index, warp, params.ra_maps[:, layer], sizes)
+                augmented = _on_rows(augmented, warps == index, warp, params.ra_maps[rows, layer], sizes)
         for index in ops.unique().tolist():
             if index:
                 op = partial(_pixel_op, name=RAND_AUGMENT_OPS[index])
-                images = _on_rows(images, ops == index, op, params.ra_args[:, layer], sizes)
-    return images
+                augmented = _on_rows(augmented, ops == index, op, params.ra_args[rows, layer], sizes)
+    return images.index_copy(0, on_device, augmented)
 
 
 def _resize_weights(scale: Tensor, offset: Tensor, size: int, length: int) -> Tensor:
