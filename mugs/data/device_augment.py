@@ -16,10 +16,9 @@ sample, and kornia, measured against these (docs/benchmarks.md), would be a depe
 arithmetic. Which rows an op applies to is host data (the parameters arrive on the host), so rows are
 selected with index tensors of known size: nothing is read back from the device.
 
-Known departures from the reference, bounded by tests/test_device_augment.py: the geometric ops'
-bicubic kernel (PIL's affine transform has a = -1, torch's ``grid_sample`` a = -0.75), and the blur
-(PIL's is an extended box filter, here a Gaussian kernel of the same σ). Everything else is PIL's
-arithmetic, to a level on a few pixels in ten thousand.
+The known departure from the reference, bounded by tests/test_device_augment.py: the geometric ops'
+bicubic kernel (PIL's affine transform has a = -1, torch's ``grid_sample`` a = -0.75). Everything else
+is PIL's arithmetic, to a level on a few pixels in ten thousand.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from mugs.data.transforms import CropFinisher, MultiCropBatch, rand_augment_fill
 
 __all__ = ["DeviceAugmentation", "ImageStats", "image_stats", "render_views"]
 
-_BLUR_REACH = 3.0  # kernel half-width in σ
+_BLUR_PASSES = 3  # PIL's GaussianBlur: three box filters
 _MAX_BLUR_SIGMA = 2.0
 _LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion
 
@@ -194,21 +193,38 @@ _JITTER: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (  # torchvision's Col
 )
 
 
+def _box_radius(sigma: Tensor) -> Tensor:
+    """PIL's ``GaussianBlur``: the fractional radius of the box filter that, in three passes, has the
+    variance of a Gaussian of ``sigma`` (Gwosdek et al. 2011, as Pillow's ``_gaussian_blur_radius``)."""
+    variance = sigma * sigma / _BLUR_PASSES
+    whole = torch.floor((torch.sqrt(12 * variance + 1) - 1) / 2)
+    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
+    return whole + fraction
+
+
 def _blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """A separable Gaussian of each row's σ, edges repeated, as one grouped convolution per axis."""
-    reach = math.ceil(_BLUR_REACH * _MAX_BLUR_SIGMA)
-    offsets = torch.arange(-reach, reach + 1, dtype=x.dtype, device=x.device)
-    weights = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)
-    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(3, 0)  # [rows · 3, taps]
+    """PIL's ``GaussianBlur`` of each row's σ: three passes of a box filter of fractional radius r
+    (weight w on the 2⌊r⌋ + 1 pixels around, (1 − (2⌊r⌋ + 1) w) / 2 on the next two, w = 1 / (2r + 1)
+    in PIL's 24-bit fixed point), horizontally, then three vertically, edges repeated, each pass
+    rounded to 8 bits; one grouped convolution per pass."""
+    radius = _box_radius(sigma.to(torch.float64))
+    whole = radius.floor()
+    inner = torch.floor(2**24 / (2 * radius + 1))
+    outer = torch.floor((2**24 - (2 * whole + 1) * inner) / 2)
+    reach = int(_box_radius(torch.tensor(_MAX_BLUR_SIGMA, dtype=torch.float64))) + 1
+    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64, device=x.device).abs()
+    weights = torch.where(offsets <= whole[:, None], inner[:, None], 0.0)
+    weights = torch.where(offsets == whole[:, None] + 1, outer[:, None], weights) / 2**24
+    weights = weights.to(x.dtype).repeat_interleave(3, 0)  # [rows · 3, taps]
     rows, channels, height, width = x.shape
     flat = x.reshape(1, rows * channels, height, width)
-    flat = F.conv2d(
-        F.pad(flat, (reach, reach, 0, 0), mode="replicate"), weights[:, None, None], groups=rows * 3
-    )
-    flat = F.conv2d(
-        F.pad(flat, (0, 0, reach, reach), mode="replicate"), weights[:, None, :, None], groups=rows * 3
-    )
-    return _quantise(flat.view_as(x))
+    for padding, kernel in (
+        ((reach, reach, 0, 0), weights[:, None, None]),
+        ((0, 0, reach, reach), weights[:, None, :, None]),
+    ):
+        for _ in range(_BLUR_PASSES):
+            flat = _quantise(F.conv2d(F.pad(flat, padding, mode="replicate"), kernel, groups=rows * 3))
+    return flat.view_as(x)
 
 
 def _rows_of(value: Tensor, rows: Tensor | None, like: Tensor) -> Tensor:
