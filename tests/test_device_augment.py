@@ -460,3 +460,14 @@ def test_the_backends_agree_in_distribution_per_rand_augment_op(op: str) -> None
     for positions in ([2, 3], [4, 5, 6, 7]):
         sharpness, grey = _differences(cpu, device, positions)
         assert abs(sharpness) <= 0.03 and abs(grey) <= 0.15, (op, positions, sharpness, grey)
+
+
+def test_ops_on_some_rows_after_an_op_on_all_rows_match_rendering_each_row_alone() -> None:
+    """Rows are written in place: after grayscale on every row, the blur of one row is that row's."""
+    both = [view_params(grayscale=True, blur_sigma=1.2), view_params(grayscale=True)]
+    params = ViewParams(*(torch.cat(column) for column in zip(*both, strict=True)))
+    image = photo_like()
+    pixels = F.pil_to_tensor(image)[None].to(torch.float32).expand(2, -1, -1, -1)
+    got = render_views(pixels, torch.tensor([image.size] * 2), params, SIZE, FILL_COLOUR)
+    for row, alone in enumerate(both):
+        assert torch.equal(got[row], device_crop(image, alone)), row

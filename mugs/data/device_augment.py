@@ -334,7 +334,7 @@ def _weak_colour(x: Tensor, params: ViewParams) -> Tensor:
     for slot in range(4):
         for op, jitter_op in enumerate(_JITTER):
             x = _on_rows(x, params.jitter_order[:, slot] == op, jitter_op, params.jitter[:, op])
-    x = _on_rows(x, params.grayscale, lambda rows: _grey(rows).expand_as(rows))
+    x = _on_rows(x, params.grayscale, lambda rows: _grey(rows).repeat(1, 3, 1, 1))
     x = _on_rows(x, params.blur_sigma > 0, _blur, params.blur_sigma)
     return _on_rows(x, params.solarize, lambda rows: torch.where(rows >= 128, 255 - rows, rows))
 
