@@ -163,6 +163,39 @@ def test_strong_rand_augment_is_reproducible_where_timm_is_not():
     assert all(np.array_equal(a, b) for a, b in zip(*outs, strict=True))
 
 
+def _chosen_ops(ra: SeededRandAugment, draws: int) -> list[list[str]]:
+    """The names of the ops ``ra`` picks in each of ``draws`` calls (whether or not each then applies)."""
+    picked: list[str] = []
+
+    def recording(op):
+        return lambda img: (picked.append(op.name), img)[1]
+
+    ra.ops = [recording(op) for op in ra.ops]
+    _seed(0)
+    choices = []
+    for _ in range(draws):
+        picked.clear()
+        ra(_rgb(4))
+        choices.append(list(picked))
+    return choices
+
+
+def test_rand_augment_picks_distinct_ops_uniformly_as_the_authors_fork():
+    """The authors' fork draws its ops without replacement; timm (and ``timm_choice``) with."""
+    config, hparams = "rand-m9-mstd0.5-inc1", {"translate_const": 14, "img_mean": (124, 116, 104)}
+    draws = 3000
+    choices = _chosen_ops(SeededRandAugment(config, hparams), draws)
+    assert all(len(names) == 2 and names[0] != names[1] for names in choices)
+    counts = np.unique(np.array(choices).ravel(), return_counts=True)[1]
+    assert len(counts) == 15
+    expected = 2 * draws / 15
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 36.1, counts  # 14 degrees of freedom: p = 0.001
+    timm_choices = _chosen_ops(SeededRandAugment(config, hparams, timm_choice=True), draws)
+    repeats = sum(names[0] == names[1] for names in timm_choices) / draws
+    assert 0.04 < repeats < 0.095  # 1 / 15 with replacement
+
+
 def test_posterize_zero_bits_is_black():
     img = _rgb(8)
     assert np.asarray(posterize_or_black(img, 0)).max() == 0

@@ -1,44 +1,43 @@
 """The device backend's pixels: every view of a batch rendered on the training device, each sample with
 the parameters its loader drew (:mod:`mugs.data.device_params`), then finished as on the CPU backend.
 
-Per crop position, one bicubic ``grid_sample`` of the batch's images through each view's composed
-affine map gives the resized crop, flips and RandAugment's geometric ops at once; it samples ``s × s``
-points per output pixel and averages them (``s`` = the largest source-pixel stride of the batch, at
-most 4), an antialiased resize like PIL's. Then, in the reference's order, RandAugment's pixel ops
-(the fill of what a geometric op uncovers, at its place in the sequence), colour jitter in each
-sample's order, grayscale, blur and solarize, rounding to grey levels after each as PIL does; erasing
-and normalisation are :class:`~mugs.data.transforms.CropFinisher`'s.
+Per crop position, RandAugment runs first, on each row's whole image, layer by layer as the reference
+runs it: a geometric op warps the image (PIL's affine transform: bilinear or bicubic as drawn, the
+data mean where it uncovers), a pixel op maps its grey levels, reading the statistics of the image as
+it is by then. Then each row's crop box is resized as PIL resizes it (antialiased bicubic, as two
+separable passes of per-row weights: batched matrix products), the flip folded into the weights. Then
+colour jitter in each sample's order, grayscale, blur and solarize. After each op the grey levels are
+integers again, as PIL leaves them (its blends and affine transforms truncate; its resampling and
+conversions round halves up). Erasing and normalisation are
+:class:`~mugs.data.transforms.CropFinisher`'s.
 
 torch's own ops throughout: torchvision's tensor functions take one factor per call, not one per
 sample, and kornia, measured against these (docs/benchmarks.md), would be a dependency for the same
 arithmetic. Which rows an op applies to is host data (the parameters arrive on the host), so rows are
 selected with index tensors of known size: nothing is read back from the device.
 
-Known departures from the reference, bounded by tests/test_device_augment.py: RandAugment's pixel ops
-run after the crop instead of on the whole image before it (threshold ops such as Posterize and
-Solarize then cut interpolated pixels); AutoContrast, Equalize and Contrast read the statistics of the
-image before RandAugment, not after the op of the layer before theirs; RandAugment's geometric ops
-resample with the crop's bicubic kernel (PIL's bilinear or bicubic, once more); PIL's Gaussian blur is
-an extended box filter, here a Gaussian kernel of the same σ.
+The known departure from the reference, bounded by tests/test_device_augment.py: the geometric ops'
+bicubic kernel (PIL's affine transform has a = -1, torch's ``grid_sample`` a = -0.75). Everything else
+is PIL's arithmetic, to a level on a few pixels in ten thousand.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mugs.data.device_params import RAND_AUGMENT_OPS, DeviceBatch, ViewParams
+from mugs.data.device_params import RAND_AUGMENT_OPS, WARP_MODES, DeviceBatch, ViewParams
 from mugs.data.transforms import CropFinisher, MultiCropBatch, rand_augment_fill
 
 __all__ = ["DeviceAugmentation", "ImageStats", "image_stats", "render_views"]
 
-_MAX_SUPERSAMPLING = 4
-_BLUR_REACH = 3.0  # kernel half-width in σ
+_BLUR_PASSES = 3  # PIL's GaussianBlur: three box filters
 _MAX_BLUR_SIGMA = 2.0
 _LUMA = (0.299, 0.587, 0.114)  # PIL's "L" conversion
 
@@ -72,7 +71,12 @@ def _per_row(values: Tensor) -> Tensor:
 
 
 def _quantise(x: Tensor) -> Tensor:
-    return x.clamp_(0, 255).round_()
+    """To PIL's 8-bit levels: clipped, halves rounded up (PIL adds a half, then truncates)."""
+    return x.clamp_(0, 255).add_(0.5).floor_()
+
+
+def _truncate(x: Tensor) -> Tensor:
+    return x.clamp_(0, 255).floor_()
 
 
 def _grey(x: Tensor) -> Tensor:
@@ -81,8 +85,9 @@ def _grey(x: Tensor) -> Tensor:
 
 
 def _blend(degenerate: Tensor, x: Tensor, factor: Tensor) -> Tensor:
-    """PIL's ``Image.blend(degenerate, x, factor)`` (ImageEnhance), factors per row."""
-    return _quantise(degenerate + _per_row(factor) * (x - degenerate))
+    """PIL's ``Image.blend(degenerate, x, factor)`` (ImageEnhance), factors per row: its float result is
+    truncated to an integer, not rounded (0.4 grey levels a blend, measured)."""
+    return _truncate(degenerate + _per_row(factor) * (x - degenerate))
 
 
 def _posterize(x: Tensor, bits: Tensor) -> Tensor:
@@ -150,19 +155,34 @@ _RAND_AUGMENT: dict[str, Callable[..., Tensor]] = {
 
 
 def _hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Hue rotated by ``shift`` turns (PIL's HSV round trip, in floating point)."""
+    """Hue rotated by ``shift`` turns through PIL's 8-bit HSV, as torchvision's PIL path does it: hue and
+    saturation truncated to 0-255, ``int(shift · 255)`` added modulo 256, and back with PIL's rounding
+    (in floating point, the round trip made the views 0.4 grey levels darker, measured)."""
     r, g, b = x.unbind(1)
-    value, _ = x.max(1)
-    chroma = value - x.min(1)[0]
-    safe = chroma.clamp(min=1e-8)
+    value, low = x.amax(1), x.amin(1)
+    chroma = (value - low).clamp_(min=1)  # where it is 0, saturation is 0 and hue unused
+    red_gap, green_gap, blue_gap = (value - r) / chroma, (value - g) / chroma, (value - b) / chroma
     hue = torch.where(
-        value == r, ((g - b) / safe) % 6, torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4)
+        r == value,
+        blue_gap - green_gap,
+        torch.where(g == value, 2 + red_gap - blue_gap, 4 + green_gap - red_gap),
     )
-    hue = (hue / 6 + shift.view(-1, 1, 1)) % 1
-    saturation = torch.where(value > 0, chroma / value.clamp(min=1e-8), torch.zeros_like(value))
-    k = torch.stack([(offset + hue * 6) % 6 for offset in (5.0, 3.0, 1.0)], 1)
-    ramp = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return _quantise(value[:, None] * (1 - saturation[:, None] * ramp))
+    hue = ((hue / 6 + 1) % 1).mul_(255).floor_()
+    saturation = torch.where(value > low, ((value - low) / value.clamp(min=1)).mul_(255).floor_(), 0)
+    hue = (hue + _per_row(torch.trunc(shift * 255))[:, 0]).remainder_(256).mul_(6 / 255)
+    sector = hue.floor()
+    fraction, saturation = hue - sector, saturation / 255
+    low = (value * (1 - saturation)).add_(0.5).floor_()
+    falling = (value * (1 - saturation * fraction)).add_(0.5).floor_()
+    rising = (value * (1 - saturation * (1 - fraction))).add_(0.5).floor_()
+    # per channel, its level in each of the six hue sectors (colorsys's table)
+    table = (value, falling, low, low, rising, value)
+    table += (rising, value, value, falling, low, low)
+    table += (low, low, rising, value, value, falling)
+    levels = torch.stack(table, 1).unflatten(1, (3, 6))
+    sector = sector.long().remainder_(6)[:, None, None].expand(-1, 3, 1, -1, -1)
+    rgb = levels.gather(2, sector).squeeze(2)
+    return torch.where(saturation[:, None] > 0, rgb, value[:, None].expand_as(rgb))
 
 
 _JITTER: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (  # torchvision's ColorJitter op indices
@@ -173,34 +193,51 @@ _JITTER: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (  # torchvision's Col
 )
 
 
+def _box_radius(sigma: Tensor) -> Tensor:
+    """PIL's ``GaussianBlur``: the fractional radius of the box filter that, in three passes, has the
+    variance of a Gaussian of ``sigma`` (Gwosdek et al. 2011, as Pillow's ``_gaussian_blur_radius``)."""
+    variance = sigma * sigma / _BLUR_PASSES
+    whole = torch.floor((torch.sqrt(12 * variance + 1) - 1) / 2)
+    fraction = (2 * whole + 1) * (whole * (whole + 1) - 3 * variance) / (6 * (variance - (whole + 1) ** 2))
+    return whole + fraction
+
+
 def _blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """A separable Gaussian of each row's σ, edges repeated, as one grouped convolution per axis."""
-    reach = math.ceil(_BLUR_REACH * _MAX_BLUR_SIGMA)
-    offsets = torch.arange(-reach, reach + 1, dtype=x.dtype, device=x.device)
-    weights = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)
-    weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(3, 0)  # [rows · 3, taps]
+    """PIL's ``GaussianBlur`` of each row's σ: three passes of a box filter of fractional radius r
+    (weight w on the 2⌊r⌋ + 1 pixels around, (1 − (2⌊r⌋ + 1) w) / 2 on the next two, w = 1 / (2r + 1)
+    in PIL's 24-bit fixed point), horizontally, then three vertically, edges repeated, each pass
+    rounded to 8 bits; one grouped convolution per pass."""
+    radius = _box_radius(sigma.to(torch.float64))
+    whole = radius.floor()
+    inner = torch.floor(2**24 / (2 * radius + 1))
+    outer = torch.floor((2**24 - (2 * whole + 1) * inner) / 2)
+    reach = int(_box_radius(torch.tensor(_MAX_BLUR_SIGMA, dtype=torch.float64))) + 1
+    offsets = torch.arange(-reach, reach + 1, dtype=torch.float64, device=x.device).abs()
+    weights = torch.where(offsets <= whole[:, None], inner[:, None], 0.0)
+    weights = torch.where(offsets == whole[:, None] + 1, outer[:, None], weights) / 2**24
+    weights = weights.to(x.dtype).repeat_interleave(3, 0)  # [rows · 3, taps]
     rows, channels, height, width = x.shape
     flat = x.reshape(1, rows * channels, height, width)
-    flat = F.conv2d(
-        F.pad(flat, (reach, reach, 0, 0), mode="replicate"), weights[:, None, None], groups=rows * 3
-    )
-    flat = F.conv2d(
-        F.pad(flat, (0, 0, reach, reach), mode="replicate"), weights[:, None, :, None], groups=rows * 3
-    )
-    return _quantise(flat.view_as(x))
+    for padding, kernel in (
+        ((reach, reach, 0, 0), weights[:, None, None]),
+        ((0, 0, reach, reach), weights[:, None, :, None]),
+    ):
+        for _ in range(_BLUR_PASSES):
+            flat = _quantise(F.conv2d(F.pad(flat, padding, mode="replicate"), kernel, groups=rows * 3))
+    return flat.view_as(x)
 
 
-def _rows_of(value: Tensor | ImageStats, rows: Tensor | None, like: Tensor) -> Tensor | ImageStats:
+def _rows_of(value: Tensor, rows: Tensor | None, like: Tensor) -> Tensor:
     """``rows`` of a host or device tensor (all when ``None``), on ``like``'s device, floats as its."""
-    if isinstance(value, ImageStats):
-        return ImageStats(*(_rows_of(field, rows, like) for field in value))
     if rows is not None:
         value = value.index_select(0, rows.to(value.device, non_blocking=True))
     return value.to(like.device, like.dtype, non_blocking=True)
 
 
-def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor | ImageStats) -> Tensor:
-    """``op`` on the rows where the host tensor ``mask`` is True, with those rows of ``args``."""
+def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """``op`` on the rows where the host tensor ``mask`` is True, with those rows of ``args``; they are
+    written into ``x`` in place (only those rows move: a copy of a batch of whole images per op cost
+    more than the ops)."""
     rows = mask.nonzero().flatten()
     if not len(rows):
         return x
@@ -208,54 +245,88 @@ def _on_rows(x: Tensor, mask: Tensor, op: Callable[..., Tensor], *args: Tensor |
         return op(x, *(_rows_of(arg, None, x) for arg in args))
     on_device = rows.to(x.device, non_blocking=True)
     picked = (_rows_of(arg, rows, x) for arg in args)
-    return x.index_copy(0, on_device, op(x.index_select(0, on_device), *picked))
+    return x.index_copy_(0, on_device, op(x.index_select(0, on_device), *picked))
 
 
-def _sample_points(size: int, supersampling: int, maps: Tensor) -> Tensor:
-    """``[B, n, n, 2]`` source coordinates of the ``n = size · supersampling`` sample points per side."""
-    steps = (torch.arange(size * supersampling, dtype=maps.dtype, device=maps.device) + 0.5) / supersampling
-    y, x = torch.meshgrid(steps, steps, indexing="ij")
-    points = torch.stack([x, y, torch.ones_like(x)], -1)  # [n, n, 3]
-    return torch.einsum("bij,yxj->byxi", maps, points)
-
-
-def _outside(points: Tensor, sizes: Tensor) -> Tensor:
-    """``[B, 1, n, n]``: 1.0 where a point falls outside its image (as PIL's affine transform has it)."""
-    limits = sizes.view(-1, 1, 1, 2)
-    return ((points < 0) | (points >= limits)).any(-1)[:, None].to(points.dtype)
-
-
-def render_views(
-    images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Tensor, stats: ImageStats
-) -> Tensor:
-    """``[B, 3, size, size]`` float grey levels of one crop position's views of ``images`` (float,
-    on the device; ``sizes`` their (width, height), ``stats`` their :func:`image_stats` and ``fill`` the
-    ``[1, 3, 1, 1]`` colour of uncovered pixels, on the device), drawn as ``params`` (on the host).
-    Nothing goes from the host to the device but those parameters' rows, asynchronously."""
-    device, dtype = images.device, images.dtype
-    stride = params.source_map[:, :, :2].norm(dim=1).max().item()  # host tensor: no device sync
-    supersampling = min(_MAX_SUPERSAMPLING, max(1, math.ceil(stride - 1e-6)))
-    maps = params.source_map.to(device, dtype, non_blocking=True)
-    points = _sample_points(size, supersampling, maps)
-    height, width = images.shape[-2:]  # padded
+def _warp(x: Tensor, maps: Tensor, sizes: Tensor, fill: Tensor, *, mode: str) -> Tensor:
+    """A geometric RandAugment op on each row's whole image, as PIL's affine transform: each pixel
+    samples the image at its map's point (from its centre), truncated to an integer as PIL does
+    (rounding made these views 0.5 levels brighter), or is ``fill`` where that falls outside the image.
+    PIL's bilinear is torch's; its bicubic kernel has a = −1, torch's a = −0.75."""
+    height, width = x.shape[-2:]  # padded
+    rows = torch.arange(height, dtype=maps.dtype, device=maps.device) + 0.5
+    cols = torch.arange(width, dtype=maps.dtype, device=maps.device) + 0.5
+    y, z = torch.meshgrid(rows, cols, indexing="ij")
+    points = torch.einsum("bij,yxj->byxi", maps, torch.stack([z, y, torch.ones_like(z)], -1))
+    outside = ((points < 0) | (points >= sizes.view(-1, 1, 1, 2))).any(-1)[:, None]
     grid = torch.stack([points[..., 0] * (2 / width) - 1, points[..., 1] * (2 / height) - 1], -1)
-    x = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
-    x = _quantise(F.avg_pool2d(x, supersampling))
+    warped = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
+    return _truncate(torch.where(outside, fill, warped))
+
+
+def _pixel_op(x: Tensor, args: Tensor, sizes: Tensor, *, name: str) -> Tensor:
+    """RandAugment pixel op ``name`` on whole images, those that read statistics reading theirs."""
+    extra = (image_stats(x, sizes),) if name in _WHOLE_IMAGE else ()
+    return _RAND_AUGMENT[name](x, args, *extra)
+
+
+def _rand_augment(images: Tensor, sizes: Tensor, params: ViewParams, fill: Tensor) -> Tensor:
+    """Each row's image after its RandAugment layers, run in order on the whole image as the reference
+    runs them: a geometric op warps it with its interpolation, a pixel op maps its grey levels.
+    ``images`` is left as it is (other crop positions read it); the rows with an op are copied once."""
+    rows = ((params.ra_ops != 0) | (params.ra_warp != 0)).any(1).nonzero().flatten()
+    if not len(rows):
+        return images
+    on_device = rows.to(images.device, non_blocking=True)
+    augmented, sizes = images.index_select(0, on_device), sizes.index_select(0, on_device)
     for layer in range(params.ra_ops.shape[1]):
-        active = params.fill_active[:, layer]
-        if active.any():
-            layer_maps = params.fill_maps[:, layer].to(device, dtype, non_blocking=True)
-            uncovered = _outside(_sample_points(size, supersampling, layer_maps), sizes.to(dtype))
-            uncovered = F.avg_pool2d(uncovered, supersampling) * _per_row(active.to(device, dtype))
-            x = _quantise(torch.lerp(x, fill.expand_as(x), uncovered))
-        ops = params.ra_ops[:, layer]
+        warps, ops = params.ra_warp[rows, layer], params.ra_ops[rows, layer]
+        for index in warps.unique().tolist():
+            if index:
+                warp = partial(_warp, fill=fill, mode=WARP_MODES[index])
+                augmented = _on_rows(augmented, warps == index, warp, params.ra_maps[rows, layer], sizes)
         for index in ops.unique().tolist():
-            name = RAND_AUGMENT_OPS[index]
-            if name in _WHOLE_IMAGE:
-                x = _on_rows(x, ops == index, _RAND_AUGMENT[name], params.ra_args[:, layer], stats)
-            elif index:
-                x = _on_rows(x, ops == index, _RAND_AUGMENT[name], params.ra_args[:, layer])
-    return _weak_colour(x, params)
+            if index:
+                op = partial(_pixel_op, name=RAND_AUGMENT_OPS[index])
+                augmented = _on_rows(augmented, ops == index, op, params.ra_args[rows, layer], sizes)
+    return images.index_copy(0, on_device, augmented)
+
+
+def _resize_weights(scale: Tensor, offset: Tensor, size: int, length: int) -> Tensor:
+    """``[B, size, length]``: PIL's antialiased bicubic resize (``Image.resize``) of each row's box on
+    one axis, as weights of the input pixels. The axis's map ``x_in = scale · x_out + offset`` gives
+    the box (``scale < 0``: mirrored); output pixel j reads the box's pixels x with weights
+    k((x + ½ − c_j) / max(|scale|, 1)), c_j its centre and k the bicubic kernel with a = −½, normalised."""
+    stride = scale.abs()[:, None, None]
+    start = torch.where(scale < 0, offset + scale * size, offset).round()[:, None, None]
+    outputs = torch.arange(size, dtype=scale.dtype, device=scale.device)[None, :, None]
+    outputs = torch.where(scale[:, None, None] < 0, size - 1 - outputs, outputs)
+    inputs = torch.arange(length, dtype=scale.dtype, device=scale.device)[None, None, :]
+    t = ((inputs - start - (outputs + 0.5) * stride + 0.5) / stride.clamp(min=1)).abs()
+    kernel = torch.where(t < 1, (1.5 * t - 2.5) * t * t + 1, ((t - 5) * t + 8).mul_(t).sub_(4).mul_(-0.5))
+    in_box = (inputs >= start) & (inputs < start + (stride * size).round())
+    kernel = torch.where(in_box & (t < 2), kernel, 0)
+    return kernel / kernel.sum(2, keepdim=True)
+
+
+def _resized_crop(images: Tensor, maps: Tensor, size: int) -> Tensor:
+    """Each row's crop box resized to ``size`` pixels as PIL resizes it: a horizontal pass rounded to
+    8 bits, then a vertical one; ``maps`` (``[B, 2, 3]``, axis-aligned) give the boxes."""
+    height, width = images.shape[-2:]
+    across = _resize_weights(maps[:, 0, 0], maps[:, 0, 2], size, width)
+    down = _resize_weights(maps[:, 1, 1], maps[:, 1, 2], size, height)
+    rows = _quantise(torch.einsum("bcyx,bjx->bcyj", images, across))
+    return _quantise(torch.einsum("biy,bcyj->bcij", down, rows))
+
+
+def render_views(images: Tensor, sizes: Tensor, params: ViewParams, size: int, fill: Tensor) -> Tensor:
+    """``[B, 3, size, size]`` float grey levels of one crop position's views of ``images`` (float,
+    on the device; ``sizes`` their (width, height) and ``fill`` the ``[1, 3, 1, 1]`` colour of the
+    pixels RandAugment's geometric ops uncover, on the device), drawn as ``params`` (on the host).
+    Nothing goes from the host to the device but those parameters' rows, asynchronously."""
+    images = _rand_augment(images, sizes, params, fill)
+    maps = params.source_map.to(images.device, images.dtype, non_blocking=True)
+    return _weak_colour(_resized_crop(images, maps, size), params)
 
 
 def _weak_colour(x: Tensor, params: ViewParams) -> Tensor:
@@ -263,7 +334,7 @@ def _weak_colour(x: Tensor, params: ViewParams) -> Tensor:
     for slot in range(4):
         for op, jitter_op in enumerate(_JITTER):
             x = _on_rows(x, params.jitter_order[:, slot] == op, jitter_op, params.jitter[:, op])
-    x = _on_rows(x, params.grayscale, lambda rows: _grey(rows).expand_as(rows))
+    x = _on_rows(x, params.grayscale, lambda rows: _grey(rows).repeat(1, 3, 1, 1))
     x = _on_rows(x, params.blur_sigma > 0, _blur, params.blur_sigma)
     return _on_rows(x, params.solarize, lambda rows: torch.where(rows >= 128, 255 - rows, rows))
 
@@ -292,10 +363,9 @@ class DeviceAugmentation:
     def __call__(self, batch: DeviceBatch) -> list[Tensor]:
         images = batch.images.to(self.device, non_blocking=True).to(torch.float32)
         sizes = batch.sizes.to(self.device, non_blocking=True)
-        stats = image_stats(images, sizes)
         sizes_per_position = [self.global_size] * 4 + [self.local_size] * (len(batch.params) - 4)
         crops = [
-            render_views(images, sizes, params, size, self.fill, stats)
+            render_views(images, sizes, params, size, self.fill)
             for params, size in zip(batch.params, sizes_per_position, strict=True)
         ]
         boxes = [params.erase_box for params in batch.params]

@@ -7,10 +7,10 @@ solarize, RandAugment ops and magnitudes and erasing boxes it gets on the CPU ba
 are left to :mod:`mugs.data.device_augment`, on the training device, for the whole batch.
 
 Geometry travels as affine maps from an output pixel's continuous coordinates (pixel ``i`` spans
-``[i, i + 1)``) to the source image's: the crop box and its resize, the flips and RandAugment's
-rotations, shears and translations compose into one map per view, sampled once on the device. For each
-RandAugment layer whose op is geometric, the map to that op's input tells which pixels it uncovers
-(filled with the data mean).
+``[i, i + 1)``) to an input's: per RandAugment layer whose op is geometric, the op's own map on the
+whole image with its interpolation, and per view the crop box and its resize. The reference flips the
+image before RandAugment; here the flip is folded into the maps (a geometric op's map conjugated by
+the mirror, the crop's mirrored), so the device warps and crops the unflipped image to the same pixels.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from mugs.data.windowed import AFFINE_OPS, AffineProbe, WindowedResizedCrop
 
 __all__ = [
     "RAND_AUGMENT_OPS",
+    "WARP_MODES",
     "DeviceBatch",
     "DeviceMultiCropParams",
     "DeviceViews",
@@ -69,22 +70,27 @@ _TIMM_NAMES = {
     "SharpnessIncreasing": "Sharpness",
 }
 _IDENTITY = np.eye(3)
+# RandAugment's geometric ops by their device index (0: a pixel op): grid_sample's modes for PIL's
+WARP_MODES = ("none", "bilinear", "bicubic")
+_WARP_INDEX = {Image.Resampling.BILINEAR: 1, Image.Resampling.BICUBIC: 2}
 
 
 class ViewParams(NamedTuple):
     """One view's parameters (numbers, sequences and arrays), or a batch's (each field a tensor, the
     views stacked along its first dimension, as :func:`collate_device` makes them).
 
-    ``source_map`` ``[2, 3]``: output pixel coordinates to source ones; per RandAugment layer, ``fill_maps``
-    ``[L, 2, 3]`` to its op's input and ``fill_active`` (the op is geometric), ``ra_ops`` (an index of
-    :data:`RAND_AUGMENT_OPS`) and ``ra_args`` (its one argument); ``jitter`` (brightness, contrast,
+    ``source_map`` ``[2, 3]``: the crop's output pixel coordinates to the (augmented) image's; per
+    RandAugment layer, ``ra_maps`` ``[L, 2, 3]``, its geometric op's map from the image after the op to
+    the image before it, and ``ra_warp`` (its interpolation: :data:`WARP_MODES`' index, 0 for a pixel op),
+    ``ra_ops`` (an index of :data:`RAND_AUGMENT_OPS`, 0 for a geometric op) and ``ra_args`` (its one
+    argument); ``jitter`` (brightness, contrast,
     saturation, hue factors) in ``jitter_order`` (torchvision's op indices; all -1 when not applied),
     ``grayscale``, ``blur_sigma`` (0: none), ``solarize`` and the erasing box ``(top, left, h, w)``.
     """
 
     source_map: Tensor
-    fill_maps: Tensor
-    fill_active: Tensor
+    ra_maps: Tensor
+    ra_warp: Tensor
     ra_ops: Tensor
     ra_args: Tensor
     jitter: Tensor
@@ -109,18 +115,19 @@ def _crop_map(box: tuple[int, int, int, int], size: int, flip: bool) -> np.ndarr
 
 def _view(
     source: np.ndarray,
-    fills: list[np.ndarray | None],
+    maps: list[np.ndarray | None],
+    warps: list[int],
     ops: list[tuple[int, float]],
     layers: int,
     **colour: object,
 ) -> ViewParams:
-    missing = layers - len(fills)
+    missing = layers - len(maps)
     return ViewParams(
         source_map=source[:2],
-        fill_maps=np.stack([(_IDENTITY if m is None else m)[:2] for m in fills] + [_IDENTITY[:2]] * missing)
+        ra_maps=np.stack([(_IDENTITY if m is None else m)[:2] for m in maps] + [_IDENTITY[:2]] * missing)
         if layers
         else np.zeros((0, 2, 3)),
-        fill_active=[m is not None for m in fills] + [False] * missing,
+        ra_warp=warps + [0] * missing,
         ra_ops=[op for op, _ in ops] + [0] * missing,
         ra_args=[arg for _, arg in ops] + [0.0] * missing,
         **colour,
@@ -166,17 +173,18 @@ class WeakViewParams:
         if self.solarize_prob > 0:
             colour["solarize"] = torch.rand(1).item() < self.solarize_prob
         source = _crop_map(box, self.crop.size[0], flip)
-        return _view(source, [], [], self.layers, **colour), torch.empty(0)
+        return _view(source, [], [], [], self.layers, **colour), torch.empty(0)
 
 
 class _Recording:
     """Stands in for the image in RandAugment: each op that runs appends ``(device op, argument)`` and,
-    for a geometric op, its affine map (``None`` otherwise) instead of computing pixels."""
+    for a geometric op, its affine map (``None`` otherwise) and interpolation, instead of computing pixels."""
 
     def __init__(self, size: tuple[int, int]) -> None:
         self.size = size
         self.ops: list[tuple[int, float]] = []
         self.maps: list[np.ndarray | None] = []
+        self.warps: list[int] = []
 
 
 class _RecordedOp:
@@ -197,12 +205,18 @@ class _RecordedOp:
                     f"augment.rand_augment: {self.name} is not an affine map the device can apply"
                 )
             image.ops.append((0, 0.0))
-            image.maps.append(_IDENTITY if probe.step is None else _matrix(*probe.step.matrix))
+            if probe.step is None:  # rotate by 0 degrees
+                image.maps.append(None)
+                image.warps.append(0)
+            else:
+                image.maps.append(_matrix(*probe.step.matrix))
+                image.warps.append(_WARP_INDEX[probe.step.resample])
         else:
             image.ops.append(
                 (RAND_AUGMENT_OPS.index(_TIMM_NAMES[self.name]), float(args[0]) if args else 0.0)
             )
             image.maps.append(None)
+            image.warps.append(0)
         return image
 
 
@@ -226,16 +240,13 @@ class StrongViewParams:
         recording = self.rand_augment(_Recording(image.size))
         box = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
         _, erase_box, noise = self.erasing(self.crop_shape)
-        # output → crop of the augmented image → each op's input, last op first → the unflipped source
-        to_input = _crop_map(box, self.crop.size[0], flip=False)
-        fills: list[np.ndarray | None] = []
-        for affine in reversed(recording.maps):
-            to_input = to_input if affine is None else affine @ to_input
-            fills.append(None if affine is None else to_input)
-        fills.reverse()
-        width = image.size[0]
-        source = _matrix(-1.0, 0.0, width, 0.0, 1.0, 0.0) @ to_input if flip else to_input
-        return _view(source, fills, recording.ops, self.layers, **_no_colour(erase_box)), noise
+        maps, source = recording.maps, _crop_map(box, self.crop.size[0], flip=False)
+        if flip:  # the box and the ops' maps are on the flipped image: mirror them onto the unflipped one
+            mirror = _matrix(-1.0, 0.0, image.size[0], 0.0, 1.0, 0.0)
+            maps = [None if m is None else mirror @ m @ mirror for m in maps]
+            source = mirror @ source
+        colour = _no_colour(erase_box)
+        return _view(source, maps, recording.warps, recording.ops, self.layers, **colour), noise
 
 
 class DeviceViews(NamedTuple):

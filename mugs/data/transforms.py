@@ -9,7 +9,8 @@ buffers and host-to-device copies carry about a quarter of the bytes.
 Every random draw comes from Python's ``random`` or torch's global generator (the two that
 ``torch.utils.data`` seeds per worker), so ``random.seed(s); torch.manual_seed(s)`` before a call makes
 its output bit-identical. timm's ``RandAugment`` picks its ops with NumPy's global generator; that one
-choice is re-routed through Python's ``random`` by :class:`SeededRandAugment`.
+choice is re-routed through Python's ``random``, and made without replacement as the authors make it,
+by :class:`SeededRandAugment`.
 """
 
 import copy
@@ -87,18 +88,24 @@ def posterize_or_black(img: Image.Image, bits_to_keep: int, **_: object) -> Imag
 class SeededRandAugment:
     """timm RandAugment (``rand_augment_transform``) whose op choice is driven by Python's ``random``.
 
-    The ops, magnitudes and per-op draws are timm's own; the op choice uses NumPy's ``choice`` semantics on
-    a private generator seeded from ``random`` (NumPy's global state is neither read nor changed). Posterize
+    The ops, magnitudes and per-op draws are timm's own. The op choice is by default the authors' (their
+    fork, ``src/RandAugment.py``): ``num_layers`` distinct ops, where current timm draws with replacement
+    unless weighted (one view in 15 repeats an op); ``timm_choice`` keeps timm's, for timm's recipes.
+    It uses NumPy's ``choice`` on a private generator seeded from ``random`` (NumPy's global state is
+    neither read nor changed). Posterize
     ops are copies whose function maps 0 kept bits to black; timm's module and op tables are untouched.
     With ``deferred``, the ops that allow it are only recorded (:mod:`mugs.data.windowed`) and the result
     may be a ``DeferredImage``, for a ``WindowedResizedCrop`` to compute over its box.
     """
 
-    def __init__(self, config_str: str, hparams: dict, *, deferred: bool = False) -> None:
+    def __init__(
+        self, config_str: str, hparams: dict, *, deferred: bool = False, timm_choice: bool = False
+    ) -> None:
         timm_ra = auto_augment.rand_augment_transform(config_str, dict(hparams))
         self.ops = [self._own_op(op, deferred) for op in timm_ra.ops]
         self.num_layers = timm_ra.num_layers
         self.choice_weights = timm_ra.choice_weights
+        self.replace = timm_choice and self.choice_weights is None
 
     @staticmethod
     def _own_op(op: auto_augment.AugmentOp, deferred: bool) -> auto_augment.AugmentOp:
@@ -111,10 +118,7 @@ class SeededRandAugment:
 
     def __call__(self, img: Image.Image) -> Image.Image | DeferredImage:
         rng = np.random.default_rng(random.getrandbits(64))
-        # timm samples with replacement unless weighted
-        chosen = rng.choice(
-            len(self.ops), self.num_layers, replace=self.choice_weights is None, p=self.choice_weights
-        )
+        chosen = rng.choice(len(self.ops), self.num_layers, replace=self.replace, p=self.choice_weights)
         for i in chosen:
             img = self.ops[i](img)
         return img

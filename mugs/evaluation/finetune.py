@@ -132,8 +132,9 @@ def train_transform(size: int, tune: FinetuneConfig, mean: tuple, std: tuple) ->
     """timm's training recipe: bicubic random resized crop (scale 0.08–1), flip, RandAugment, normalise,
     random erasing with per-pixel noise (no colour jitter when RandAugment is on, as in timm).
 
-    RandAugment is :class:`~mugs.data.transforms.SeededRandAugment`: timm's ops, seeded through Python's
-    ``random`` (which the data loader seeds per worker), and safe for 0-bit posterize on new Pillow.
+    RandAugment is :class:`~mugs.data.transforms.SeededRandAugment`: timm's ops and op choice (with
+    replacement), seeded through Python's ``random`` (which the data loader seeds per worker), and safe
+    for 0-bit posterize on new Pillow.
     """
     ops: list = [
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -144,7 +145,7 @@ def train_transform(size: int, tune: FinetuneConfig, mean: tuple, std: tuple) ->
             "translate_const": int(size * _TRANSLATE_FRACTION),
             "img_mean": tuple(min(255, round(255 * m)) for m in mean),
         }
-        ops.append(SeededRandAugment(tune.rand_augment, hparams))
+        ops.append(SeededRandAugment(tune.rand_augment, hparams, timm_choice=True))
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     if tune.erasing_prob > 0:
         ops.append(RandomErasing(tune.erasing_prob, mode="pixel", max_count=1, num_splits=0, device="cpu"))
