@@ -493,8 +493,10 @@ def _prepare_imagefolder(config: DataConfig, bar: Progress | PlainProgress, out:
             + listed
             + ("\n  …" if len(bad) > 10 else "")
         )
+    # one pass over the rows, not one per class: 1.28 M rows x 1,000 classes took 28 s
+    readable = {(split, row[1]) for split, rows in per_split.items() for row in rows}
     for class_dir in class_dirs:
-        if not any(r[1] == label_of[class_dir.name] for r in per_split.get(class_dir.split, ())):
+        if (class_dir.split, label_of[class_dir.name]) not in readable:
             raise DataError(f"class directory {class_dir.path} has no readable images (see bad-files.json)")
 
     splits = {}
@@ -597,7 +599,10 @@ def verify_image(path: str) -> tuple[bool, str, int, str, tuple[int, ...]]:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 mode = image.mode
-                rgb = np.asarray(to_rgb(image), dtype=np.uint8)
+                # PIL's histogram in C: the exact counts of every 8-bit value, a twentieth of the cost
+                # of numpy's bincount over the pixel array
+                histogram = np.array(to_rgb(image).histogram(), dtype=np.int64).reshape(3, 256)
+                pixels = image.width * image.height
     except UnidentifiedImageError:
         return False, "not an image: no decoder recognises the content", len(data), "", ()
     except Image.DecompressionBombError as error:
@@ -606,13 +611,8 @@ def verify_image(path: str) -> tuple[bool, str, int, str, tuple[int, ...]]:
         return False, f"cannot decode ({type(error).__name__}): {error}", len(data), "", ()
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
-    sums, squares = [], []
     values = np.arange(256, dtype=np.int64)
-    for channel in range(3):
-        histogram = np.bincount(rgb[..., channel].ravel(), minlength=256).astype(np.int64)
-        sums.append(int(histogram @ values))
-        squares.append(int(histogram @ (values * values)))
-    pixels = rgb.shape[0] * rgb.shape[1]
+    sums, squares = (histogram @ values).tolist(), (histogram @ (values * values)).tolist()
     return True, hashlib.sha256(data).hexdigest(), len(data), mode, (*sums, *squares, pixels)
 
 
