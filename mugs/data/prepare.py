@@ -224,6 +224,17 @@ def run_prepare(config: DataConfig, *, progress: bool = True) -> PrepareSummary:
 # ----------------------------------------------------------------------------------------- helpers
 
 
+def prepare_workers(setting: int | str) -> int:
+    """``data.workers`` as a number; "auto": the cores this job may use, i.e. the CPU affinity (which
+    SLURM's cgroups, ``taskset`` and container runtimes narrow) capped by ``SLURM_CPUS_PER_TASK``,
+    since a SLURM cluster without core binding lets a job's processes see every core of the node."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    allocated = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(cores, int(allocated)) if allocated.isdigit() else cores)
+
+
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Boolean mask of the validation images: ``round(fraction * n_c)`` of each class ``c`` (at least one
     when the class has two or more, never all), drawn by a generator seeded with ``(seed, c)`` so one
@@ -381,7 +392,7 @@ def _prepare_fashion_mnist(config: DataConfig, bar: Progress | PlainProgress) ->
                 rank[labels == label] = np.arange(int((labels == label).sum()))
             keep &= rank < config.max_per_class
         index = np.flatnonzero(keep)
-        task = bar.add_task(f"hashing {name}", total=len(index))
+        task = bar.add_task(f"hashing {name}", total=len(index), unit="images")
         digests = []
         for start in range(0, len(index), 4096):
             chunk = index[start : start + 4096]
@@ -422,6 +433,7 @@ def _prepare_fashion_mnist(config: DataConfig, bar: Progress | PlainProgress) ->
 
 def _prepare_imagefolder(config: DataConfig, bar: Progress | PlainProgress, out: Path) -> dict[str, Any]:
     root = Path(config.root)
+    workers = prepare_workers(config.workers)
     classes, layout = imagefolder_layout(root, config.classes)
     coarse = imagefolder_coarse(root, classes)
     class_dirs = [d for split in layout.values() for d in split]
@@ -429,9 +441,9 @@ def _prepare_imagefolder(config: DataConfig, bar: Progress | PlainProgress, out:
     ignored = 0
     # 1. list every class directory, in threads: on network file systems the stat calls dominate,
     # and they release the GIL, so no worker process has to start (a warm rerun starts none)
-    task = bar.add_task("scanning", total=len(class_dirs))
+    task = bar.add_task("scanning", total=len(class_dirs), unit="class directories")
     listings = {}
-    with ThreadPoolExecutor(max_workers=max(config.workers, 1)) as threads:
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as threads:
         for class_dir, listing in _map(threads, _scan_class_dir, [(d,) for d in class_dirs]):
             listings[class_dir] = listing
             bar.advance(task)
@@ -454,14 +466,14 @@ def _prepare_imagefolder(config: DataConfig, bar: Progress | PlainProgress, out:
         records[i] = record
     todo = [i for i, r in enumerate(records) if r is None]
     cached = len(candidates) - len(todo)
-    task = bar.add_task("decoding", total=len(candidates), completed=cached)
-    chunk = max(8, min(256, len(todo) // (8 * max(config.workers, 1)) or 8))
+    task = bar.add_task("decoding", total=len(candidates), completed=cached, unit="images")
+    chunk = max(8, min(256, len(todo) // (8 * max(workers, 1)) or 8))
     jobs = [
         (str(root), [candidates[i][1] for i in todo[s : s + chunk]], todo[s : s + chunk])
         for s in range(0, len(todo), chunk)
     ]
     try:
-        with _executor(config.workers if todo else 0) as pool:
+        with _executor(workers if todo else 0) as pool:
             for (_, _, index), results in _map(pool, _verify_chunk, jobs):
                 for i, record in zip(index, results, strict=True):
                     records[i] = record
