@@ -82,8 +82,9 @@ wall = time.perf_counter() - start
 forkserver._forkserver._stop()
 usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
 cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+peak = [u.ru_maxrss * 1024 for u in usage]  # this process's; the largest worker's
 print(json.dumps({"wall": wall, "cpu": cpu, "decoded": summary.decoded, "cached": summary.cached,
-    "torch": "torch" in sys.modules}))
+    "torch": "torch" in sys.modules, "peak": peak[0], "worker_peak": peak[1]}))
 """
 
 # a synthetic manifest of ImageNet's shape read into the training dataset, in a fresh interpreter
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures[f"prepare_{kind}_cpu_ms_per_image"] = 1000 * run["cpu"] / files
             figures[f"prepare_{kind}_imagenet_cpu_seconds"] = run["cpu"] * scale
             figures[f"prepare_{kind}_imagenet_wall_seconds"] = run["wall"] * scale
+            figures[f"prepare_{kind}_peak_mb"] = run["peak"] / 1e6
+            figures[f"prepare_{kind}_worker_peak_mb"] = run["worker_peak"] / 1e6
         figures["prepare_imported_torch"] = run["torch"]
         figures.update(versioning(project, args.versioning))
         for name, command in (
