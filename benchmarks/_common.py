@@ -144,18 +144,20 @@ class TimedPeak:
         self.peak_mib = peak / 2**20
 
 
-def textured_pixels(seed: int, width: int, height: int) -> np.ndarray:
-    """``[height, width, 3]`` uint8: a seeded colour gradient plus noise, so JPEGs get a realistic size."""
+def textured_pixels(seed: int, width: int, height: int, noise: float = 12) -> np.ndarray:
+    """``[height, width, 3]`` uint8: a seeded colour gradient plus noise of std ``noise``, so JPEGs get a
+    realistic size."""
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 1, width)[None, :, None]
     low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    pixels = low + (high - low) * ramp + rng.normal(0, 12, (height, width, 3))
+    pixels = low + (high - low) * ramp + rng.normal(0, noise, (height, width, 3))
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def _write_jpeg(path: Path, seed: int, size: tuple[int, int]) -> int:
+def write_jpeg(path: Path, seed: int, size: tuple[int, int], noise: float = 12) -> int:
+    """One JPEG of ``textured_pixels`` at quality 90; returns its size in bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(textured_pixels(seed, *size)).save(path, quality=90)
+    Image.fromarray(textured_pixels(seed, *size, noise)).save(path, quality=90)
     return path.stat().st_size
 
 
@@ -167,9 +169,9 @@ def make_tree(
     paths = [root / "train" / f"class_{i % classes:03d}" / f"{i:05d}.jpg" for i in range(images)]
     jobs = (paths, range(images), [size] * images)
     if workers <= 1:
-        return sum(map(_write_jpeg, *jobs))
+        return sum(map(write_jpeg, *jobs))
     with ProcessPoolExecutor(workers) as pool:
-        return sum(pool.map(_write_jpeg, *jobs, chunksize=16))
+        return sum(pool.map(write_jpeg, *jobs, chunksize=16))
 
 
 def prepared_jpegs(scratch: Path, images: int, workers: int = 1) -> tuple[Path, str]:

@@ -49,7 +49,7 @@ from _common import machine_info, prepared_jpegs, report, synchronize, textured_
 from torch.utils.data import DataLoader, Dataset
 
 from mugs.config import Config, config_from_dict
-from mugs.data.datasets import ArrayManifestDataset, open_split, read_stats
+from mugs.data.datasets import ArrayManifestDataset, ManifestColumns, open_split, read_stats
 from mugs.data.loader import GlobalBatchSampler, build_finisher, build_loader
 
 PRESETS = {"paper": "vit_small_100ep", "demo": "demo"}
@@ -140,7 +140,9 @@ def idx_dataset(scratch: Path, images: int) -> tuple[Dataset, MeanStd, str]:
         }
         for i, image in enumerate(pixels)
     ]
-    dataset = ArrayManifestDataset(scratch, manifest, [str(c) for c in range(10)], None)
+    dataset = ArrayManifestDataset(
+        scratch, ManifestColumns.from_rows(manifest), [str(c) for c in range(10)], None
+    )
     mean, std = float(pixels.mean()) / 255, float(pixels.std()) / 255
     return dataset, ((mean,) * 3, (std,) * 3), f"{images} grayscale 28x28 images from an IDX array"
 

@@ -215,7 +215,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def _write_generated(target: Path, text: str, check: bool, command: str) -> int:
     """Write a generated file, or with ``check`` say whether the committed one is current (exit 1 if not)."""
-    from mugs.training.checkpoint import atomic_write_text
+    from mugs.files import atomic_write_text
 
     if check:
         if not target.exists() or target.read_text() != text:
@@ -452,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="scan, validate and index the dataset (data.* keys)")
     _add_config_arguments(prepare)
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_progress_lines_argument(prepare)
     prepare.set_defaults(handler=cmd_prepare)
 
     demo = commands.add_parser("demo-data", help="copy Debian's Fashion-MNIST files into data.root")

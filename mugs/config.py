@@ -148,7 +148,11 @@ class DataConfig:
     on_bad_image: Literal["skip", "error"] = _field("skip", "What an undecodable image does to `prepare`")
     classes: list[Str] | None = _field(None, "The classes to keep; null: all")
     max_per_class: Count | None = _field(None, "Images kept per class and split; null: all")
-    workers: Natural = _field(2, "Processes for scanning and decoding")
+    workers: Natural | Literal["auto"] = _field(
+        "auto",
+        "Processes of `mugs prepare` for scanning and decoding; auto: the cores the job may use "
+        "(SLURM_CPUS_PER_TASK, else the process's CPU affinity); results do not depend on it",
+    )
     train_subset: Count | None = _field(None, "Train on the first N of a seeded permutation; null: all")
 
 

@@ -281,3 +281,35 @@ def test_cpu_script_quick_runs_every_benchmark(tiny_workflow: Path, tmp_path: Pa
     assert (loop_demo["setting"], loop_demo["depth"], loop_demo["batch"]) == ("demo", 1, 8)
     assert json.loads((out / "prepare.json").read_text())["cold_decoded"] == 50
     assert not (out / "failures.txt").exists()
+
+
+@pytest.mark.slow
+def test_dataset_scale_times_every_stage_on_a_tiny_tree(tmp_path: Path) -> None:
+    args = "--images 12 --classes 3 --rows 500 --manifest-classes 10 --imagenet 1200"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/dataset_scale.py",
+            *shlex.split(args),
+            "--json",
+            str(tmp_path / "s.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    figures = json.loads((tmp_path / "s.json").read_text())
+    assert (figures["prepare_cold_decoded"], figures["prepare_warm_decoded"]) == (12, 0)
+    assert 50 < figures["kb_per_image"] < 200 and figures["prepare_imported_torch"] is False
+    assert figures["prepare_cold_cpu_ms_per_image"] == pytest.approx(
+        1000 * figures["prepare_cold_cpu_seconds"] / 12
+    )
+    assert figures["prepare_warm_imagenet_cpu_seconds"] == pytest.approx(
+        100 * figures["prepare_warm_cpu_seconds"]
+    )
+    assert figures["snakemake_dry_run_seconds"] > 0 and figures["dvc_status_seconds"] > 0
+    assert figures["versioning_command"] is None
+    assert figures["dataset_rows"] == 500 and figures["dataset_resting_mb"] >= 0
+    assert_machine(figures)

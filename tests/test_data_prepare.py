@@ -413,3 +413,31 @@ def test_a_class_directory_that_loops_is_reported_and_never_a_class(tmp_path, ta
     assert json.loads((out / "summary.json").read_text())["classes"] == 2
     paths = sorted(r["path"] for split in ("train", "val") for r in read_rows(out, split))
     assert paths == [f"train/{c}/{i}.png" for c in ("cat", "dog") for i in range(2)]
+
+
+def test_auto_workers_are_the_cores_of_the_job(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    assert prepare_module.prepare_workers("auto") == 16
+    # SLURM without core binding: every core is visible, the allocation is what the job may use
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "4")
+    assert prepare_module.prepare_workers("auto") == 4
+    assert prepare_module.prepare_workers(3) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5})  # bound to fewer cores than allocated
+    assert prepare_module.prepare_workers("auto") == 1
+
+
+def test_worker_processes_do_not_import_torch(tmp_path):
+    """Each of prepare's processes would pay seconds and hundreds of MB for torch it never uses."""
+    root = tree(tmp_path / "data", {"train": {"cat": 2}})
+    rels = ["train/cat/0.png", "train/cat/1.png"]
+    # what a worker has loaded once it has unpickled its task: the task's module, nothing of torch
+    probe = (
+        "__import__('mugs.data.prepare') and sorted(m for m in __import__('sys').modules "
+        "if m.partition('.')[0] in ('torch', 'torchvision', 'timm'))"
+    )
+    with prepare_module._executor(2) as pool:
+        (_, _, index), records = pool.submit(prepare_module._verify_chunk, str(root), rels, [0, 1]).result()
+        assert index == [0, 1] and [r[0] for r in records] == [True, True]
+        loaded = [pool.submit(eval, probe).result() for _ in range(4)]
+    assert loaded == [[]] * 4

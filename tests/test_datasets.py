@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,40 @@ def test_fashion_mnist_split_is_served_from_the_arrays(tmp_path, monkeypatch):
     assert len(datasets._ARRAYS) == 1
     # pickled for spawned loader workers without the 7.8 MB array, even after it was loaded
     assert len(pickle.dumps(test)) < 10_000
+
+
+def synthetic_prepared(tmp_path: Path, rows: int, classes: int) -> Path:
+    """A prepared directory whose train manifest lists ``rows`` files that need not exist."""
+    out = tmp_path / "prepared"
+    out.mkdir()
+    summary = {"source": "imagefolder", "root": str(tmp_path), "splits": {"train": rows}}
+    (out / "summary.json").write_text(json.dumps(summary))
+    names = [f"n{c:08d}" for c in range(classes)]
+    (out / "classes.json").write_text(json.dumps({"classes": names, "coarse_classes": None}))
+    with open(out / "manifest-train.jsonl", "w") as f:
+        for i in range(rows):
+            c = i % classes
+            path = f"train/{names[c]}/{names[c]}_{i}.JPEG"
+            digest = f"{i:064x}"
+            f.write(
+                f'{{"path":"{path}","label":{c},"coarse":null,"size":{100000 + i},"sha256":"{digest}"}}\n'
+            )
+    return out
+
+
+def test_a_split_is_read_into_flat_buffers_without_an_object_per_row(tmp_path):
+    rows = 50_000
+    out = synthetic_prepared(tmp_path, rows, classes=100)
+    tracemalloc.start()
+    try:
+        train = open_split(out, "train")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(train) == rows and train.labels[-1] == (rows - 1) % 100 and train.sizes[7] == 100007
+    assert train.path(rows - 1) == f"train/n00000099/n00000099_{rows - 1}.JPEG"
+    assert train._digests[32 * 5 : 32 * 6].tobytes() == (5).to_bytes(32, "big")
+    # the buffers: 4 x 8 bytes of integers, 32 of digest and ~30 of path per row (~4.7 MB); a list of
+    # dicts first took ~700 bytes a row (35 MB here)
+    buffers = sum(a.nbytes for a in (train.labels, train.sizes, train._digests, train._path_bytes))
+    assert peak < 3 * (buffers + train._path_ends.nbytes + 8 * rows), peak

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,47 @@ def read_stats(prepared_dir: str | Path) -> tuple[tuple[float, float, float], tu
     return tuple(stats["mean"]), tuple(stats["std"])
 
 
+@dataclass(frozen=True)
+class ManifestColumns:
+    """The rows of a manifest as flat arrays: labels, coarse labels (-1 where a row has none), sizes
+    (int64), the SHA-256 digests end to end (uint8, 32 per row) and the UTF-8 paths end to end with
+    each one's end offset. Built row by row into growing buffers, so no Python object per row is ever
+    held: a list of 1.28 M dicts first cost 1.29 GB more than these arrays.
+    """
+
+    labels: np.ndarray
+    coarse: np.ndarray
+    sizes: np.ndarray
+    digests: np.ndarray
+    path_bytes: np.ndarray
+    path_ends: np.ndarray
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict[str, Any]]) -> ManifestColumns:
+        labels, coarse, sizes, ends = array("q"), array("q"), array("q"), array("q")
+        digests, paths = bytearray(), bytearray()
+        for row in rows:
+            labels.append(row["label"])
+            coarse.append(-1 if row.get("coarse") is None else row["coarse"])
+            sizes.append(row["size"])
+            digests += bytes.fromhex(row["sha256"])
+            paths += row["path"].encode("utf-8", "surrogateescape")
+            ends.append(len(paths))
+        # numpy views of the buffers, not copies
+        return cls(
+            *(np.frombuffer(column, np.int64) for column in (labels, coarse, sizes)),
+            np.frombuffer(digests, np.uint8),
+            np.frombuffer(paths, np.uint8),
+            np.frombuffer(ends, np.int64),
+        )
+
+    @classmethod
+    def read(cls, manifest_path: Path) -> ManifestColumns:
+        """The columns of a ``manifest-<split>.jsonl``, read line by line."""
+        with open(manifest_path, encoding="utf-8") as f:
+            return cls.from_rows(json.loads(line) for line in f if line.strip())
+
+
 class ManifestDataset(Dataset):
     """The images of one prepared split; item ``i`` is ``(transform(rgb PIL image), label)``.
 
@@ -51,7 +94,7 @@ class ManifestDataset(Dataset):
     def __init__(
         self,
         root: Path,
-        manifest: list[dict[str, Any]],
+        manifest: ManifestColumns,
         classes: list[str],
         coarse_classes: list[str] | None,
         transform: Callable | None = None,
@@ -60,15 +103,12 @@ class ManifestDataset(Dataset):
         self.classes = classes
         self.coarse_classes = coarse_classes
         self.transform = transform
-        self.labels = np.array([row["label"] for row in manifest], dtype=np.int64)
-        self.coarse_labels = (
-            None if coarse_classes is None else np.array([row["coarse"] for row in manifest], dtype=np.int64)
-        )
-        self.sizes = np.array([row["size"] for row in manifest], dtype=np.int64)
-        self._digests = np.frombuffer(b"".join(bytes.fromhex(row["sha256"]) for row in manifest), np.uint8)
-        encoded = [row["path"].encode("utf-8", "surrogateescape") for row in manifest]
-        self._path_bytes = np.frombuffer(b"".join(encoded), np.uint8)
-        self._path_ends = np.cumsum([len(p) for p in encoded], dtype=np.int64)
+        self.labels = manifest.labels
+        self.coarse_labels = None if coarse_classes is None else manifest.coarse
+        self.sizes = manifest.sizes
+        self._digests = manifest.digests
+        self._path_bytes = manifest.path_bytes
+        self._path_ends = manifest.path_ends
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -111,13 +151,13 @@ class ArrayManifestDataset(ManifestDataset):
     def __init__(
         self,
         root: Path,
-        manifest: list[dict[str, Any]],
+        manifest: ManifestColumns,
         classes: list[str],
         coarse_classes: list[str] | None,
         transform: Callable | None = None,
     ) -> None:
         super().__init__(root, manifest, classes, coarse_classes, transform)
-        parts = [row["path"].rpartition("#") for row in manifest]
+        parts = [self.path(i).rpartition("#") for i in range(len(self))]  # 70,000 rows at most
         files = {file for file, _, _ in parts}
         if len(files) != 1:
             raise DataError(f"a manifest under {root} mixes IDX files {sorted(files)}")
@@ -159,8 +199,6 @@ def open_split(
             "run `mugs prepare` first"
         )
     classes = _read_json(prepared_dir / "classes.json")
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = [json.loads(line) for line in f if line.strip()]
     data_root = Path(root if root is not None else summary["root"])
     if not data_root.is_dir():
         raise DataError(
@@ -168,4 +206,5 @@ def open_split(
             "(run from the directory `mugs prepare` ran in, or pass root=)"
         )
     kind = ArrayManifestDataset if summary["source"] == "fashion-mnist" else ManifestDataset
+    manifest = ManifestColumns.read(manifest_path)
     return kind(data_root, manifest, classes["classes"], classes["coarse_classes"], transform)
