@@ -46,6 +46,8 @@ from mugs.config import load_config, merge_values
 from mugs.testing.workflow import planned_jobs
 
 PIPELINE_TIMEOUT_S = 600
+# the stage that fingerprints the data at every `dvc repro`: `dvc status` always lists it as changed
+DATA_STATE_STAGE = "data_state"
 ALL_AFTER_PRETRAIN = {"pretrain", "select", *PROTOCOLS, "report", "all"}
 
 
@@ -84,7 +86,7 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
     stages = yaml.safe_load(generated)["stages"]
     runs = list(read_params(worktree)["runs"])
     protocols = read_params(worktree)["protocols"]
-    expected = {"prepare", "report", "raw_pixel_knn"} | {
+    expected = {DATA_STATE_STAGE, "prepare", "report", "raw_pixel_knn"} | {
         f"{rule}-{run}" for run in runs for rule in ("pretrain", "select", "random_init", *protocols)
     }
     # the random-init baseline of each run, evaluated by the same knn and linear commands
@@ -112,7 +114,15 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
         assert knn["params"] == stages[f"knn-{run}"]["params"]
     assert stages["raw_pixel_knn"]["deps"] == ["results/data"]
     assert stages["raw_pixel_knn"]["metrics"] == ["results/baselines/raw-pixels/knn.json"]
-    assert stages["prepare"]["deps"] == [read_params(worktree)["data"]["root"]]
+    # prepare reads the data's fingerprint, refreshed at every `dvc repro`; no stage hashes the raw data
+    assert stages[DATA_STATE_STAGE] == {
+        "cmd": f"mugs data-state --config params.yaml --run {runs[0]}",
+        "always_changed": True,
+        "outs": [{"results/data.state.json": {"persist": True}}],
+    }
+    assert stages["prepare"]["deps"] == ["results/data.state.json"]
+    root = read_params(worktree)["data"]["root"]
+    assert not any(root in stage.get("deps", []) for stage in stages.values())
     plots = [next(iter(plot)) for plot in stages["report"]["plots"]]
     assert plots == [f"results/report/curves/{run}.csv" for run in runs]
 
@@ -331,10 +341,6 @@ def pipelines(origin: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactor
 def _plan(repo: Path) -> dict[str, int]:
     done = sh("snakemake", "--profile", "profiles/local", "-n", "all", cwd=repo)
     return planned_jobs(done.stdout + done.stderr)
-
-
-# the stage that fingerprints the data at every `dvc repro`: `dvc status` always lists it as changed
-DATA_STATE_STAGE = "data_state"
 
 
 def _dvc_status(repo: Path) -> dict:
