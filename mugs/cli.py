@@ -159,6 +159,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_state(args: argparse.Namespace) -> int:
+    from mugs.data.state import refresh_data_state, state_path
+
+    data = _load(args).data
+    changed = refresh_data_state(data)
+    console.print(f"{state_path(data)}: {'rewritten, the data changed' if changed else 'unchanged'}")
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from mugs.data.sources import install_demo_data
 
@@ -454,6 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_progress_lines_argument(prepare)
     prepare.set_defaults(handler=cmd_prepare)
+
+    state = commands.add_parser(
+        "data-state",
+        help="fingerprint data.root by a stat pass (no file is read); rewrite <data.prepared_dir>.state.json "
+        "only when it differs (prepare's input in the workflow)",
+    )
+    _add_config_arguments(state)
+    state.set_defaults(handler=cmd_data_state)
 
     demo = commands.add_parser("demo-data", help="copy Debian's Fashion-MNIST files into data.root")
     _add_config_arguments(demo)

@@ -3,10 +3,12 @@
 Each Snakemake job of target ``all`` becomes one DVC stage (``rule`` or ``rule-run``) whose command is
 the job's own ``mugs`` command, whose deps are the job's inputs, whose params are the dotted keys
 the rule declares in its ``settings`` parameter (plus the run's own ``runs.<run>`` overrides), and
-whose outs are the job's outputs. Metrics files are declared as ``metrics`` and the report's curves as
-``plots``, both cached: ``results/`` is ignored by git, so the DVC cache and remote are what keep earlier
-commits' values for ``dvc metrics diff``/``dvc plots diff`` and what ``dvc pull`` restores. A pretraining
-run directory is a persistent output, so ``dvc repro`` resumes it instead of deleting it.
+whose outs are the job's outputs (the data's fingerprint, ``data_state``, is an always-changed stage
+without deps: DVC never hashes the raw images). Metrics files are declared as ``metrics`` and the
+report's curves as ``plots``, both cached: ``results/`` is ignored by git, so the DVC cache and remote
+are what keep earlier commits' values for ``dvc metrics diff``/``dvc plots diff`` and what ``dvc pull``
+restores. A pretraining run directory is a persistent output, so ``dvc repro`` resumes it instead of
+deleting it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ import yaml
 SKIPPED_RULES = frozenset({"all", "demo_data"})
 # Rules whose output marker stands for a directory that must survive reruns (resumable checkpoints).
 PERSISTENT_RULES = frozenset({"pretrain"})
+# Rules that must run at every `dvc repro` (DVC has no other way to notice a change inside a directory
+# without hashing it): the data's stat-pass fingerprint, which rewrites its output only when the data
+# changed. Its input (the data root, for the demo's ordering in Snakemake) is no dep, so DVC never
+# hashes the raw images; its output, a few hundred bytes, persists between runs and is cached, so that
+# `dvc pull` restores it with the manifests it describes.
+ALWAYS_CHANGED_RULES = frozenset({"data_state"})
 # Rules whose JSON outputs are metrics.
 METRICS_RULES = frozenset({"select", "knn", "linear", "fewshot", "finetune", "raw_pixel_knn"})
 # CSV outputs that DVC draws as plots: (rule, folder name) → plot properties (columns of the CSV).
@@ -96,6 +104,10 @@ def stage_name(job: JobView) -> str:
 def build_stage(job: JobView, params_file: str, params_values: dict[str, Any]) -> dict[str, Any]:
     """One DVC stage for ``job``; every param key listed must exist in the parameter file."""
     stage: dict[str, Any] = {"cmd": job.command}
+    if job.rule in ALWAYS_CHANGED_RULES:
+        stage["always_changed"] = True
+        stage["outs"] = [{output: {"persist": True}} for output in job.outputs]
+        return stage
     if job.inputs:
         stage["deps"] = sorted(set(job.inputs))
     keys = sorted(job.settings)

@@ -229,6 +229,11 @@ def test_apptainer_command_line(config: Config) -> None:
     )
     config.launch.gpus_per_node = 2
     assert container_python(config).startswith("apptainer exec --nv --bind ")
+    # the dataset, unless bound by the user, is bound read-only at its own path
+    config.launch.container_bind = []
+    assert f"--bind {run},{prepared},{root}:{root}:ro " in container_python(config)
+    config.launch.container_runtime = "podman"
+    assert f"--volume {root}:{root}:ro " in container_python(config)
 
 
 def test_sbatch_script(config: Config, tmp_path: Path) -> None:

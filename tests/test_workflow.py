@@ -46,6 +46,8 @@ from mugs.config import load_config, merge_values
 from mugs.testing.workflow import planned_jobs
 
 PIPELINE_TIMEOUT_S = 600
+# the stage that fingerprints the data at every `dvc repro`: `dvc status` always lists it as changed
+DATA_STATE_STAGE = "data_state"
 ALL_AFTER_PRETRAIN = {"pretrain", "select", *PROTOCOLS, "report", "all"}
 
 
@@ -84,7 +86,7 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
     stages = yaml.safe_load(generated)["stages"]
     runs = list(read_params(worktree)["runs"])
     protocols = read_params(worktree)["protocols"]
-    expected = {"prepare", "report", "raw_pixel_knn"} | {
+    expected = {DATA_STATE_STAGE, "prepare", "report", "raw_pixel_knn"} | {
         f"{rule}-{run}" for run in runs for rule in ("pretrain", "select", "random_init", *protocols)
     }
     # the random-init baseline of each run, evaluated by the same knn and linear commands
@@ -112,7 +114,15 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
         assert knn["params"] == stages[f"knn-{run}"]["params"]
     assert stages["raw_pixel_knn"]["deps"] == ["results/data"]
     assert stages["raw_pixel_knn"]["metrics"] == ["results/baselines/raw-pixels/knn.json"]
-    assert stages["prepare"]["deps"] == [read_params(worktree)["data"]["root"]]
+    # prepare reads the data's fingerprint, refreshed at every `dvc repro`; no stage hashes the raw data
+    assert stages[DATA_STATE_STAGE] == {
+        "cmd": f"mugs data-state --config params.yaml --run {runs[0]}",
+        "always_changed": True,
+        "outs": [{"results/data.state.json": {"persist": True}}],
+    }
+    assert stages["prepare"]["deps"] == ["results/data.state.json"]
+    root = read_params(worktree)["data"]["root"]
+    assert not any(root in stage.get("deps", []) for stage in stages.values())
     plots = [next(iter(plot)) for plot in stages["report"]["plots"]]
     assert plots == [f"results/report/curves/{run}.csv" for run in runs]
 
@@ -334,7 +344,10 @@ def _plan(repo: Path) -> dict[str, int]:
 
 
 def _dvc_status(repo: Path) -> dict:
-    return json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    """What ``dvc status`` finds changed, besides the data's fingerprint, which it always lists."""
+    status = json.loads(sh("dvc", "status", "--json", cwd=repo).stdout)
+    assert status.get(DATA_STATE_STAGE) == ["always changed"]
+    return {stage: change for stage, change in status.items() if stage != DATA_STATE_STAGE}
 
 
 def _rules_run(snakemake_output: str) -> list[str]:
@@ -342,7 +355,10 @@ def _rules_run(snakemake_output: str) -> list[str]:
 
 
 def _stages_run(dvc_output: str) -> list[str]:
-    return re.findall(r"Running stage '([^']+)'", dvc_output)
+    """The stages ``dvc repro`` ran, after the data's fingerprint, which it runs every time."""
+    stages = re.findall(r"Running stage '([^']+)'", dvc_output)
+    assert stages[:1] == [DATA_STATE_STAGE], dvc_output[-3000:]
+    return stages[1:]
 
 
 @pytest.mark.slow
@@ -472,7 +488,7 @@ def test_dvc_second_repro_runs_nothing(pipelines: dict[str, Path]) -> None:
     repo = pipelines["dvc"]
     output = sh("dvc", "repro", cwd=repo).stdout
     assert _stages_run(output) == []
-    assert "Data and pipelines are up to date" in output
+    assert "Stage 'prepare' didn't change, skipping" in output
     assert _dvc_status(repo) == {}
 
 
@@ -511,9 +527,9 @@ def test_dvc_push_then_pull_in_a_fresh_clone_restores_every_output(
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     outs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
-    # prepare, pretrain, select (checkpoint + selection), evaluations, random-init checkpoint, baseline
-    # metrics, report (7 files + 2 per run)
-    assert len(outs) == 1 + 1 + 2 + len(PROTOCOLS) + 1 + len(BASELINE_METRICS) + 9
+    # the data's fingerprint, prepare, pretrain, select (checkpoint + selection), evaluations, random-init
+    # checkpoint, baseline metrics, report (7 files + 2 per run)
+    assert len(outs) == 1 + 1 + 1 + 2 + len(PROTOCOLS) + 1 + len(BASELINE_METRICS) + 9
     for path in outs:
         assert (fresh / path).exists(), f"dvc pull did not restore {path}"
         assert tree_hashes(fresh / path) == tree_hashes(repo / path), f"{path} differs after dvc pull"

@@ -357,8 +357,9 @@ def check_before_submit(config: Config, partitions: dict[str, Partition] | None)
 def container_python(config: Config) -> str | None:
     """submitit's ``python``: the image's ``python``, run by ``launch.container_runtime`` on every node.
 
-    The run's output, prepared data and dataset directories are bound at their own paths besides
-    ``launch.container_bind``, so every node sees the same paths; GPUs are passed when the job asks for them.
+    The run's output, prepared data and (read-only) dataset directories are bound at their own paths
+    besides ``launch.container_bind``, so every node sees the same paths; GPUs are passed when the job
+    asks for them.
     apptainer: ``apptainer exec [--nv] --bind DIRS IMAGE python``. podman shares nothing with the job by
     default: ``podman run`` gets the job's network and hostname (the ranks' rendezvous), shared memory, its
     SLURM, submitit and MUGS variables, the binds and the submitting directory, which the job runs in.
@@ -367,9 +368,14 @@ def container_python(config: Config) -> str | None:
     if launch.container is None:
         return None
     binds = list(launch.container_bind)
-    for directory in (config.train.output_dir, config.data.prepared_dir, config.data.root):
+    # the dataset read-only: the job reads it in place and never writes beside it
+    for directory, bind in (
+        (config.train.output_dir, config.train.output_dir),
+        (config.data.prepared_dir, config.data.prepared_dir),
+        (config.data.root, f"{config.data.root}:{config.data.root}:ro"),
+    ):
         if not any(b.split(":")[0] == directory for b in binds):
-            binds.append(directory)
+            binds.append(bind)
     gpus = launch.gpus_per_node > 0
     if launch.container_runtime == "apptainer":
         command = ["apptainer", "exec", *(["--nv"] if gpus else []), "--bind", ",".join(binds)]

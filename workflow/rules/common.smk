@@ -4,6 +4,8 @@ import os
 import sys
 
 from mugs.config import RUN_NAME, ConfigError, files_shaping_run, load_config, read_yaml
+from mugs.data.sources import DataError
+from mugs.data.state import refresh_data_state, state_path
 from mugs.result_keys import RESULT_KEYS
 from mugs.rundir import WorkflowRun
 
@@ -47,6 +49,15 @@ except ConfigError as error:
 RUN_FILES = {run: files_shaping_run(PARAMS, run) for run in RUNS}
 DATA = RUN_CONFIGS[RUNS[0]].data  # data.* is shared by every run
 PREPARED = DATA.prepared_dir
+# The data's fingerprint (prepare's input), refreshed here by a stat pass: rewritten only when an image
+# was modified, added or removed. Only in the main process: cluster jobs parse this file again. A root
+# that does not exist yet is the demo's, which rule data_state fingerprints once demo_data made it.
+DATA_STATE = str(state_path(DATA))
+if workflow.is_main_process and os.path.exists(DATA.root):
+    try:
+        refresh_data_state(DATA)
+    except DataError as error:
+        sys.exit(f"Error in the data (data.root): {error}")
 
 
 # Plain progress lines (position, rate, time left) every `progress_every` seconds in each job's log,
