@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import types
 import typing
 from pathlib import Path
@@ -42,9 +41,9 @@ FIXED_BY_THE_WORKFLOW = "train.output_dir"
 def schema_keys() -> dict[str, Any]:
     """Every ``section.key`` of the Config dataclasses, with its type."""
     keys = {}
-    for section in dataclasses.fields(Config):
-        for name, annotation in typing.get_type_hints(section.default_factory).items():
-            keys[f"{section.name}.{name}"] = annotation
+    for section, section_type in typing.get_type_hints(Config).items():
+        for name, annotation in typing.get_type_hints(section_type).items():
+            keys[f"{section}.{name}"] = annotation
     return keys
 
 
@@ -60,7 +59,9 @@ def _another_value(key: str, value: Any, annotation: Any) -> Any:
     if isinstance(value, bool):
         return not value
     if value in choices:
-        return next(choice for choice in choices if choice != value)
+        others = [choice for choice in choices if choice != value]
+        # the only literal of an `int | "auto"` key: a number is the other value
+        return others[0] if others else 1
     if value is None:
         present = next(option for option in options if option is not type(None))
         return _another_value(key, {int: 0, float: 0.0, str: ""}[present], present)
@@ -96,6 +97,11 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_params(repo, read_params(repo))  # the file as the test rewrites it, without comments
     jobs = snakemake_jobs(repo / "Snakefile", repo / "params.yaml", repo)
     (repo / "dvc.yaml").write_text(render_dvc_yaml(jobs, "params.yaml", read_params(repo)))
+    # the data root is a tree that the parse-time stat pass accepts under either data.source (it opens
+    # no image); every other file can be empty
+    image = repo / read_params(repo)["data"]["root"] / "train" / "class" / "0.png"
+    image.parent.mkdir(parents=True)
+    image.touch()
     for job in jobs:
         for path in map(Path, job.inputs + job.outputs):
             (repo / path).parent.mkdir(parents=True, exist_ok=True)
