@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if any(cache.glob("*-train-*")):
             raise RuntimeError(f"{cache} already holds train features: the timed call would read them")
 
-        clock = BatchClock(extraction._features_of_batch, device)
+        clock = BatchClock(extraction.features_of_batch, device)
         # TimedPeak restarts the peak: generating the JPEGs and the checkpoint may have peaked higher
-        with TimedPeak(device) as timed, mock.patch.object(extraction, "_features_of_batch", clock):
+        with TimedPeak(device) as timed, mock.patch.object(extraction, "features_of_batch", clock):
             (train,) = evaluation_features(checkpoint, config, ["train"], device=device, progress=False)
         rows, dim = train.features.shape
         if rows != args.images or sum(images for _, images in clock.done) != rows:

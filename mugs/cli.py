@@ -212,7 +212,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def _write_generated(target: Path, text: str, check: bool, command: str) -> int:
     """Write a generated file, or with ``check`` say whether the committed one is current (exit 1 if not)."""
-    from mugs.training.checkpoint import atomic_write_text
+    from mugs.files import atomic_write_text
 
     if check:
         if not target.exists() or target.read_text() != text:

@@ -4,8 +4,8 @@ All ``H`` heads are one weight tensor ``W [H, D, C]`` and bias ``b [H, C]``; eve
 all heads at once (``logits_h = x W_h + b_h``) and the loss is the sum of the heads' mean
 cross-entropies, so head ``h`` gets exactly the gradient it would get alone. Each head then takes its
 own SGD step (momentum 0.9, PyTorch's convention ``m ← 0.9 m + g + λ_h θ``, ``θ ← θ − η_h(t) m``) with
-``η_h(t) = lr_h · batch/256 · ½(1 + cos(π t / t_max))`` per iteration. Heads start from N(0, 0.01²)
-weights and zero biases (METHOD §8).
+``η_h(t) = η_min + (lr_h · batch/256 − η_min) · ½(1 + cos(π t / t_max))`` per iteration
+(``η_min``: ``evaluate.linear_min_lr``). Heads start from N(0, 0.01²) weights and zero biases (METHOD §8).
 
 After every epoch each head is scored on the validation split and its best-so-far weights are kept
 (the earliest epoch wins ties). The reported probe is the head with the highest validation top-1
@@ -13,9 +13,11 @@ After every epoch each head is scored on the validation split and its best-so-fa
 test split. Coarse accuracy is derived from the fine prediction through the fine→coarse class map,
 not from a second probe: it measures whether the fine mistakes stay inside the right coarse group.
 
-The probes read cached centre-crop features, so unlike DINO's recipe (random-resized crops and
-flips through the frozen backbone every epoch) they see no augmentation; that makes a 100-epoch sweep
-cost seconds instead of 100 backbone passes, at a small cost in accuracy on large datasets.
+Under ``evaluate.linear_protocol: features`` the probes read cached centre-crop features, so unlike
+DINO's recipe (random-resized crops and flips through the frozen backbone every epoch) they see no
+augmentation; that makes a 100-epoch sweep cost seconds instead of 100 backbone passes, at a small cost
+in accuracy on large datasets. ``augmented`` is DINO's recipe (:mod:`mugs.evaluation.augmented_probe`),
+training the same :class:`HeadSweep` on features computed from the augmented views.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ from mugs.evaluation.metrics_io import run_evaluation
 from mugs.progress import progress_display
 
 __all__ = [
+    "HeadSweep",
     "ProbeSweep",
     "head_logits",
     "init_heads",
     "linear_evaluate",
     "run_linear",
+    "sweep_report",
     "train_linear_probes",
 ]
 
@@ -85,6 +89,106 @@ def _head_top1(weight: Tensor, bias: Tensor, features: Tensor, labels: Tensor, b
     return correct.double().cpu() / features.shape[0]
 
 
+class HeadSweep:
+    """The heads of a learning-rate × weight-decay sweep with their SGD state and best-on-val weights.
+
+    Both protocols train it: :meth:`train_step` on one batch of features (cached or just computed from
+    augmented views), :meth:`end_epoch` after every epoch. :meth:`state_dict` holds everything that
+    changes while it trains, so a restored sweep continues exactly.
+    """
+
+    def __init__(
+        self,
+        lrs: Sequence[float],
+        weight_decays: Sequence[float],
+        dim: int,
+        num_classes: int,
+        *,
+        batch_size: int,
+        total_steps: int,
+        min_lr: float = 0.0,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.pairs = [(lr, wd) for lr in lrs for wd in weight_decays]
+        weight, bias = init_heads(len(self.pairs), dim, num_classes, seed=seed)
+        self.weight, self.bias = weight.to(device).requires_grad_(), bias.to(device).requires_grad_()
+        self.head_lr = torch.tensor([lr * batch_size / 256 for lr, _ in self.pairs], device=device)
+        self.head_wd = torch.tensor([wd for _, wd in self.pairs], device=device)
+        self.min_lr = min_lr
+        self.total_steps = total_steps
+        self.momentum = [torch.zeros_like(self.weight), torch.zeros_like(self.bias)]
+        self.best_weight, self.best_bias = self.weight.detach().clone(), self.bias.detach().clone()
+        self.best_top1 = torch.full((len(self.pairs),), -1.0, dtype=torch.float64)
+        self.best_epoch = torch.zeros(len(self.pairs), dtype=torch.int64)
+        self.step = 0
+
+    def train_step(self, x: Tensor, y: Tensor) -> None:
+        """One SGD step of every head on the features ``x [N, D]`` with labels ``y``."""
+        logits = head_logits(self.weight, self.bias, x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(self.pairs)), reduction="sum") / len(y)
+        self.weight.grad = self.bias.grad = None
+        loss.backward()
+        scale = 0.5 * (1.0 + math.cos(math.pi * self.step / self.total_steps))
+        lr = self.min_lr + (self.head_lr - self.min_lr) * scale
+        with torch.no_grad():
+            for parameter, buffer in zip((self.weight, self.bias), self.momentum, strict=True):
+                shape = (-1,) + (1,) * (parameter.dim() - 1)
+                gradient = parameter.grad + self.head_wd.view(shape) * parameter
+                buffer.mul_(_MOMENTUM).add_(gradient)
+                parameter.sub_(lr.view(shape) * buffer)
+        self.step += 1
+
+    def end_epoch(self, epoch: int, val_features: Tensor, val_labels: Tensor, batch_size: int) -> float:
+        """Score every head on val and keep the weights of those that improved; the best top-1 so far."""
+        top1 = _head_top1(self.weight.detach(), self.bias.detach(), val_features, val_labels, batch_size)
+        improved = top1 > self.best_top1
+        self.best_top1 = torch.where(improved, top1, self.best_top1)
+        self.best_epoch[improved] = epoch
+        mask = improved.to(self.weight.device)
+        self.best_weight[mask] = self.weight.detach()[mask]
+        self.best_bias[mask] = self.bias.detach()[mask]
+        return float(self.best_top1.max())
+
+    def result(self) -> ProbeSweep:
+        return ProbeSweep(
+            lrs=[lr for lr, _ in self.pairs],
+            weight_decays=[wd for _, wd in self.pairs],
+            weight=self.best_weight.cpu(),
+            bias=self.best_bias.cpu(),
+            best_val_top1=self.best_top1,
+            best_epoch=self.best_epoch,
+            best_head=int(torch.argmax(self.best_top1)),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tensors that training changes, and the step that sets the learning rate."""
+        return {
+            "weight": self.weight.detach().clone(),
+            "bias": self.bias.detach().clone(),
+            "momentum": [buffer.clone() for buffer in self.momentum],
+            "best_weight": self.best_weight.clone(),
+            "best_bias": self.best_bias.clone(),
+            "best_top1": self.best_top1.clone(),
+            "best_epoch": self.best_epoch.clone(),
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name in ("weight", "bias", "best_weight", "best_bias", "best_top1", "best_epoch"):
+                current = getattr(self, name)
+                if state[name].shape != current.shape:
+                    raise ValueError(
+                        f"the saved probe state's {name} has shape {tuple(state[name].shape)}, "
+                        f"this sweep's {tuple(current.shape)}"
+                    )
+                current.copy_(state[name])
+            for buffer, saved in zip(self.momentum, state["momentum"], strict=True):
+                buffer.copy_(saved)
+        self.step = int(state["step"])
+
+
 def train_linear_probes(
     train_features: Tensor,
     train_labels: Tensor,
@@ -96,6 +200,7 @@ def train_linear_probes(
     weight_decays: Sequence[float],
     epochs: int,
     batch_size: int,
+    min_lr: float = 0.0,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -104,59 +209,33 @@ def train_linear_probes(
     weights; pick the head with the best validation top-1. ``lrs`` are for a batch of 256.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    pairs = [(lr, wd) for lr in lrs for wd in weight_decays]
     n, dim = train_features.shape
-    weight, bias = init_heads(len(pairs), dim, num_classes, seed=seed)
-    weight, bias = weight.to(device).requires_grad_(), bias.to(device).requires_grad_()
-    head_lr = torch.tensor([lr * batch_size / 256 for lr, _ in pairs], device=device)
-    head_wd = torch.tensor([wd for _, wd in pairs], device=device)
-    momentum = [torch.zeros_like(weight), torch.zeros_like(bias)]
-    best_weight, best_bias = weight.detach().clone(), bias.detach().clone()
-    best_top1 = torch.full((len(pairs),), -1.0, dtype=torch.float64)
-    best_epoch = torch.zeros(len(pairs), dtype=torch.int64)
+    heads = HeadSweep(
+        lrs,
+        weight_decays,
+        dim,
+        num_classes,
+        batch_size=batch_size,
+        total_steps=epochs * math.ceil(n / batch_size),
+        min_lr=min_lr,
+        seed=seed,
+        device=device,
+    )
     generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(n / batch_size)
-    total_steps = epochs * steps_per_epoch
     train_labels = train_labels.to(device)
 
     with progress_display(progress) as bar:
-        task = bar.add_task(f"linear probes ({len(pairs)} heads)", total=epochs, unit="epochs")
-        step = 0
+        task = bar.add_task(f"linear probes ({len(heads.pairs)} heads)", total=epochs, unit="epochs")
         for epoch in range(1, epochs + 1):
             order = torch.randperm(n, generator=generator)
             for start in range(0, n, batch_size):
                 index = order[start : start + batch_size]
-                x = train_features[index].to(device, torch.float32)
-                y = train_labels[index.to(device)]
-                logits = head_logits(weight, bias, x)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(pairs)), reduction="sum") / len(y)
-                weight.grad = bias.grad = None
-                loss.backward()
-                scale = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-                with torch.no_grad():
-                    for parameter, buffer in zip((weight, bias), momentum, strict=True):
-                        shape = (-1,) + (1,) * (parameter.dim() - 1)
-                        gradient = parameter.grad + head_wd.view(shape) * parameter
-                        buffer.mul_(_MOMENTUM).add_(gradient)
-                        parameter.sub_((head_lr * scale).view(shape) * buffer)
-                step += 1
-            top1 = _head_top1(weight.detach(), bias.detach(), val_features, val_labels, max(batch_size, 1024))
-            improved = top1 > best_top1
-            best_top1 = torch.where(improved, top1, best_top1)
-            best_epoch[improved] = epoch
-            mask = improved.to(device)
-            best_weight[mask] = weight.detach()[mask]
-            best_bias[mask] = bias.detach()[mask]
-            bar.update(task, advance=1, description=f"linear probes: best val top-1 {best_top1.max():.4f}")
-    return ProbeSweep(
-        lrs=[lr for lr, _ in pairs],
-        weight_decays=[wd for _, wd in pairs],
-        weight=best_weight.cpu(),
-        bias=best_bias.cpu(),
-        best_val_top1=best_top1,
-        best_epoch=best_epoch,
-        best_head=int(torch.argmax(best_top1)),
-    )
+                heads.train_step(
+                    train_features[index].to(device, torch.float32), train_labels[index.to(device)]
+                )
+            best = heads.end_epoch(epoch, val_features, val_labels, max(batch_size, 1024))
+            bar.update(task, advance=1, description=f"linear probes: best val top-1 {best:.4f}")
+    return heads.result()
 
 
 @torch.no_grad()
@@ -179,6 +258,37 @@ def _test_accuracy(
     return result
 
 
+def sweep_report(
+    sweep: ProbeSweep, test: FeatureSet, coarse_of_class: Tensor | None, *, epochs: int, batch_size: int
+) -> dict[str, Any]:
+    """The metrics of a trained sweep: the head chosen on val, its accuracy on ``test`` (the only head
+    that sees it), and every head's best val top-1."""
+    h = sweep.best_head
+    return {
+        "selected": {
+            "lr": sweep.lrs[h],
+            "weight_decay": sweep.weight_decays[h],
+            "epoch": int(sweep.best_epoch[h]),
+            "val_top1": float(sweep.best_val_top1[h]),
+        },
+        "test": _test_accuracy(sweep.weight[h], sweep.bias[h], test, coarse_of_class),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "feature_dim": int(sweep.weight.shape[1]),
+        "sweep": [
+            {
+                "lr": lr,
+                "weight_decay": wd,
+                "best_val_top1": float(top1),
+                "best_epoch": int(epoch),
+            }
+            for lr, wd, top1, epoch in zip(
+                sweep.lrs, sweep.weight_decays, sweep.best_val_top1, sweep.best_epoch, strict=True
+            )
+        ],
+    }
+
+
 def linear_evaluate(
     train: FeatureSet,
     val: FeatureSet,
@@ -188,6 +298,7 @@ def linear_evaluate(
     weight_decays: Sequence[float],
     epochs: int,
     batch_size: int,
+    min_lr: float = 0.0,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -203,35 +314,12 @@ def linear_evaluate(
         weight_decays=weight_decays,
         epochs=epochs,
         batch_size=batch_size,
+        min_lr=min_lr,
         seed=seed,
         device=device,
         progress=progress,
     )
-    h = sweep.best_head
-    test_accuracy = _test_accuracy(sweep.weight[h], sweep.bias[h], test, train.coarse_of_class())
-    return {
-        "selected": {
-            "lr": sweep.lrs[h],
-            "weight_decay": sweep.weight_decays[h],
-            "epoch": int(sweep.best_epoch[h]),
-            "val_top1": float(sweep.best_val_top1[h]),
-        },
-        "test": test_accuracy,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "feature_dim": int(train.features.shape[1]),
-        "sweep": [
-            {
-                "lr": lr,
-                "weight_decay": wd,
-                "best_val_top1": float(top1),
-                "best_epoch": int(epoch),
-            }
-            for lr, wd, top1, epoch in zip(
-                sweep.lrs, sweep.weight_decays, sweep.best_val_top1, sweep.best_epoch, strict=True
-            )
-        ],
-    }
+    return sweep_report(sweep, test, train.coarse_of_class(), epochs=epochs, batch_size=batch_size)
 
 
 def run_linear(
@@ -242,36 +330,51 @@ def run_linear(
     device: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The linear-probe sweep of ``evaluate.linear_*`` on ``checkpoint``'s frozen features (train / val /
-    test); writes the metrics JSON ``out`` and returns its contents without provenance.
+    """The linear-probe sweep of ``evaluate.linear_*`` on ``checkpoint``'s frozen backbone, under
+    ``evaluate.linear_protocol``: on cached features of train / val / test, or on augmented views of
+    train (:mod:`mugs.evaluation.augmented_probe`) with val / test cached. Writes the metrics JSON
+    ``out`` and returns its contents without provenance.
     """
     from mugs.distributed import resolve_device
+    from mugs.evaluation.augmented_probe import augmented_linear_evaluate
 
     settings = config.evaluate
     resolved = torch.device(device) if device else resolve_device(settings.device)
+    augmented = settings.linear_protocol == "augmented"
+    sweep = {
+        "lrs": settings.linear_lrs,
+        "weight_decays": settings.linear_weight_decays,
+        "epochs": settings.linear_epochs,
+        "batch_size": settings.linear_batch_size,
+        "min_lr": settings.linear_min_lr,
+        "seed": settings.linear_seed,
+        "device": resolved,
+        "progress": progress,
+    }
     return run_evaluation(
         config,
         out,
         checkpoint=checkpoint,
         features=lambda: evaluation_features(
-            checkpoint, config, ("train", "val", "test"), linear=True, device=resolved, progress=progress
+            checkpoint,
+            config,
+            ("val", "test") if augmented else ("train", "val", "test"),
+            linear=True,
+            device=resolved,
+            progress=progress,
         ),
         header={
             "evaluation": "linear",
+            "protocol": settings.linear_protocol,
             "network": settings.network,
             "n_last_blocks": settings.linear_n_last_blocks,
             "avgpool": settings.linear_avgpool,
             "coarse": "derived from the fine prediction through the fine-to-coarse class map",
         },
-        evaluate=lambda features: linear_evaluate(
-            *features,
-            lrs=settings.linear_lrs,
-            weight_decays=settings.linear_weight_decays,
-            epochs=settings.linear_epochs,
-            batch_size=settings.linear_batch_size,
-            seed=settings.linear_seed,
-            device=resolved,
-            progress=progress,
+        evaluate=(
+            (lambda features: augmented_linear_evaluate(checkpoint, config, *features, **sweep))
+            if augmented
+            else (lambda features: linear_evaluate(*features, **sweep))
         ),
         timing_key="train_seconds",
     )
