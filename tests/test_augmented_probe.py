@@ -10,7 +10,7 @@ import torch
 
 from mugs.evaluation.augmented_probe import AugmentedProbe, probe_transform
 from mugs.evaluation.features import FeatureSet
-from mugs.evaluation.linear import init_heads
+from mugs.evaluation.heads import init_heads
 from mugs.model.backbone import create_backbone
 from mugs.testing.synthetic import SyntheticImages
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mugs.evaluation.features import FeatureSet
-from mugs.evaluation.linear import head_logits, init_heads, linear_evaluate, train_linear_probes
+from mugs.evaluation.heads import head_logits, init_heads
+from mugs.evaluation.linear import linear_evaluate, train_linear_probes
 
 
 def blobs(per_class: int, seed: int, classes: int = 4, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

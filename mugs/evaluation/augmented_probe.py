@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from mugs.config import Config
 from mugs.data.loader import GlobalBatchSampler, SeededAugmentedDataset
 from mugs.evaluation.features import FeatureSet, coarse_map, features_of_batch, load_backbone
-from mugs.evaluation.linear import HeadSweep, sweep_report
+from mugs.evaluation.heads import HeadSweep, sweep_report
 from mugs.model.backbone import MugsViT
 from mugs.progress import progress_display
 
