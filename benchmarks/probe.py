@@ -30,6 +30,7 @@ from _common import add_device_arguments, chosen_device, machine_info, prepared_
 from mugs.data.datasets import open_split, read_stats
 from mugs.evaluation.augmented_probe import AugmentedProbe, probe_transform
 from mugs.evaluation.features import FeatureSet
+from mugs.evaluation.heads import SweepSettings
 from mugs.model.backbone import create_backbone
 
 LAYERS = 4
@@ -88,12 +89,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             open_split(prepared, "train"),
             probe_transform(args.image_size, *read_stats(prepared)),
             val,
+            SweepSettings(
+                [1e-3 * (i + 1) for i in range(args.lrs)],
+                [1e-4 * i for i in range(args.weight_decays)],
+                epochs=1,
+                batch_size=args.batch_size,
+            ),
             layers=LAYERS,
             avgpool=False,
-            lrs=[1e-3 * (i + 1) for i in range(args.lrs)],
-            weight_decays=[1e-4 * i for i in range(args.weight_decays)],
-            epochs=1,
-            batch_size=args.batch_size,
             num_workers=args.workers,
             device=device,
         )

@@ -10,7 +10,7 @@ import torch
 
 from mugs.evaluation.augmented_probe import AugmentedProbe, probe_transform
 from mugs.evaluation.features import FeatureSet
-from mugs.evaluation.heads import init_heads
+from mugs.evaluation.heads import SweepSettings, init_heads
 from mugs.model.backbone import create_backbone
 from mugs.testing.synthetic import SyntheticImages
 
@@ -51,14 +51,9 @@ def probe(backbone, lrs=LRS, wds=WDS, epochs: int = EPOCHS) -> AugmentedProbe:
         dataset,
         probe_transform(28, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
         val,
+        SweepSettings(lrs, wds, epochs, BATCH, min_lr=1e-3, seed=5),
         layers=LAYERS,
         avgpool=True,
-        lrs=lrs,
-        weight_decays=wds,
-        epochs=epochs,
-        batch_size=BATCH,
-        min_lr=1e-3,
-        seed=5,
     )
 
 

@@ -29,7 +29,7 @@ from torchvision import transforms as T
 from mugs.config import Config
 from mugs.data.loader import GlobalBatchSampler, SeededAugmentedDataset
 from mugs.evaluation.features import FeatureSet, coarse_map, features_of_batch, load_backbone
-from mugs.evaluation.heads import HeadSweep, sweep_report
+from mugs.evaluation.heads import HeadSweep, SweepSettings, sweep_report
 from mugs.model.backbone import MugsViT
 from mugs.progress import progress_display
 
@@ -65,44 +65,39 @@ class AugmentedProbe:
         dataset: Dataset,
         transform: Callable[[Any], Tensor],
         val: FeatureSet,
+        sweep: SweepSettings,
         *,
         layers: int,
         avgpool: bool,
-        lrs: Sequence[float],
-        weight_decays: Sequence[float],
-        epochs: int,
-        batch_size: int,
-        min_lr: float = 0.0,
-        seed: int = 0,
         num_workers: int = 0,
         device: torch.device | str = "cpu",
     ) -> None:
         self.backbone = backbone
         self.val = val
         self.layers, self.avgpool = layers, avgpool
-        self.epochs = epochs
+        self.epochs = sweep.epochs
         self.device = torch.device(device)
-        self.sampler = GlobalBatchSampler(len(dataset), batch_size, seed=seed)
+        self.sampler = GlobalBatchSampler(len(dataset), sweep.batch_size, seed=sweep.seed)
         self.loader = DataLoader(
-            SeededAugmentedDataset(dataset, transform, seed),
+            SeededAugmentedDataset(dataset, transform, sweep.seed),
             batch_sampler=self.sampler,
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
         )
         self.heads = HeadSweep(
-            lrs,
-            weight_decays,
+            sweep.lrs,
+            sweep.weight_decays,
             backbone.embed_dim * (layers + int(avgpool)),
             val.num_classes,
-            batch_size=batch_size,
-            total_steps=epochs * self.sampler.iterations_per_epoch,
-            min_lr=min_lr,
-            seed=seed,
+            batch_size=sweep.batch_size,
+            total_steps=sweep.epochs * self.sampler.iterations_per_epoch,
+            min_lr=sweep.min_lr,
+            seed=sweep.seed,
             device=self.device,
         )
         self.epoch = 0  # epochs finished
         self.iteration = 0  # batches of the current epoch trained on
-        self.val_batch = max(batch_size, 1024)
+        self.val_batch = max(sweep.batch_size, 1024)
 
     def fit(self, stop: Callable[[], bool] = lambda: False, *, progress: bool = False) -> bool:
         """Train from where the probe stands; True when every epoch is done, False when ``stop()``
@@ -160,13 +155,8 @@ def augmented_linear_evaluate(
     config: Config,
     val: FeatureSet,
     test: FeatureSet,
+    sweep: SweepSettings,
     *,
-    lrs: Sequence[float],
-    weight_decays: Sequence[float],
-    epochs: int,
-    batch_size: int,
-    min_lr: float = 0.0,
-    seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -186,14 +176,9 @@ def augmented_linear_evaluate(
         train,
         probe_transform(trained.augment.global_size, mean, std),
         val,
+        sweep,
         layers=settings.linear_n_last_blocks,
         avgpool=settings.linear_avgpool,
-        lrs=lrs,
-        weight_decays=weight_decays,
-        epochs=epochs,
-        batch_size=batch_size,
-        min_lr=min_lr,
-        seed=seed,
         num_workers=settings.num_workers,
         device=device,
     )
@@ -202,5 +187,5 @@ def augmented_linear_evaluate(
     if train.coarse_labels is not None:
         labels, coarse_labels = torch.from_numpy(train.labels), torch.from_numpy(train.coarse_labels)
         coarse = coarse_map(labels, coarse_labels, len(train.classes))
-    report = sweep_report(probe.heads.result(), test, coarse, epochs=epochs, batch_size=batch_size)
+    report = sweep_report(probe.heads.result(), test, coarse, sweep)
     return {**report, "iterations_per_epoch": probe.sampler.iterations_per_epoch}

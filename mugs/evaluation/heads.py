@@ -27,11 +27,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mugs.config import EvalConfig
 from mugs.evaluation.features import FeatureSet
 
-__all__ = ["HeadSweep", "ProbeSweep", "head_logits", "init_heads", "sweep_report"]
+__all__ = ["HeadSweep", "ProbeSweep", "SweepSettings", "head_logits", "init_heads", "sweep_report"]
 
 _MOMENTUM = 0.9
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a sweep trains: a head per ``lrs`` (for a batch of 256) × ``weight_decays`` pair, for
+    ``epochs`` in batches of ``batch_size``, the rate decaying to ``min_lr``, from ``seed``."""
+
+    lrs: Sequence[float]
+    weight_decays: Sequence[float]
+    epochs: int
+    batch_size: int
+    min_lr: float = 0.0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, settings: EvalConfig) -> SweepSettings:
+        """The sweep of ``evaluate.linear_*``."""
+        return cls(
+            settings.linear_lrs,
+            settings.linear_weight_decays,
+            settings.linear_epochs,
+            settings.linear_batch_size,
+            settings.linear_min_lr,
+            settings.linear_seed,
+        )
 
 
 @dataclass
@@ -193,7 +219,7 @@ def _test_accuracy(
 
 
 def sweep_report(
-    sweep: ProbeSweep, test: FeatureSet, coarse_of_class: Tensor | None, *, epochs: int, batch_size: int
+    sweep: ProbeSweep, test: FeatureSet, coarse_of_class: Tensor | None, settings: SweepSettings
 ) -> dict[str, Any]:
     """The metrics of a trained sweep: the head chosen on val, its accuracy on ``test`` (the only head
     that sees it), and every head's best val top-1."""
@@ -206,8 +232,8 @@ def sweep_report(
             "val_top1": float(sweep.best_val_top1[h]),
         },
         "test": _test_accuracy(sweep.weight[h], sweep.bias[h], test, coarse_of_class),
-        "epochs": epochs,
-        "batch_size": batch_size,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
         "feature_dim": int(sweep.weight.shape[1]),
         "sweep": [
             {

@@ -20,7 +20,7 @@ from torch import Tensor
 from mugs.config import Config
 from mugs.evaluation.augmented_probe import augmented_linear_evaluate
 from mugs.evaluation.features import FeatureSet, evaluation_features
-from mugs.evaluation.heads import HeadSweep, ProbeSweep, sweep_report
+from mugs.evaluation.heads import HeadSweep, ProbeSweep, SweepSettings, sweep_report
 from mugs.evaluation.metrics_io import run_evaluation
 from mugs.progress import progress_display
 
@@ -80,33 +80,23 @@ def linear_evaluate(
     train: FeatureSet,
     val: FeatureSet,
     test: FeatureSet,
+    sweep: SweepSettings,
     *,
-    lrs: Sequence[float],
-    weight_decays: Sequence[float],
-    epochs: int,
-    batch_size: int,
-    min_lr: float = 0.0,
-    seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Sweep on ``train``, select on ``val``, report the selected head's accuracy on ``test``."""
-    sweep = train_linear_probes(
+    trained = train_linear_probes(
         train.features,
         train.labels,
         val.features,
         val.labels,
         num_classes=train.num_classes,
-        lrs=lrs,
-        weight_decays=weight_decays,
-        epochs=epochs,
-        batch_size=batch_size,
-        min_lr=min_lr,
-        seed=seed,
+        **vars(sweep),
         device=device,
         progress=progress,
     )
-    return sweep_report(sweep, test, train.coarse_of_class(), epochs=epochs, batch_size=batch_size)
+    return sweep_report(trained, test, train.coarse_of_class(), sweep)
 
 
 def run_linear(
@@ -127,16 +117,8 @@ def run_linear(
     settings = config.evaluate
     resolved = torch.device(device) if device else resolve_device(settings.device)
     augmented = settings.linear_protocol == "augmented"
-    sweep = {
-        "lrs": settings.linear_lrs,
-        "weight_decays": settings.linear_weight_decays,
-        "epochs": settings.linear_epochs,
-        "batch_size": settings.linear_batch_size,
-        "min_lr": settings.linear_min_lr,
-        "seed": settings.linear_seed,
-        "device": resolved,
-        "progress": progress,
-    }
+    sweep = SweepSettings.of(settings)
+    where = {"device": resolved, "progress": progress}
     return run_evaluation(
         config,
         out,
@@ -158,9 +140,9 @@ def run_linear(
             "coarse": "derived from the fine prediction through the fine-to-coarse class map",
         },
         evaluate=(
-            (lambda features: augmented_linear_evaluate(checkpoint, config, *features, **sweep))
+            (lambda features: augmented_linear_evaluate(checkpoint, config, *features, sweep, **where))
             if augmented
-            else (lambda features: linear_evaluate(*features, **sweep))
+            else (lambda features: linear_evaluate(*features, sweep, **where))
         ),
         timing_key="train_seconds",
     )
