@@ -44,6 +44,7 @@ from unittest import mock
 import torch
 from _common import (
     TimedPeak,
+    add_backbone_arguments,
     add_device_arguments,
     chosen_device,
     machine_info,
@@ -63,10 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
-    parser.add_argument("--depth", type=int, help="blocks (default: the arch's)")
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224, help="evaluation crop (augment.global_size)")
+    add_backbone_arguments(parser)
     parser.add_argument("--images", type=int, default=256, help="images in the extracted split")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=4, help="loader processes (evaluate.num_workers)")

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_device_arguments, chosen_device, machine_info, prepared_jpegs, report, synchronize
+from _common import (
+    add_backbone_arguments,
+    add_device_arguments,
+    chosen_device,
+    machine_info,
+    prepared_jpegs,
+    report,
+    synchronize,
+)
 
 from mugs.data.datasets import open_split, read_stats
 from mugs.evaluation.augmented_probe import AugmentedProbe, probe_transform
@@ -40,10 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
-    parser.add_argument("--depth", type=int, help="blocks (default: the arch's; at least 4)")
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224, help="the probe's crop (augment.global_size)")
+    add_backbone_arguments(parser)
     parser.add_argument("--images", type=int, default=256, help="training images (one epoch)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lrs", type=int, default=7, help="learning rates in the sweep")
