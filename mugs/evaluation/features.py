@@ -307,7 +307,7 @@ def _extract_rows(
     )
     # gloo gathers host tensors, NCCL device ones
     gather_device = device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
-    with progress_display(progress and rank == 0) as bar:
+    with progress_display(progress, main_process=rank == 0) as bar:
         task = bar.add_task(description, total=len(dataset), unit="images")
         for first in range(0, n_batches, world):
             rows = torch.zeros(batch_size, dim, device=gather_device)
