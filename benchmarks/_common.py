@@ -35,6 +35,15 @@ from mugs.evaluation.metrics_io import git_commit
 JPEG_SIZE = (500, 375)  # width, height: about ImageNet's average
 
 
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--arch``, ``--depth``, ``--patch-size`` and ``--image-size`` (the crop, ``augment.global_size``)
+    of a freshly initialised backbone that an evaluation benchmark runs."""
+    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
+    parser.add_argument("--depth", type=int, help="blocks (default: the arch's)")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224, help="the crop (augment.global_size)")
+
+
 def add_device_arguments(parser: argparse.ArgumentParser, *, threads: int | None = None) -> None:
     """``--device`` (cpu or cuda), ``--threads`` (torch intra-op threads; default ``threads``, None
     leaving torch's choice) and ``--json`` (where the figures go)."""

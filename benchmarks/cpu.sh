@@ -4,7 +4,8 @@
 #   at that target setting and for the demo preset; multi-crop augmentation, paper crops (2 x 224 +
 #   10 x 96 of 256 JPEGs, 2 loader workers) and demo crops, with the loader processes the GPU step
 #   needs; neighbour memory and InfoNCE queue at 65,536 entries; kNN (100,000 x 384 bank, 10,000
-#   queries); the evaluation's feature extraction (vit_small at 224 px, 256 JPEGs); `mugs prepare` on
+#   queries); the evaluation's feature extraction (vit_small at 224 px, 256 JPEGs); one epoch of the
+#   augmented linear probe (the same images and network, 14 heads); `mugs prepare` on
 #   20,000 JPEGs; `snakemake -n` and `dvc status` on PIPELINE_ROOT.
 # Writes each measurement's output (NAME.txt) and its figures (NAME.json) under $OUT (default:
 # benchmark-results/).
@@ -40,6 +41,8 @@ if [ "${1:-}" = "--quick" ]; then
   features=(--arch vit_tiny --depth 1 --patch-size 8 --image-size 32 --images 16 --batch-size 8
     --workers 1 --threads 2)
   knn=(--bank 2000 --queries 200 --dim 64 --classes 10)
+  probe=(--arch vit_tiny --depth 4 --patch-size 8 --image-size 32 --images 16 --batch-size 4 --workers 1
+    --threads 2)
   prepare=(--images 50 --classes 5 --workers 1)
   pipeline=(--repeats 1)
 else
@@ -52,6 +55,7 @@ else
   memory=()
   features=(--arch vit_small --image-size 224 --images 256 --batch-size 64 --workers 2 --threads 2)
   knn=()
+  probe=(--arch vit_small --image-size 224 --images 256 --batch-size 64 --workers 2 --threads 2)
   prepare=(--images 20000 --workers 2)
   pipeline=(--repeats 3)
 fi
@@ -74,6 +78,7 @@ run augment-demo augment.py --setting demo "${demo[@]}" --json "$OUT/augment-dem
 run memory-cpu memory.py --device cpu "${memory[@]}" --json "$OUT/memory-cpu.json"
 run knn knn.py --device cpu "${knn[@]}" --json "$OUT/knn.json"
 run features-cpu features.py --device cpu "${features[@]}" --json "$OUT/features-cpu.json"
+run probe-cpu probe.py --device cpu "${probe[@]}" --json "$OUT/probe-cpu.json"
 run prepare prepare.py "${prepare[@]}" --json "$OUT/prepare.json"
 run pipeline pipeline.py --root "$PIPELINE_ROOT" "${pipeline[@]}" --json "$OUT/pipeline.json"
 echo "results in $OUT"

@@ -44,6 +44,7 @@ from unittest import mock
 import torch
 from _common import (
     TimedPeak,
+    add_backbone_arguments,
     add_device_arguments,
     chosen_device,
     machine_info,
@@ -63,10 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
-    parser.add_argument("--depth", type=int, help="blocks (default: the arch's)")
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224, help="evaluation crop (augment.global_size)")
+    add_backbone_arguments(parser)
     parser.add_argument("--images", type=int, default=256, help="images in the extracted split")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=4, help="loader processes (evaluate.num_workers)")
@@ -133,9 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if any(cache.glob("*-train-*")):
             raise RuntimeError(f"{cache} already holds train features: the timed call would read them")
 
-        clock = BatchClock(extraction._features_of_batch, device)
+        clock = BatchClock(extraction.features_of_batch, device)
         # TimedPeak restarts the peak: generating the JPEGs and the checkpoint may have peaked higher
-        with TimedPeak(device) as timed, mock.patch.object(extraction, "_features_of_batch", clock):
+        with TimedPeak(device) as timed, mock.patch.object(extraction, "features_of_batch", clock):
             (train,) = evaluation_features(checkpoint, config, ["train"], device=device, progress=False)
         rows, dim = train.features.shape
         if rows != args.images or sum(images for _, images in clock.done) != rows:

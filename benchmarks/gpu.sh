@@ -31,6 +31,8 @@ if [ "${1:-}" = "--cpu" ]; then
   knn=(--device cpu --bank 2000 --queries 200 --dim 64 --classes 10)
   features=(--device cpu --depth 1 --patch-size 8 --image-size 32 --images 16 --batch-size 8 --workers 1
     --threads 2)
+  probe=(--device cpu --depth 4 --patch-size 8 --image-size 32 --images 16 --batch-size 4 --workers 1
+    --threads 2)
   augment=(--images 4 --batches 1 --repeats 1 --workers 1)
   loop=(--device cpu --threads 2 --num-workers 1 --jpegs 4 --warmup 1 --iters 1 --set model.depth=1
     --set model.patch_size=8 --set augment.global_size=32 --set augment.local_size=16 --set optim.batch_size=2)
@@ -46,6 +48,7 @@ else
     --group-out-dim 65536 --warmup 3 --iters 10)
   knn=(--device cuda)
   features=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 8)
+  probe=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 15)
   augment=(--images 512 --workers 15 --breakdown 8)
   loop=(--device cuda --num-workers 15 --jpegs 512 --warmup 3 --iters 20 --set optim.batch_size=64
     --set augment.n_local=10 --set model.group_out_dim=65536 --set loss.instance_queue_size=65536
@@ -87,6 +90,12 @@ for arch in "${archs[@]}"; do
   name="features-$arch"
   echo "== $name"
   "$PYTHON" benchmarks/features.py "${features[@]}" --arch "$arch" --json "$OUT/$name.json" \
+    || echo "$name failed" | tee -a "$OUT/failures.txt"
+done
+for arch in "${archs[@]}"; do
+  name="probe-$arch"
+  echo "== $name"
+  "$PYTHON" benchmarks/probe.py "${probe[@]}" --arch "$arch" --json "$OUT/$name.json" \
     || echo "$name failed" | tee -a "$OUT/failures.txt"
 done
 for backend in cpu device; do

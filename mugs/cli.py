@@ -185,6 +185,14 @@ def cmd_import_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce_paper(args: argparse.Namespace) -> int:
+    from mugs.reproduce import reproduce_paper
+
+    table = reproduce_paper(args.spec, device=args.device, progress=not args.no_progress)
+    console.print(table, highlight=False, soft_wrap=True)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from mugs.interop import export_backbone
 
@@ -489,6 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file is trusted: allow unpickling its `args` object (old releases need it)",
     )
     importer.set_defaults(handler=cmd_import_official)
+
+    reproduce = commands.add_parser(
+        "reproduce-paper",
+        help="import the authors' released checkpoints and evaluate them with the paper's protocols",
+    )
+    reproduce.add_argument("spec", type=Path, help="e.g. configs/reproduce-paper.yaml")
+    reproduce.add_argument("--device", help="cpu / cuda (default: evaluate.device)")
+    reproduce.add_argument("--no-progress", action="store_true")
+    reproduce.set_defaults(handler=cmd_reproduce_paper)
 
     export = commands.add_parser("export", help="write a backbone alone, in timm's naming")
     export.add_argument("checkpoint", type=Path)

@@ -210,9 +210,16 @@ class EvalConfig:
     linear_n_last_blocks: Count = _field(4, "CLS tokens of the last n blocks (ViT-S: 4; B: 1 + avgpool)")
     linear_avgpool: Bool = _field(False, "Append the mean patch token of the last block")
     linear_epochs: Count = _field(100, "Linear-probe epochs")
+    linear_protocol: Literal["features", "augmented"] = _field(
+        "features",
+        "features: the probes read cached centre-crop features (cheap); augmented: the paper's (DINO's) "
+        "protocol, each epoch's random-resized crops and flips through the frozen backbone once per batch "
+        "for every head of the sweep",
+    )
     linear_batch_size: Count = _field(1024, "Linear-probe batch")
     linear_lrs: list[NonNegative] = _list([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1], "Probe lrs per 256")
     linear_weight_decays: list[NonNegative] = _list([0.0, 1e-4], "Linear-probe weight decays swept")
+    linear_min_lr: NonNegative = _field(0.0, "Probe learning rate at the end of its cosine decay")
     linear_seed: Natural = _field(0, "Seed of the linear probes")
     fewshot_fractions: list[Fraction] = _list([0.01, 0.1], "Labelled fractions of the few-shot evaluation")
     fewshot_seed: Natural = _field(0, "Seed of the few-shot subsets")

@@ -48,6 +48,8 @@ RESULT_KEYS: dict[str, tuple[str, ...]] = {
         "evaluate.linear_lrs",
         "evaluate.linear_weight_decays",
         "evaluate.linear_seed",
+        "evaluate.linear_protocol",
+        "evaluate.linear_min_lr",
     ),
     "fewshot": (
         "evaluate.network",

@@ -36,6 +36,8 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     assert "queries_per_second" in (tmp_path / "knn.txt").read_text()
     features = json.loads((tmp_path / "features-vit_tiny.json").read_text())
     assert (features["images"], features["image_size"], features["feature_dim"]) == (16, 32, 192)
+    probe = json.loads((tmp_path / "probe-vit_tiny.json").read_text())
+    assert (probe["image_size"], probe["batches"], probe["heads"]) == (32, 4, 14)
     for without in ("attention", "adamw", "clipping"):
         before = json.loads((tmp_path / f"step-vit_tiny-fp32-without-{without}.json").read_text())
         assert before["without"] == without and before["seconds_per_iteration"] > 0
@@ -273,13 +275,16 @@ def test_cpu_script_quick_runs_every_benchmark(tiny_workflow: Path, tmp_path: Pa
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     names = ("step-cpu", "loop-target", "loop-demo", "augment-paper", "augment-demo", "memory-cpu")
-    names += ("knn", "features-cpu", "prepare", "pipeline")
+    names += ("knn", "features-cpu", "probe-cpu", "prepare", "pipeline")
     for name in names:
         assert json.loads((out / f"{name}.json").read_text())["torch"], name
         assert (out / f"{name}.txt").read_text().strip(), name
     loop_demo = json.loads((out / "loop-demo.json").read_text())
     assert (loop_demo["setting"], loop_demo["depth"], loop_demo["batch"]) == ("demo", 1, 8)
     assert json.loads((out / "prepare.json").read_text())["cold_decoded"] == 50
+    probe = json.loads((out / "probe-cpu.json").read_text())
+    assert (probe["batches"], probe["heads"], probe["feature_dim"]) == (4, 14, 4 * 192)
+    assert probe["images_per_second"] > 0 and 0 < probe["heads_ms_per_batch"] < probe["ms_per_batch"]
     assert not (out / "failures.txt").exists()
 
 

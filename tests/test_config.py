@@ -250,3 +250,48 @@ def test_one_rule_for_run_names(base: Path, capsys: pytest.CaptureFixture) -> No
     err = capsys.readouterr().err
     assert "run name 'a;b' may hold only letters, digits" in err and RUN_NAME in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# The authors' evaluation recipes (sail-sg/mugs eval/eval_knn/eval_knn.sh, eval/eval_linear_probing/
+# eval_linear.sh and eval_linear_multi_classifier.py, eval/eval_finetuning/eval_finetuning.sh); batches
+# are global (GPUs × per GPU), probe lrs per 256, and ViT-L's probe is the multi-classifier sweep.
+LARGE_PROBE_LRS = [n * 10.0**k for k in (-4, -3, -2, -1) for n in range(1, 10)]
+AUTHORS_EVALUATION = {
+    "vit_small_100ep": {"knn": 0.05, "probe": (4, False, 1024, [0.015], [0.0], 1e-5), "finetune": "S"},
+    "vit_small_300ep": {"knn": 0.05, "probe": (4, False, 1024, [0.02], [0.0], 0.0), "finetune": "S"},
+    "vit_small_800ep": {"knn": 0.05, "probe": (4, False, 1024, [0.01], [0.0], 0.0), "finetune": "S"},
+    "vit_base_400ep": {"knn": 0.04, "probe": (1, True, 512, [0.002], [0.0], 1e-5), "finetune": "B"},
+    "vit_large_250ep": {
+        "knn": 0.04,
+        "probe": (1, True, 1024, LARGE_PROBE_LRS, [0.0, 1e-6, 1e-5, 1e-4, 1e-3], 1e-5),
+        "finetune": "L",
+    },
+}
+# epochs, global batch, lr, warm-up epochs, layer decay, drop path
+AUTHORS_FINETUNING = {
+    "S": (200, 1024, 1.2e-3, 20, 0.55, 0.1),
+    "B": (100, 1024, 1.2e-3, 20, 0.55, 0.2),
+    "L": (50, 512, 8e-4, 5, 0.75, 0.3),
+}
+
+
+def test_every_published_preset_carries_the_authors_evaluation_recipe() -> None:
+    assert set(AUTHORS_EVALUATION) == set(PRESETS) - {"demo"}
+    for preset, recipe in AUTHORS_EVALUATION.items():
+        config = config_from_dict({"preset": preset})
+        evaluate, finetune = config.evaluate, config.finetune
+        assert evaluate.knn_temperature == recipe["knn"], preset
+        assert evaluate.linear_protocol == "augmented" and evaluate.linear_epochs == 100, preset
+        blocks, avgpool, batch, lrs, weight_decays, min_lr = recipe["probe"]
+        assert (evaluate.linear_n_last_blocks, evaluate.linear_avgpool) == (blocks, avgpool), preset
+        assert evaluate.linear_batch_size == batch, preset
+        assert evaluate.linear_lrs == pytest.approx(lrs, rel=1e-12), preset
+        assert evaluate.linear_weight_decays == weight_decays and evaluate.linear_min_lr == min_lr, preset
+        assert (
+            finetune.epochs,
+            finetune.batch_size,
+            finetune.lr,
+            finetune.warmup_epochs,
+            finetune.layer_decay,
+            finetune.drop_path_rate,
+        ) == pytest.approx(AUTHORS_FINETUNING[recipe["finetune"]], rel=1e-12), preset

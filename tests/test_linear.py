@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mugs.evaluation.features import FeatureSet
-from mugs.evaluation.linear import head_logits, init_heads, linear_evaluate, train_linear_probes
+from mugs.evaluation.heads import SweepSettings, head_logits, init_heads
+from mugs.evaluation.linear import linear_evaluate, train_linear_probes
 
 
 def blobs(per_class: int, seed: int, classes: int = 4, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,10 +96,7 @@ def test_the_reported_head_is_the_best_on_val_not_on_test() -> None:
         feature_set(train_x, train_y),
         feature_set(val_x, val_y),
         feature_set(test_x, test_y),
-        lrs=lrs,
-        weight_decays=[0.0],
-        epochs=epochs,
-        batch_size=batch,
+        SweepSettings(lrs, [0.0], epochs, batch),
     )
     assert result["selected"] == {"lr": 0.0, "weight_decay": 0.0, "epoch": 1, "val_top1": 1.0}
     predicted = head_logits(weight, bias, test_x)[0].argmax(dim=1)

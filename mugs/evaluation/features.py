@@ -8,8 +8,10 @@ A feature row is the concatenation of the class tokens of the last ``layers`` bl
 backbone's final norm, optionally followed by the mean of the last block's normed patch tokens
 (``layers=1, avgpool=False`` is the kNN feature: the CLS token after the final norm).
 
-Rows are written straight into a file-backed tensor, so extracting an ImageNet-size split holds one
-batch in memory rather than the whole ``N × D`` matrix; cached files are opened memory-mapped.
+Extraction is sharded over the ranks of a process group, batch by batch, bit-identical to one
+process (:func:`_extract_rows`). Rows are written straight into a file-backed tensor, so extracting an
+ImageNet-size split holds one batch in memory rather than the whole ``N × D`` matrix; cached files are
+opened memory-mapped.
 A cache file is written under a temporary name, synced and renamed, then its size and SHA-256 go
 into a sidecar (``<name>.integrity.json``); a cache whose bytes do not match the sidecar (truncated,
 corrupt, or the sidecar missing) is extracted again.
@@ -17,8 +19,10 @@ corrupt, or the sidecar missing) is extracted again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -28,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from mugs import distributed
 from mugs.config import Config
 from mugs.files import file_sha256
 from mugs.model.backbone import MugsViT, create_backbone
@@ -41,11 +47,13 @@ from mugs.training.checkpoint import atomic_save, backbone_state, load_checkpoin
 
 __all__ = [
     "FeatureSet",
+    "coarse_map",
     "eval_geometry",
     "eval_transform",
     "evaluation_features",
     "extract_features",
     "feature_cache_path",
+    "features_of_batch",
     "load_backbone",
     "load_feature_file",
 ]
@@ -78,13 +86,21 @@ class FeatureSet:
 
         Derived from the (fine, coarse) pairs; a fine class seen with two coarse labels is an error.
         """
-        if self.coarse_labels is None:
-            return None
-        mapping = torch.full((self.num_classes,), -1, dtype=torch.int64)
-        mapping[self.labels] = self.coarse_labels
-        if not torch.equal(mapping[self.labels], self.coarse_labels):
-            raise ValueError("a fine class maps to more than one coarse class")
-        return mapping
+        return (
+            None
+            if self.coarse_labels is None
+            else coarse_map(self.labels, self.coarse_labels, self.num_classes)
+        )
+
+
+def coarse_map(labels: Tensor, coarse_labels: Tensor, num_classes: int) -> Tensor:
+    """``[num_classes]`` coarse label of each fine class seen in the ``(labels, coarse_labels)`` pairs
+    (-1 for one absent); a fine class seen with two coarse labels is an error."""
+    mapping = torch.full((num_classes,), -1, dtype=torch.int64)
+    mapping[labels] = coarse_labels
+    if not torch.equal(mapping[labels], coarse_labels):
+        raise ValueError("a fine class maps to more than one coarse class")
+    return mapping
 
 
 def eval_geometry(global_size: int) -> list[nn.Module]:
@@ -246,12 +262,67 @@ def _load_verified_cache(path: Path) -> FeatureSet | None:
     return None
 
 
-def _features_of_batch(backbone: MugsViT, images: Tensor, layers: int, avgpool: bool) -> Tensor:
+def features_of_batch(backbone: MugsViT, images: Tensor, layers: int, avgpool: bool) -> Tensor:
+    """The feature rows of ``images``: the CLS tokens of the last ``layers`` blocks after the final
+    norm, then (``avgpool``) the mean of the last block's normed patch tokens."""
     outputs = backbone.get_intermediate_layers(images, n=layers, return_prefix_tokens=True, norm=True)
     parts = [prefix[:, 0] for _, prefix in outputs]
     if avgpool:
         parts.append(outputs[-1][0].mean(dim=1))
     return torch.cat(parts, dim=1)
+
+
+def _extract_rows(
+    backbone: MugsViT,
+    dataset: Dataset,
+    features: Tensor | None,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    layers: int,
+    avgpool: bool,
+    description: str,
+    progress: bool,
+) -> None:
+    """Fill ``features [N, D]`` (the main rank's; None elsewhere) with the rows of ``dataset``, sharded
+    over the ranks of the default process group, or all here when there is none.
+
+    The split is cut into the batches one process would use and in round ``j`` rank ``r`` computes batch
+    ``j · world + r``, so every image goes through the backbone in the same batch as in one process
+    and the rows are bit-identical to its. Each round's batches are gathered to the main rank, which
+    alone holds the rows.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    dim = backbone.embed_dim * (layers + int(avgpool))
+    n_batches = math.ceil(len(dataset) / batch_size)
+    batches = [range(b * batch_size, min((b + 1) * batch_size, len(dataset))) for b in range(n_batches)]
+    loader = iter(
+        DataLoader(
+            dataset,
+            batch_sampler=[list(batch) for batch in batches[rank::world]],
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    # gloo gathers host tensors, NCCL device ones
+    gather_device = device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
+    with progress_display(progress, main_process=rank == 0) as bar:
+        task = bar.add_task(description, total=len(dataset), unit="images")
+        for first in range(0, n_batches, world):
+            rows = torch.zeros(batch_size, dim, device=gather_device)
+            if first + rank < n_batches:  # in the last round a rank may have no batch, yet it gathers
+                images, _labels = next(loader)
+                batch = features_of_batch(backbone, images.to(device, non_blocking=True), layers, avgpool)
+                rows[: len(batch)] = batch.float()
+            parts = [rows]
+            if world > 1:
+                parts = [torch.empty_like(rows) for _ in range(world)] if rank == 0 else None
+                dist.gather(rows, parts, dst=0)
+            if features is not None:
+                for part, index in zip(parts, batches[first : first + world], strict=False):
+                    features[index.start : index.stop] = part[: len(index)].cpu()
+                bar.update(task, completed=batches[min(first + world, n_batches) - 1].stop)
 
 
 @torch.inference_mode()
@@ -272,10 +343,10 @@ def extract_features(
     Returns the cached file when one with the same key exists (checkpoint SHA-256, split and its
     manifest hash, network, layers, avgpool, normalisation, recipe version) and passes its size and
     checksum check; otherwise extracts in batches of ``config.evaluate.batch_size`` on ``device``
-    (default ``config.evaluate.device``) and writes the cache atomically.
+    (default ``config.evaluate.device``) and writes the cache atomically. In a process group every rank
+    calls it: they share the batches, the main rank writes the file, and all return it.
     """
     from mugs.data.datasets import open_split, read_stats
-    from mugs.distributed import resolve_device
 
     if layers <= 0:
         raise ValueError(f"layers must be positive, got {layers}")
@@ -288,39 +359,42 @@ def extract_features(
     if path.is_file() and (cached := _load_verified_cache(path)) is not None:
         return cached
 
-    device = torch.device(device) if device is not None else resolve_device(config.evaluate.device)
+    device = (
+        torch.device(device) if device is not None else distributed.resolve_device(config.evaluate.device)
+    )
     backbone, trained = load_backbone(load_checkpoint(checkpoint), network)
     backbone.to(device)
     prepared = config.data.prepared_dir
     mean, std = read_stats(prepared)
     dataset = open_split(prepared, split, eval_transform(trained.augment.global_size, mean, std))
-    loader = DataLoader(
+    extract = functools.partial(
+        _extract_rows,
+        backbone,
         dataset,
         batch_size=config.evaluate.batch_size,
-        shuffle=False,
         num_workers=config.evaluate.num_workers,
-        pin_memory=device.type == "cuda",
+        device=device,
+        layers=layers,
+        avgpool=avgpool,
+        description=f"features {split} ({network})",
+        progress=progress,
     )
+    if distributed.rank() != 0:
+        extract(None)
+        dist.barrier()  # the main rank has written the cache
+        return load_feature_file(path)
     dim = backbone.embed_dim * (layers + int(avgpool))
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, buffer_path = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".bin", dir=path.parent)
     os.close(descriptor)
     try:
         features = torch.from_file(buffer_path, shared=True, size=len(dataset) * dim, dtype=torch.float32)
-        features = features.view(len(dataset), dim)
-        with progress_display(progress) as bar:
-            task = bar.add_task(f"features {split} ({network})", total=len(dataset), unit="images")
-            start = 0
-            for images, _labels in loader:
-                batch = _features_of_batch(backbone, images.to(device, non_blocking=True), layers, avgpool)
-                features[start : start + len(batch)] = batch.float().cpu()
-                start += len(batch)
-                bar.update(task, completed=start)
+        extract(features.view(len(dataset), dim))
         _key, settings = _cache_key(file_sha256(checkpoint), split, network, layers, avgpool, config)
         payload = {
             "format": FORMAT,
             "meta": {**settings, "global_size": trained.augment.global_size, "arch": trained.model.arch},
-            "features": features,
+            "features": features.view(len(dataset), dim),
             "labels": torch.from_numpy(dataset.labels.copy()),
             "coarse_labels": None
             if dataset.coarse_labels is None
@@ -331,6 +405,8 @@ def extract_features(
         _save_cache(payload, path)
     finally:
         Path(buffer_path).unlink(missing_ok=True)
+    if distributed.world_size() > 1:
+        dist.barrier()
     return load_feature_file(path)
 
 

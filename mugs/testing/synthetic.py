@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
@@ -19,3 +21,18 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.pixels[index]), index % self.classes
+
+
+def write_imagefolder(
+    root: Path, sizes: dict[str, int], *, classes: int = 2, side: int = 28, seed: int = 0
+) -> Path:
+    """An ``imagefolder`` dataset of random PNGs under ``root``: ``sizes[split]`` images per split, labels
+    ``i % classes``, in ``root/<split>/c<label>/<i>.png``."""
+    for offset, (split, size) in enumerate(sizes.items()):
+        images = SyntheticImages(size, side, classes, seed + offset)
+        for index in range(size):
+            image, label = images[index]
+            directory = root / split / f"c{label}"
+            directory.mkdir(parents=True, exist_ok=True)
+            image.save(directory / f"{index:05d}.png")
+    return root
