@@ -118,13 +118,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.launcher:
         config.launch.launcher = args.launcher
     if config.launch.launcher == "slurm":
-        from mugs.launch.slurm import SlurmJobError, launch_slurm
+        from mugs.launch.slurm import SlurmJobError, StoppedWaiting, launch_slurm
 
         try:
             result = launch_slurm(config, progress=not args.no_progress)
         except SlurmJobError as error:
             console.print(f"[bold red]SLURM:[/] {error}")
             return 1
+        except StoppedWaiting as stopped:
+            console.print(str(stopped), soft_wrap=True)
+            return 128 + int(stopped.received)
     else:
         from mugs.launch.local import launch_local
 

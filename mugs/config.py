@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 import warnings
 from collections.abc import Sequence
@@ -452,11 +453,35 @@ def config_from_dict(
 PIPELINE_KEYS = ("runs", "protocols", "resources", "container_image")
 
 
-def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
-    """One run's plain values from a pipeline file: shared values, then ``runs[run]`` on top.
+# A run's name: it names directories and commands, and is the workflow's `{run}` wildcard
+# (workflow/rules/common.smk imports it; the schema's `runs:` pattern is the same).
+RUN_NAME = "[A-Za-z0-9_-]+"
+# the values in which `{run}` stands for the run's name
+RUN_PLACEHOLDER_KEYS = (("train", "output_dir"), ("evaluate", "cache_dir"))
 
-    ``{run}`` in ``train.output_dir`` and ``evaluate.cache_dir`` is replaced by the run's name.
-    """
+
+def check_run_name(run: str) -> str:
+    """``run``, if it is a valid run name (:data:`RUN_NAME`); else a ``ConfigError`` naming it."""
+    if not re.fullmatch(RUN_NAME, run):
+        raise ConfigError(
+            f"run name {run!r} may hold only letters, digits, '_' and '-' ({RUN_NAME}): "
+            "it names the run's directories and the workflow's targets"
+        )
+    return run
+
+
+def substitute_run(config: Config, run: str) -> Config:
+    """Replace ``{run}`` in the :data:`RUN_PLACEHOLDER_KEYS` values with the run's name (after every
+    override, so that ``--set train.output_dir=…/{run}`` works as the file's value does)."""
+    for section, key in RUN_PLACEHOLDER_KEYS:
+        part = getattr(config, section)
+        setattr(part, key, getattr(part, key).replace("{run}", run))
+    return config
+
+
+def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
+    """One run's plain values from a pipeline file: shared values, then ``runs[run]`` on top (``{run}``
+    is left for :func:`substitute_run`)."""
     values = dict(values)
     runs = values.pop("runs", None)
     for key in PIPELINE_KEYS:
@@ -465,15 +490,11 @@ def resolve_run(values: dict[str, Any], run: str | None) -> dict[str, Any]:
         if runs:
             raise ConfigError(f"this file defines runs ({', '.join(runs)}): choose one with --run NAME")
         return values
+    check_run_name(run)
     if not runs or run not in runs:
         known = ", ".join(runs) if runs else "none"
         raise ConfigError(f"unknown run {run!r}; runs defined under 'runs:': {known}")
-    merged = merge_values(values, runs[run] or {})
-    for section, key in (("train", "output_dir"), ("evaluate", "cache_dir")):
-        text = merged.get(section, {}).get(key)
-        if isinstance(text, str) and "{run}" in text:
-            merged[section] = {**merged[section], key: text.replace("{run}", run)}
-    return merged
+    return merge_values(values, runs[run] or {})
 
 
 def files_shaping_run(paths: Sequence[str | Path], run: str) -> list[str]:
@@ -501,6 +522,7 @@ def load_config(
     for path in paths:
         values = merge_values(values, read_yaml(path))
     try:
-        return config_from_dict(resolve_run(values, run), overrides, preset)
+        config = config_from_dict(resolve_run(values, run), overrides, preset)
     except ConfigError as error:
         raise ConfigError(f"{' + '.join(map(str, paths))}: {error}") from None
+    return config if run is None else substitute_run(config, run)

@@ -30,16 +30,21 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def resolve_device(choice: str) -> torch.device:
-    """The device of a ``device`` setting: "auto" is this process's current GPU when one is visible."""
+def resolve_device(choice: str, setting: str = "train.device") -> torch.device:
+    """The device of a ``device`` setting: "auto" is this process's current GPU when one is visible.
+
+    A GPU asked for where none is visible is a ``ValueError`` naming ``setting``: a refusal before any
+    work, not a crash."""
     if choice == "auto":
         return (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()
             else torch.device("cpu")
         )
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible")
+    if choice.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{setting} is {choice!r} but no CUDA device is visible (CUDA_VISIBLE_DEVICES, drivers)"
+        )
     return torch.device(choice)
 
 
@@ -110,6 +115,15 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None = None)
     reduced = tensor.clone()
     dist.all_reduce(reduced, group=group)
     return reduced
+
+
+def all_gather_objects(value: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order; ``[value]`` when not distributed."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:

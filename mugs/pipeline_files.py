@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from mugs.config import CONFIG, config_from_dict
+from mugs.config import CONFIG, RUN_NAME, config_from_dict
 
 SCHEMA_PATH = Path("workflow/schemas/config.schema.yaml")
 # each run of a pipeline file writes its own directory
@@ -101,7 +101,7 @@ def schema() -> dict[str, Any]:
                 "description": "named runs, each a set of overrides on top of the shared values",
                 "type": "object",
                 "minProperties": 1,
-                "propertyNames": {"pattern": "^[A-Za-z0-9_-]+$"},
+                "propertyNames": {"pattern": f"^{RUN_NAME}$"},
                 "additionalProperties": run,
             },
             "protocols": {

@@ -12,8 +12,10 @@ import pytest
 from mugs.config import (
     CONFIG,
     PRESETS,
+    RUN_NAME,
     ConfigError,
     ConfigWarning,
+    check_run_name,
     config_from_dict,
     files_shaping_run,
     load_config,
@@ -225,3 +227,26 @@ def test_the_schema_takes_the_numeric_text_the_configuration_takes() -> None:
         )
     for text in ("fast", "nan", "inf"):
         assert not re.match(NUMERIC_TEXT, text)
+
+
+def test_run_is_substituted_after_the_overrides(base: Path) -> None:
+    """``--set train.output_dir=…/{run}`` is the file's value's equal (it made a directory named {run})."""
+    config = load_config(
+        base, ["train.output_dir=elsewhere/{run}", "evaluate.cache_dir=cache/{run}"], run="demo"
+    )
+    assert (config.train.output_dir, config.evaluate.cache_dir) == ("elsewhere/demo", "cache/demo")
+    assert load_config(base, run="small-lr").train.output_dir == "results/small-lr/pretrain"
+
+
+def test_one_rule_for_run_names(base: Path, capsys: pytest.CaptureFixture) -> None:
+    """`mugs pretrain --run` refuses what the workflow's schema and wildcard refuse, naming the run."""
+    from mugs.cli import main
+
+    schema = read_yaml(Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml")
+    assert schema["properties"]["runs"]["propertyNames"]["pattern"] == f"^{RUN_NAME}$"
+    assert check_run_name("small-lr_2") == "small-lr_2"
+    base.write_text(BASE + "  'a;b': {}\n")
+    assert main(["pretrain", "--config", str(base), "--run", "a;b", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "run name 'a;b' may hold only letters, digits" in err and RUN_NAME in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -395,3 +395,21 @@ def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path):
     (tmp_path / "fm").mkdir()
     with pytest.raises(DataError, match=r"lacks train-images-idx3-ubyte.gz.*mugs demo-data"):
         run_prepare(DataConfig(root=str(tmp_path / "fm"), prepared_dir=str(tmp_path / "o")), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"), [("self", "symlink loop (too many levels"), ("..", "points back")]
+)
+def test_a_class_directory_that_loops_is_reported_and_never_a_class(tmp_path, target, reason):
+    """A class directory linked to itself, or to its split's parent (``loop -> ..``): in
+    bad-files.json, not a class (the second made a class of every image again)."""
+    root = tree(tmp_path / "data", {"train": {"cat": 2, "dog": 2}})
+    os.symlink(target, root / "train" / "self")
+    run_prepare(config(tmp_path, root, val_fraction=0.5), progress=False)
+    out = tmp_path / "out"
+    report = json.loads((out / "bad-files.json").read_text())
+    assert [(b["path"], b["split"]) for b in report] == [("train/self", "train")]
+    assert reason in report[0]["reason"]
+    assert json.loads((out / "summary.json").read_text())["classes"] == 2
+    paths = sorted(r["path"] for split in ("train", "val") for r in read_rows(out, split))
+    assert paths == [f"train/{c}/{i}.png" for c in ("cat", "dog") for i in range(2)]

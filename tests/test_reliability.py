@@ -21,10 +21,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from mugs.files import atomic_write_text
 from mugs.rundir import RunDir
-from mugs.testing.compare import assert_same_run, log_records
+from mugs.testing.compare import assert_same_checkpoint, assert_same_run, log_records
 from mugs.training import checkpoint as ckpt
 from mugs.training.log import MetricsLog
 
@@ -102,6 +103,23 @@ def test_stopping_and_resuming_is_exact(server: Server, reference, tmp_path: Pat
     assert (stopped["global_iteration"], stopped["iteration_in_epoch"]) == (4, 1)
     assert server.run(run_dir, "--set", loader) == 0
     assert_same_run(run_dir, reference[0])
+
+
+def test_a_checkpoint_without_a_log_window_still_resumes(server: Server, reference, tmp_path: Path) -> None:
+    """Checkpoints written before the log window was kept resume with an empty window: the same
+    checkpoints, only the first log line after the stop averages fewer iterations."""
+    run_dir = tmp_path / "run"
+    assert server.run(run_dir, "--set", "train.max_iterations=4") == 0
+    latest = RunDir(run_dir).latest
+    payload = ckpt.load_checkpoint(latest)
+    assert payload.pop("log_window")[0]["steps"] == 1  # iteration 4, after the line at 3
+    ckpt.atomic_save(payload, latest)
+    assert server.run(run_dir) == 0, server.stderr.read_text()
+    for path in sorted(RunDir(reference[0]).checkpoints.iterdir()):
+        assert_same_checkpoint(RunDir(run_dir).checkpoints / path.name, path)
+    resumed = {r["global_iteration"]: r for r in log_records(run_dir) if r["type"] == "iteration"}
+    expected = {r["global_iteration"]: r for r in log_records(reference[0]) if r["type"] == "iteration"}
+    assert resumed[6]["loss"] != expected[6]["loss"] and resumed[9] == expected[9]
 
 
 DEVICE_BACKEND = "augment.backend=device"
@@ -193,14 +211,18 @@ def test_sigkill_at_random_moments(server: Server, reference, tmp_path: Path) ->
     assert kills >= 10
 
 
-def _wait_for_iterations(run_dir: Path, count: int, timeout: float = 120.0) -> None:
+def _wait_for_iteration(run_dir: Path, iteration: int, timeout: float = 120.0) -> None:
+    """Wait for a log record at ``iteration`` or later (one comes every 3 iterations)."""
     deadline = time.monotonic() + timeout
     log = run_dir / "log.jsonl"
     while time.monotonic() < deadline:
-        if log.exists() and log.read_text().count('"type": "iteration"') >= count:
+        if (
+            log.exists()
+            and max((r["global_iteration"] for r in log_records(run_dir)), default=0) >= iteration
+        ):
             return
         time.sleep(0.05)
-    raise AssertionError(f"{log} did not reach {count} iterations")
+    raise AssertionError(f"{log} did not reach iteration {iteration}")
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
@@ -209,13 +231,13 @@ def test_a_signal_stops_cleanly_with_a_checkpoint(
 ) -> None:
     run_dir = tmp_path / "run"
     pid = server.start(run_dir, "--step-delay", "0.3")
-    _wait_for_iterations(run_dir, 2)
+    _wait_for_iteration(run_dir, 2)
     os.kill(pid, stop_signal)
     assert server.wait() == 128 + stop_signal
     stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)["global_iteration"]
     message = server.stderr.read_text()
     assert f"stopped by {stop_signal.name} at global iteration {stopped}," in message
-    assert "Traceback" not in message and 2 <= stopped < 9
+    assert "Traceback" not in message and 2 <= stopped < 9 and stopped % 3, "stopped on a log line"
     assert max(r["global_iteration"] for r in log_records(run_dir)) <= stopped
     server.finish(run_dir)
     assert_same_run(run_dir, reference[0])
@@ -224,7 +246,7 @@ def test_a_signal_stops_cleanly_with_a_checkpoint(
 def test_a_second_signal_aborts_at_once(server: Server, reference, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     pid = server.start(run_dir, "--step-delay", "0.5")
-    _wait_for_iterations(run_dir, 1)
+    _wait_for_iteration(run_dir, 1)
     os.kill(pid, signal.SIGTERM)
     time.sleep(0.1)
     os.kill(pid, signal.SIGTERM)
@@ -260,12 +282,13 @@ def two_rank_reference(tmp_path_factory) -> Path:
 
 def _stop_two_ranks(run_dir: Path, send: Callable[[subprocess.Popen], None], name: str) -> int:
     process = _spawn(run_dir, "--nprocs", "2", "--step-delay", "0.3", "--set", "train.num_workers=1")
-    _wait_for_iterations(run_dir, len(log_records(run_dir)) + 2)
+    _wait_for_iteration(run_dir, _iterations_done(run_dir) + 2)
     send(process)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.Signals[name], err
     stopped = ckpt.load_checkpoint(RunDir(run_dir).latest)["global_iteration"]
     assert f"stopped by {name} at global iteration {stopped}," in err and "Traceback" not in err
+    assert stopped % 3, "stopped on a log line: the resumed log would not test the log window"
     return stopped
 
 
@@ -299,7 +322,7 @@ def test_two_ranks_of_the_device_backend_stop_and_resume_exactly(tmp_path: Path)
 def test_a_second_start_is_refused_while_the_first_runs(server: Server, reference, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = _spawn(run_dir, "--step-delay", "1.0")
-    _wait_for_iterations(run_dir, 1)
+    _wait_for_iteration(run_dir, 1)
     assert server.run(run_dir) == 2
     err = server.stderr.read_text()
     assert f"in use by pid {first.pid} on" in err and "Traceback" not in err
@@ -308,6 +331,104 @@ def test_a_second_start_is_refused_while_the_first_runs(server: Server, referenc
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err
     assert_same_run(run_dir, reference[0])
+
+
+def _wait_for_lock(run_dir: Path, timeout: float = 300.0) -> None:
+    """Wait until a launcher holds the run's lock (its holder is written into the lock file)."""
+    deadline = time.monotonic() + timeout
+    lock = RunDir(run_dir).lock
+    while not (lock.exists() and lock.stat().st_size):
+        assert time.monotonic() < deadline, f"{lock} was not taken"
+        time.sleep(0.05)
+
+
+def test_a_second_two_rank_start_is_refused_at_once(server: Server, tmp_path: Path) -> None:
+    """The launcher takes the lock for its ranks before it spawns them: one line, exit 2, no rank started
+    (the ranks used to start, and the refusal came after 63-94 s in a nested traceback)."""
+    run_dir = tmp_path / "run"
+    first = server.start(run_dir, "--step-delay", "10")  # still training when the second has started
+    _wait_for_lock(run_dir)
+    started = time.monotonic()
+    second = _spawn(run_dir, "--nprocs", "2")
+    _, err = second.communicate(timeout=120)
+    refused_after = time.monotonic() - started
+    assert second.returncode == 2, err
+    assert f"in use by pid {first} on" in err and str(RunDir(run_dir).lock) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    print(f"a 2-rank start refused after {refused_after:.1f} s (the process's imports included)")
+    assert refused_after < 60
+    os.kill(first, signal.SIGTERM)
+    assert server.wait() == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_two_ranks_stopped_while_starting_stop_as_one_rank_does(tmp_path: Path, name: str) -> None:
+    """A stop while the ranks import and set up (before the first checkpoint): the ranks take it once
+    their handler is in place, so the run stops after its first iteration with a checkpoint, the line
+    and exit code of a 1-rank run; no rank is killed with a traceback. SIGTERM goes to the launcher,
+    SIGINT to the whole process group (Ctrl-C)."""
+    run_dir = tmp_path / "run"
+    process = _spawn(run_dir, "--nprocs", "2")
+    _wait_for_lock(run_dir)  # the launcher holds it, its ranks are about to start
+    time.sleep(0.5)
+    assert not RunDir(run_dir).checkpoints.exists()
+    if name == "SIGTERM":
+        process.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.Signals[name], err
+    assert f"stopped by {name} at global iteration 1," in err and "Traceback" not in err, err
+    assert _iterations_done(run_dir) == 1
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (hidden ones included) with its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def test_a_refused_resume_leaves_the_run_directory_as_it_was(
+    server: Server, reference, tmp_path: Path
+) -> None:
+    """Other result settings, or a checkpoint whose config has a key this version does not know: exit 2
+    naming the keys, and not a byte of the run directory changed (config.yaml used to record the
+    refused settings, which describe no checkpoint in it)."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(reference[0]), str(run_dir)], check=True)
+    (run_dir / "DONE").unlink()
+    before = _files(run_dir)
+    assert server.run(run_dir, "--set", "optim.lr=0.5", "--set", "optim.epochs=2") == 2
+    message = server.stderr.read_text()
+    assert "different configuration (optim.epochs, optim.lr)" in message and "Traceback" not in message
+    assert _files(run_dir) == before
+
+    latest = RunDir(run_dir).latest
+    payload = ckpt.load_checkpoint(latest)
+    payload["config"]["model"]["from_a_later_version"] = 1
+    ckpt.atomic_save(payload, latest)
+    before = _files(run_dir)
+    assert server.run(run_dir) == 2
+    message = server.stderr.read_text()
+    assert "model.from_a_later_version" in message and "Traceback" not in message
+    assert _files(run_dir) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_missing_gpu_is_refused_before_the_run_directory_is_made(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    settings = ["--set", f"train.output_dir={run_dir}", "--set", "train.device=cuda"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mugs", "pretrain", "--preset", "demo", "--no-progress", *settings],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "train.device is 'cuda' but no CUDA device is visible" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not run_dir.exists()
 
 
 def test_a_kept_checkpoint_lost_for_good_blocks_done(server: Server, reference, tmp_path: Path) -> None:

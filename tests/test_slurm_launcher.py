@@ -6,10 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import submitit
+import yaml
 
 from mugs.config import Config, config_from_dict
 from mugs.launch import slurm
@@ -32,6 +37,7 @@ from mugs.launch.slurm import (
 )
 from mugs.rundir import RunDir
 from mugs.training.engine import TrainResult
+from mugs.training.run_lock import RunLockedError
 
 PARTITIONS = {
     "cpu": Partition("cpu", nodes=2, max_gpus_per_node=0, default=True),
@@ -316,3 +322,93 @@ def test_the_job_checkpoints_after_the_iteration_then_requeues(
         assert job.checkpoint().function is job
     finally:
         signal.signal(usr2, previous)
+
+
+def test_a_run_directory_in_use_is_refused_before_submitting(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local run holding the run's lock: the SLURM launcher refuses at once, in one line, and submits
+    nothing (the job would have been refused inside SLURM, reported as a traceback)."""
+    run_dir = Path(config.train.output_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+        monkeypatch.setattr(slurm, "_submit", lambda *args: pytest.fail("submitted"))
+        with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid} on"):
+            launch_slurm(config, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD_LOCK = """
+import sys, time
+from mugs.training.run_lock import exclusive_run
+with exclusive_run(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_refusal_inside_the_job_reaches_the_launcher_as_itself(
+    config: Config, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The job returns what the run raised when it refused to start; the launcher raises it, so
+    `mugs pretrain` reports it in one line (exit 2), as for a local run."""
+    for key, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "5", "SLURM_NTASKS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    refusal = RunLockedError(f"{config.train.output_dir} is in use by pid 7 on elsewhere")
+
+    def refused(config: Config, *, stop_requested, progress: bool) -> TrainResult:
+        raise refusal
+
+    monkeypatch.setattr(slurm, "run_pretraining", refused)
+    usr2 = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+    previous = signal.getsignal(usr2)
+    try:
+        assert PretrainJob(config.to_dict())() is refusal
+    finally:
+        signal.signal(usr2, previous)
+
+    class FinishedJob:
+        def __init__(self, folder: str, job_id: str) -> None:
+            pass
+
+        def result(self) -> Exception:
+            return refusal
+
+    monkeypatch.setattr(slurm, "query_job", lambda job_id: JobStatus("COMPLETED"))
+    monkeypatch.setattr(slurm.submitit, "SlurmJob", FinishedJob)
+    with pytest.raises(RunLockedError, match="in use by pid 7"):
+        slurm.wait_for_job(JobRecord("5", str(tmp_path), 1, "now"), config)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_while_waiting_stops_the_launcher_not_the_job(
+    config: Config, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, stop: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM to `mugs pretrain --launcher slurm` while its job starts: one line, 128 + the
+    signal's number, no traceback (Ctrl-C was a KeyboardInterrupt traceback); the job runs on."""
+    from mugs.cli import main
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    monkeypatch.setattr(slurm, "_submit", lambda *args: JobRecord("43", "folder", 4, "now"))
+    monkeypatch.setattr(slurm, "query_job", lambda job_id: JobStatus("PENDING"))
+    monkeypatch.setattr(slurm, "settled_status", lambda job_id: JobStatus("PENDING"))
+    monkeypatch.setattr(slurm, "slurm_command", lambda *command: pytest.fail(f"ran {command}"))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), stop))
+    timer.start()
+    values = config.to_dict()
+    values["launch"]["poll_seconds"] = 60
+    config_file = Path(config.train.output_dir).parent / "config.yaml"
+    config_file.write_text(yaml.safe_dump(values))
+    started = time.monotonic()
+    assert main(["pretrain", "--config", str(config_file), "--no-progress"]) == 128 + stop
+    assert time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert f"stopped waiting for SLURM job 43 by {stop.name}: the job runs on" in err
+    assert "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -21,7 +21,6 @@ directory because it holds machine-specific mtimes and DVC deletes a stage's out
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -54,6 +53,8 @@ from mugs.data.sources import (
     fashion_mnist_split,
     imagefolder_coarse,
     imagefolder_layout,
+    loop_reason,
+    stat_reason,
     to_rgb,
 )
 from mugs.fashion_mnist import FASHION_MNIST_CLASSES
@@ -422,10 +423,10 @@ def _prepare_fashion_mnist(config: DataConfig, bar: Progress | PlainProgress) ->
 
 def _prepare_imagefolder(config: DataConfig, bar: Progress | PlainProgress, out: Path) -> dict[str, Any]:
     root = Path(config.root)
-    classes, layout = imagefolder_layout(root, config.classes)
+    classes, layout, not_classes = imagefolder_layout(root, config.classes)
     coarse = imagefolder_coarse(root, classes)
     class_dirs = [d for split in layout.values() for d in split]
-    bad: list[dict[str, str]] = []
+    bad: list[dict[str, str]] = [{"path": p, "split": s, "reason": r} for s, p, r in not_classes]
     ignored = 0
     # 1. list every class directory, in threads: on network file systems the stat calls dominate,
     # and they release the GIL, so no worker process has to start (a warm rerun starts none)
@@ -539,12 +540,13 @@ def _scan_class_dir(class_dir: ClassDir) -> tuple[ClassDir, tuple[list, list, in
             try:
                 info = os.stat(entry.path)
             except OSError as error:
-                problems.append((entry_rel, _stat_reason(entry.path, error)))
+                problems.append((entry_rel, stat_reason(entry.path, error)))
                 continue
             if stat.S_ISDIR(info.st_mode):
                 real = os.path.realpath(entry.path)
-                if any(a == real or a.startswith(real + os.sep) for a in ancestors):
-                    problems.append((entry_rel, f"symlink loop: points back to its ancestor {real}"))
+                loop = loop_reason(real, ancestors)
+                if loop:
+                    problems.append((entry_rel, loop))
                 else:
                     walk(entry.path, entry_rel, (*ancestors, real))
             elif os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
@@ -558,16 +560,6 @@ def _scan_class_dir(class_dir: ClassDir) -> tuple[ClassDir, tuple[list, list, in
 
     walk(str(class_dir.path), f"{class_dir.split}/{class_dir.name}", (os.path.realpath(class_dir.path),))
     return class_dir, (files, problems, ignored)
-
-
-def _stat_reason(path: str, error: OSError) -> str:
-    if error.errno == errno.ELOOP:
-        return "symlink loop (too many levels of symbolic links)"
-    if error.errno == errno.ENOENT and os.path.islink(path):
-        return f"dangling symlink to {os.readlink(path)}"
-    if error.errno == errno.EACCES:
-        return "unreadable: permission denied"
-    return f"cannot stat: {error.strerror}"
 
 
 def _read_file(path: str) -> bytes:

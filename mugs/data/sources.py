@@ -20,12 +20,15 @@ bags                Bag
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,9 +215,54 @@ class ClassDir:
     path: Path
 
 
-def imagefolder_layout(root: Path, classes: list[str] | None) -> tuple[list[str], dict[str, list[ClassDir]]]:
-    """Check the ``root/{train,val,test}/<class>/`` layout; returns the class names and, per split present,
-    its class directories. Missing or empty roots and class lists that differ between splits are errors.
+def stat_reason(path: str, error: OSError) -> str:
+    """Why ``os.stat(path)`` failed, for ``bad-files.json``."""
+    if error.errno == errno.ELOOP:
+        return "symlink loop (too many levels of symbolic links)"
+    if error.errno == errno.ENOENT and os.path.islink(path):
+        return f"dangling symlink to {os.readlink(path)}"
+    if error.errno == errno.EACCES:
+        return "unreadable: permission denied"
+    return f"cannot stat: {error.strerror}"
+
+
+def loop_reason(real: str, ancestors: Iterable[str]) -> str | None:
+    """Why a directory whose real path is ``real`` cannot be entered below ``ancestors`` (real paths):
+    it is one of them or holds one (a link to itself, to its parent, ...); None when it can."""
+    if any(a == real or a.startswith(real + os.sep) for a in ancestors):
+        return f"symlink loop: points back to its ancestor {real}"
+    return None
+
+
+def _class_entries(split_dir: Path, split: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The class directories of ``split_dir`` by name, and ``(split, path, reason)`` for each entry that
+    looks like one but cannot be: a link to itself, to its split or above (its images would come again
+    as a class of duplicates), or one that cannot be followed."""
+    names, problems = [], []
+    ancestors = [os.path.realpath(split_dir)]
+    for entry in os.scandir(split_dir):
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir = stat.S_ISDIR(os.stat(entry.path).st_mode)
+        except OSError as error:
+            if entry.is_symlink():
+                problems.append((split, f"{split}/{entry.name}", stat_reason(entry.path, error)))
+            continue
+        loop = loop_reason(os.path.realpath(entry.path), ancestors) if is_dir else None
+        if loop:
+            problems.append((split, f"{split}/{entry.name}", loop))
+        elif is_dir:
+            names.append(entry.name)
+    return sorted(names), problems
+
+
+def imagefolder_layout(
+    root: Path, classes: list[str] | None
+) -> tuple[list[str], dict[str, list[ClassDir]], list[tuple[str, str, str]]]:
+    """Check the ``root/{train,val,test}/<class>/`` layout; returns the class names, per split present
+    its class directories, and ``(split, path, reason)`` for the entries that cannot be classes
+    (:func:`_class_entries`). Missing or empty roots and class lists that differ between splits are errors.
     """
     if not root.exists():
         raise DataError(f"dataset root {root} does not exist")
@@ -228,11 +276,13 @@ def imagefolder_layout(root: Path, classes: list[str] | None) -> tuple[list[str]
             "(an ImageNet-style tree)"
         )
     per_split: dict[str, list[str]] = {}
+    not_classes: list[tuple[str, str, str]] = []
     for split in SPLITS:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
-        names = sorted(e.name for e in os.scandir(split_dir) if not e.name.startswith(".") and _is_dir(e))
+        names, problems = _class_entries(split_dir, split)
+        not_classes += problems
         if not names:
             raise DataError(f"split directory {split_dir} contains no class directories")
         per_split[split] = names
@@ -254,14 +304,7 @@ def imagefolder_layout(root: Path, classes: list[str] | None) -> tuple[list[str]
                     "classes in data.classes"
                 )
     layout = {split: [ClassDir(split, name, root / split / name) for name in chosen] for split in per_split}
-    return chosen, layout
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
+    return chosen, layout, not_classes
 
 
 def imagefolder_coarse(root: Path, classes: list[str]) -> tuple[list[str], list[int]] | None:

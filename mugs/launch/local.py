@@ -6,8 +6,10 @@ import ctypes
 import ctypes.util
 import dataclasses
 import os
+import pickle
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,10 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from mugs.config import Config, config_from_dict
-from mugs.launch.signals import StopOnSignals
+from mugs.distributed import resolve_device
+from mugs.launch.signals import STOP_SIGNALS, StopOnSignals
 from mugs.training.engine import TrainResult
-from mugs.training.pretrain import run_pretraining
+from mugs.training.pretrain import locked_run_directory, run_pretraining
 
 PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
@@ -51,6 +54,31 @@ def _worker(
     # the launcher passes each stop signal on as SIGTERM; the terminal's Ctrl-C, which reaches every
     # process of the group, would otherwise count twice here and abort the run
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with StopOnSignals((signal.SIGTERM,)) as stop:
+        # started with the stop signals blocked (see launch_local): one that came while this process
+        # started is taken now, by the handler, as it would be later
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        _stop_with_parent(parent)
+        try:
+            result = _train_rank(rank, world_size, port, config_values, dataset, mean_std, progress, stop)
+        except Exception as error:
+            # the launcher raises it as a 1-rank run would, rather than a rank's traceback
+            results.put(("error", _picklable(error)))
+            sys.exit(1)
+    if rank == 0:
+        results.put(("result", (result.status, result.global_iteration, str(result.checkpoint))))
+
+
+def _train_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    config_values: dict[str, Any],
+    dataset: Dataset | None,
+    mean_std: tuple | None,
+    progress: bool,
+    stop: StopOnSignals,
+) -> TrainResult:
     config = config_from_dict(config_values)
     backend = backend_for(config.train.device)
     if backend == "nccl":
@@ -58,19 +86,25 @@ def _worker(
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
-        with StopOnSignals((signal.SIGTERM,)) as stop:
-            _stop_with_parent(parent)
-            result = run_pretraining(
-                config,
-                dataset=dataset,
-                mean_std=mean_std,
-                stop_requested=stop,
-                progress=progress and rank == 0,
-            )
-        if rank == 0:
-            results.put((result.status, result.global_iteration, str(result.checkpoint)))
+        return run_pretraining(
+            config,
+            dataset=dataset,
+            mean_std=mean_std,
+            stop_requested=stop,
+            progress=progress and rank == 0,
+            locked=True,
+        )
     finally:
         dist.destroy_process_group()
+
+
+def _picklable(error: Exception) -> Exception:
+    """``error`` if the launcher can unpickle it, else a ``RuntimeError`` with its message."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:  # an exception class whose constructor takes other arguments than its message
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
 
 
 def _stop_with_parent(parent: int) -> None:
@@ -93,22 +127,48 @@ def launch_local(
     """Run pretraining here; with ``nprocs > 1`` spawn that many ranks (gloo on CPU, NCCL on GPUs).
 
     SIGTERM or SIGINT stops the run after the current iteration with a checkpoint (status
-    ``interrupted``, ``stopped_by`` the signal's name); a second one aborts it at once.
+    ``interrupted``, ``stopped_by`` the signal's name), also while the ranks start; a second one
+    aborts it at once. A refusal (no device, the run's lock held, a checkpoint it cannot resume) or
+    an error in a rank is raised here as in a 1-rank run.
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     if config.optim.batch_size % nprocs:
         raise ValueError(f"optim.batch_size={config.optim.batch_size} is not divisible by {nprocs} processes")
-    if nprocs == 1:
-        with StopOnSignals() as stop:
-            result = run_pretraining(
-                config, dataset=dataset, mean_std=mean_std, stop_requested=stop, progress=progress
-            )
-        return _named(result, stop)
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
+    # the launcher holds the lock for all its ranks: a second start is refused at once, before any
+    # rank starts; the device is checked first, so a refused start leaves no run directory behind
+    resolve_device(config.train.device)
     ranks: list[int] = []
-    with StopOnSignals(forward_to=lambda: ranks) as stop:
+    with StopOnSignals(forward_to=lambda: ranks) as stop, locked_run_directory(Path(config.train.output_dir)):
+        if nprocs == 1:
+            result = run_pretraining(
+                config,
+                dataset=dataset,
+                mean_std=mean_std,
+                stop_requested=stop,
+                progress=progress,
+                locked=True,
+            )
+        else:
+            result = _run_ranks(config, nprocs, dataset, mean_std, progress, stop, ranks)
+    return _named(result, stop)
+
+
+def _run_ranks(
+    config: Config,
+    nprocs: int,
+    dataset: Dataset | None,
+    mean_std: tuple | None,
+    progress: bool,
+    stop: StopOnSignals,
+    ranks: list[int],
+) -> TrainResult:
+    """Spawn the ranks and wait for them; the result of rank 0, or the error a rank raised."""
+    results = mp.get_context("spawn").SimpleQueue()
+    # the ranks inherit the blocked stop signals: one sent while they import and set up is held until
+    # their handler is in place, instead of killing them with a traceback here
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
         processes = mp.start_processes(
             _worker,
             args=(nprocs, free_port(), config.to_dict(), dataset, mean_std, progress, results, os.getpid()),
@@ -117,10 +177,21 @@ def launch_local(
             start_method="spawn",
         )
         ranks.extend(processes.pids())
+        if stop():  # it came before there were ranks to pass it on to
+            stop.forward()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+    try:
         while not processes.join():
             pass
-    status, iteration, checkpoint = results.get()
-    return _named(TrainResult(status, iteration, None if checkpoint == "None" else Path(checkpoint)), stop)
+    except mp.ProcessException:
+        if not results.empty():
+            kind, value = results.get()
+            if kind == "error":
+                raise value from None
+        raise
+    kind, (status, iteration, checkpoint) = results.get()
+    return TrainResult(status, iteration, None if checkpoint == "None" else Path(checkpoint))
 
 
 def _named(result: TrainResult, stop: StopOnSignals) -> TrainResult:

@@ -62,7 +62,7 @@ class StopOnSignals:
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         received = signal.Signals(signum)
-        self._forward()
+        self.forward()
         if self.received is None:
             self.received = received
             _say(f"got {received.name}: stopping after this iteration with a checkpoint (again to abort)")
@@ -71,7 +71,8 @@ class StopOnSignals:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
-    def _forward(self) -> None:
+    def forward(self) -> None:
+        """Pass SIGTERM on to the ``forward_to`` processes (a stop that came before they existed)."""
         for pid in self.forward_to():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)

@@ -33,8 +33,10 @@ from mugs.files import atomic_write_text
 from mugs.launch.distributed_env import slurm_process_group
 from mugs.launch.local import backend_for
 from mugs.rundir import RunDir
-from mugs.training.engine import TrainResult
+from mugs.training.checkpoint import MissingCheckpointError
+from mugs.training.engine import CollapseError, NonFiniteLossError, TrainResult
 from mugs.training.pretrain import run_pretraining
+from mugs.training.run_lock import RunLockedError, exclusive_run
 
 # a job in one of these states may still run: a launcher reattaches to it rather than submitting another
 ACTIVE_STATES = frozenset(
@@ -59,12 +61,27 @@ ACTIVE_STATES = frozenset(
 PREEMPTED_SETTLE_S = 60.0
 
 
+# what a run raises when it refuses to start or stops on its own, which `mugs pretrain` reports in one line
+REFUSALS = (ValueError, RunLockedError, MissingCheckpointError, NonFiniteLossError, CollapseError)
+
+
 class PreflightError(ValueError):
     """The run cannot be submitted as configured; the message lists every problem. Nothing was submitted."""
 
 
 class SlurmJobError(RuntimeError):
     """The SLURM job ended without finishing the run (failed, cancelled, out of time-outs, ...)."""
+
+
+class StoppedWaiting(Exception):
+    """The launcher was stopped (SIGINT, SIGTERM) while it waited; the job runs on, to reattach to."""
+
+    def __init__(self, job_id: str, received: signal.Signals) -> None:
+        self.job_id, self.received = job_id, received
+        super().__init__(
+            f"stopped waiting for SLURM job {job_id} by {received.name}: the job runs on; run the same "
+            f"command to reattach to it (scancel {job_id} stops it)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -82,15 +99,20 @@ class PretrainJob:
         self.config_values = config_values
         self._signalled = False
 
-    def __call__(self) -> TrainResult:
+    def __call__(self) -> TrainResult | Exception:
         env = submitit.JobEnvironment()
         config = config_from_dict(self.config_values)
         self._signalled = False
         usr_signal = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
         requeue = signal.getsignal(usr_signal)  # installed by submitit before it called us
         signal.signal(usr_signal, self._on_signal)
-        with slurm_process_group(env, backend_for(config.train.device)):
-            result = run_pretraining(config, stop_requested=self.stop_requested, progress=False)
+        try:
+            with slurm_process_group(env, backend_for(config.train.device)):
+                result = run_pretraining(config, stop_requested=self.stop_requested, progress=False)
+        except REFUSALS as error:
+            # the job's result, so that the launcher raises it as a local run does, in one line; as an
+            # exception here it would reach the launcher as a traceback inside submitit's error
+            return error
         if result.status == "interrupted" and callable(requeue):
             requeue(usr_signal, None)
         return result
@@ -485,6 +507,8 @@ def launch_slurm(
             console.print(f"reattaching to SLURM job {record.job_id} ({status.describe()}) of {run_dir}")
         else:
             check_before_submit(config, _partitions_or_none())
+            with exclusive_run(run_dir):  # a run that holds it (a local one) is refused now, in one line
+                pass
             for warning in preflight_warnings(config):
                 console.print(f"[yellow]warning:[/yellow] {warning}")
             if record is not None:
@@ -495,7 +519,22 @@ def launch_slurm(
             console.print(f"submitted SLURM job {record.job_id} for {run_dir}")
     if not wait:
         return record
-    return wait_for_job(record, config, console if progress else None)
+    return _wait_or_stop(record, config, console if progress else None)
+
+
+def _wait_or_stop(record: JobRecord, config: Config, console: Console | None) -> TrainResult:
+    """:func:`wait_for_job`; SIGINT or SIGTERM stops the waiting at once (:class:`StoppedWaiting`), never
+    the job."""
+
+    def stop(signum: int, frame: types.FrameType | None) -> None:
+        raise StoppedWaiting(record.job_id, signal.Signals(signum))
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return wait_for_job(record, config, console)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _partitions_or_none() -> dict[str, Partition] | None:
@@ -573,9 +612,12 @@ def wait_for_job(record: JobRecord, config: Config, console: Console | None = No
     if status.state == "COMPLETED":
         job = submitit.SlurmJob(folder=record.folder, job_id=record.job_id)
         try:
-            return job.result()
+            result = job.result()
         except Exception as error:  # submitit re-raises the job's exception
             raise SlurmJobError(f"SLURM job {record.job_id} completed without a result: {error}") from None
+        if isinstance(result, Exception):  # the run refused to start, or stopped on its own
+            raise result
+        return result
     tail = stderr.read_text(errors="replace")[-3000:] if stderr.exists() else "(no log)"
     raise SlurmJobError(
         f"SLURM job {record.job_id} ended {status.state}; starting the launcher again resubmits it and "

@@ -50,13 +50,14 @@ def reliability_dataset() -> SyntheticImages:
 def reliability_config(output_dir: str | Path, *overrides: str) -> Config:
     """The tiny configuration with what the published presets switch on and the demo off: drop path,
     weak/strong views with RandAugment and random erasing, several local crops; checkpoints every 2
-    iterations and every epoch kept, so that kills land between many writes."""
+    iterations and every epoch kept, so that kills land between many writes; a log line every 3
+    iterations, so that most stops fall between two log lines."""
     return tiny_training_config(
         output_dir,
         {
             "augment": {"n_local": 3, "weak_prob": 0.5, "erasing_prob": 0.5},
             "optim": {"epochs": 3},
-            "train": {"checkpoint_every": 2, "keep_every_epochs": 1},
+            "train": {"checkpoint_every": 2, "log_every": 3, "keep_every_epochs": 1},
             "model": {"drop_path_rate": 0.1, "depth": 2},
             "evaluate": {"linear_n_last_blocks": 1},
         },
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             mean_std=MEAN_STD,
             progress=False,
         )
-    except (RunLockedError, MissingCheckpointError) as error:  # as `mugs pretrain` reports them
+    except (RunLockedError, MissingCheckpointError, ValueError) as error:  # as `mugs pretrain` reports them
         print(f"error: {error}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started

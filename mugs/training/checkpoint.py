@@ -68,10 +68,12 @@ def training_payload(
     iterations_per_epoch: int | None = None,
     world_size: int | None = None,
     rng: list[dict[str, Any]] | None = None,
+    log_window: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The contents of a pretraining checkpoint, as the trainer writes and :func:`load_checkpoint` reads
     them: the networks', losses' (by name), optimizer's and scaler's states, where the run stands (in
-    finished epochs and iterations), every rank's RNG states and the config as a plain dict. What the
+    finished epochs and iterations), every rank's RNG states and log window (the losses since the last log
+    line) and the config as a plain dict. What the
     writer does not know (an imported file has no optimizer, data size or RNG states) is ``None``.
     """
     return {
@@ -88,6 +90,7 @@ def training_payload(
         "iterations_per_epoch": iterations_per_epoch,
         "world_size": world_size,
         "rng": rng,
+        "log_window": log_window,
         "config": config.to_dict(),
     }
 
@@ -217,12 +220,7 @@ def capture_rng_state() -> dict[str, Any]:
 
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's :func:`capture_rng_state`, in rank order (a collective: every rank calls it)."""
-    state = capture_rng_state()
-    if not distributed.is_distributed():
-        return [state]
-    gathered: list[Any] = [None] * distributed.world_size()
-    torch.distributed.all_gather_object(gathered, state)
-    return gathered
+    return distributed.all_gather_objects(capture_rng_state())
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -86,6 +87,7 @@ class Trainer:
         self.iteration_in_epoch = 0
         self.global_iteration = 0
         self._last_teacher = None
+        self.window = LogWindow()
         self._non_finite = NonFiniteWatch(["loss", *self.objective.losses], self.device)
 
     def _build_networks(self) -> None:
@@ -198,6 +200,7 @@ class Trainer:
             iterations_per_epoch=self.iterations_per_epoch,
             world_size=self.world_size,
             rng=ckpt.gather_rng_states(),
+            log_window=distributed.all_gather_objects(self.window.state(), self.host_group),
         )
 
     def save(self) -> Path | None:
@@ -226,6 +229,9 @@ class Trainer:
         self.iteration_in_epoch = payload["iteration_in_epoch"]
         self.global_iteration = payload["global_iteration"]
         ckpt.restore_rank_rng_state(payload["rng"], path)
+        windows = payload.get("log_window")  # absent from checkpoints written before it was kept
+        if windows is not None and len(windows) == self.world_size:
+            self.window.restore(windows[self.rank], self.device)
 
     def initialise_from(self, path: Path) -> None:
         """Start a new run from the weights, memories, queues and centre of another checkpoint (for
@@ -253,13 +259,16 @@ class Trainer:
 
     def _resume_or_start(self) -> MetricsLog:
         """Resume from this run's ``latest.pt``, else start (from ``train.init_from`` if set); the log
-        keeps only what the checkpoint has seen."""
+        keeps only what the checkpoint has seen. A checkpoint that cannot be resumed is refused before
+        anything is written, the run's ``config.yaml`` included."""
         latest = self.run_dir.latest
         resumed = latest.exists()
         if resumed:
             self.load(latest)
         elif self.config.train.init_from:
             self.initialise_from(Path(self.config.train.init_from))
+        if self.rank == 0:
+            atomic_write_text(self.run_dir.config, yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         log = MetricsLog(self.run_dir.log, enabled=self.rank == 0)
         log.truncate_after(self.global_iteration)
         if resumed and self.iteration_in_epoch == 0 and self.epoch > self.start_epoch:
@@ -272,9 +281,10 @@ class Trainer:
     ) -> bool:
         """Train up to global iteration ``end``; True when stopped early by ``stop_requested``."""
         task = bar.add_task("pretrain", total=end, completed=self.global_iteration, unit="iterations")
+        window = self.window
+        window.restart_clock()
         while self.global_iteration < end:
             self.sampler.set_position(self.epoch, self.iteration_in_epoch)
-            window = LogWindow()
             for batch in self.loader:
                 window.data_ready()
                 step_losses = self.train_step(self.finish_crops(batch), batch.weak_flags)
@@ -290,6 +300,7 @@ class Trainer:
             if self.iteration_in_epoch == self.iterations_per_epoch:
                 self.epoch += 1
                 self.iteration_in_epoch = 0
+                window.reset()  # a log line averages iterations of one epoch
                 self.save()
                 self._close_epoch(log)
         return False

@@ -30,11 +30,16 @@ class NonFiniteLossError(RuntimeError):
         self, epoch: int, iteration: int, losses: dict[str, float], checked_after: int | None = None
     ) -> None:
         self.epoch, self.iteration, self.losses = epoch, iteration, losses
+        self.checked_after = checked_after
         found = f"; found after {checked_after} iterations" if checked_after is not None else ""
         super().__init__(
             f"non-finite loss at global iteration {iteration} (epoch {epoch}): {losses}{found}; "
             "the last good checkpoint is left untouched and no log line follows it"
         )
+
+    def __reduce__(self) -> tuple:
+        # a rank's error travels to the launcher pickled
+        return type(self), (self.epoch, self.iteration, self.losses, self.checked_after)
 
 
 class CollapseError(RuntimeError):
@@ -120,7 +125,11 @@ def collapse_alarm(messages: list[str], global_iteration: int, *, announce: bool
 
 
 class LogWindow:
-    """Accumulates losses on device and times between log lines; reads them on the host only at log time."""
+    """Accumulates losses on device and times between log lines; reads them on the host only at log time.
+
+    Its sums and counts are part of a checkpoint (:meth:`state`, :meth:`restore`), so that a run
+    resumed between two log lines writes the records of an uninterrupted run; its timings are not.
+    """
 
     def __init__(self) -> None:
         self.reset()
@@ -129,6 +138,9 @@ class LogWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.images = 0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
         self.started = time.perf_counter()
         self.waited = 0.0
         self._wait_from = self.started
@@ -144,6 +156,20 @@ class LogWindow:
             self.sums[name] = self.sums.get(name, 0.0) + value
         self.steps += 1
         self.images += images // max(distributed.world_size(), 1)
+
+    def state(self) -> dict[str, Any]:
+        """This rank's loss sums (on the CPU) and counts since the last log line."""
+        return {
+            "sums": {name: value.detach().cpu() for name, value in self.sums.items()},
+            "steps": self.steps,
+            "images": self.images,
+        }
+
+    def restore(self, state: dict[str, Any], device: torch.device) -> None:
+        """Continue from a :meth:`state`; the clock starts now."""
+        self.reset()
+        self.sums = {name: value.to(device) for name, value in state["sums"].items()}
+        self.steps, self.images = state["steps"], state["images"]
 
     def mean_losses(self) -> dict[str, float]:
         names = sorted(self.sums)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import Dataset, Subset
 
 from mugs import distributed
 from mugs.config import Config
-from mugs.files import atomic_write_text, remove_stale_temporaries
+from mugs.files import remove_stale_temporaries
 from mugs.rundir import RunDir
 from mugs.training import checkpoint as ckpt
 from mugs.training.engine import Trainer, TrainResult
@@ -30,12 +29,6 @@ def training_dataset(config: Config) -> tuple[Dataset, tuple[tuple, tuple]]:
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.data.split_seed))
         dataset = Subset(dataset, sorted(order[:subset].tolist()))
     return dataset, read_stats(config.data.prepared_dir)
-
-
-def write_resolved_config(config: Config) -> Path:
-    return atomic_write_text(
-        RunDir(config.train.output_dir).config, yaml.safe_dump(config.to_dict(), sort_keys=False)
-    )
 
 
 @contextmanager
@@ -85,16 +78,18 @@ def run_pretraining(
     mean_std: tuple[tuple, tuple] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
     progress: bool = True,
+    locked: bool = False,
 ) -> TrainResult:
     """Train (or resume) the run in ``config.train.output_dir``; pass ``dataset`` to bypass the manifest.
 
-    The run directory is locked throughout: a second start fails at once (:class:`RunLockedError`).
+    The run directory is locked throughout: a second start fails at once (:class:`RunLockedError`);
+    with ``locked`` the caller (a launcher) holds the lock already. A start refused for want of the
+    device, the lock or a resumable checkpoint writes nothing into the run directory.
     """
-    with locked_run_directory(Path(config.train.output_dir)):
+    distributed.resolve_device(config.train.device)  # before the lock creates the run directory
+    with nullcontext() if locked else locked_run_directory(Path(config.train.output_dir)):
         if dataset is None:
             dataset, mean_std = training_dataset(config)
         assert mean_std is not None, "a dataset passed in needs its mean_std"
-        if distributed.is_main_process():
-            write_resolved_config(config)
         trainer = Trainer(config, dataset, mean_std=mean_std)
         return trainer.fit(stop_requested=stop_requested, progress=progress)

@@ -69,7 +69,9 @@ def exclusive_run(run_dir: str | Path) -> Iterator[Path]:
         }
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
-        yield lock_path
-        os.ftruncate(descriptor, 0)
+        try:
+            yield lock_path
+        finally:  # however the run ends, a refused start included
+            os.ftruncate(descriptor, 0)
     finally:
         os.close(descriptor)  # releases the lock

@@ -3,7 +3,7 @@ import json
 import os
 import sys
 
-from mugs.config import ConfigError, files_shaping_run, load_config, read_yaml
+from mugs.config import RUN_NAME, ConfigError, files_shaping_run, load_config, read_yaml
 from mugs.result_keys import RESULT_KEYS
 from mugs.rundir import WorkflowRun
 
@@ -61,7 +61,7 @@ envvars:
 
 
 wildcard_constraints:
-    run="[A-Za-z0-9_-]+",
+    run=RUN_NAME,
     evaluated="eval|random-init",
 
 
