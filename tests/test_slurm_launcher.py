@@ -17,12 +17,12 @@ import submitit
 import yaml
 
 from mugs.config import Config, config_from_dict
-from mugs.launch import slurm
+from mugs.launch import jobs, slurm
 from mugs.launch.slurm import (
     JobRecord,
     JobStatus,
     Partition,
-    PretrainJob,
+    RequeueingJob,
     container_python,
     decide,
     launch_slurm,
@@ -285,7 +285,9 @@ def test_reattaches_to_a_live_job_and_resubmits_a_failed_one(
     monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
     submitted = []
 
-    def fake_submit(config: Config, run: RunDir, job_class: type, earlier: JobRecord | None) -> JobRecord:
+    def fake_submit(
+        config: Config, job: object, run: RunDir, job_class: type, earlier: JobRecord | None
+    ) -> JobRecord:
         submitted.append(earlier.job_id)
         return JobRecord("42", str(run.slurm / "42"), 4, "now", [earlier.job_id])
 
@@ -308,15 +310,15 @@ def test_the_job_checkpoints_after_the_iteration_then_requeues(
     usr2 = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
     previous = signal.signal(usr2, lambda signum, frame: events.append("requeue"))  # submitit's stand-in
     try:
-        job = PretrainJob(config.to_dict())
+        job = RequeueingJob(config.to_dict())
 
-        def fake_training(config: Config, *, stop_requested, progress: bool) -> TrainResult:
+        def fake_training(config: Config, *, stop_requested, progress: bool, locked: bool) -> TrainResult:
             assert not stop_requested()
             os.kill(os.getpid(), usr2)
             events.append(f"iteration done, stop={stop_requested()}")
             return TrainResult("interrupted", 3, None)
 
-        monkeypatch.setattr(slurm, "run_pretraining", fake_training)
+        monkeypatch.setattr(jobs, "run_pretraining", fake_training)
         assert job() == TrainResult("interrupted", 3, None)
         assert events == ["iteration done, stop=True", "requeue"]
         assert job.checkpoint().function is job
@@ -362,14 +364,14 @@ def test_a_refusal_inside_the_job_reaches_the_launcher_as_itself(
         monkeypatch.setenv(key, value)
     refusal = RunLockedError(f"{config.train.output_dir} is in use by pid 7 on elsewhere")
 
-    def refused(config: Config, *, stop_requested, progress: bool) -> TrainResult:
+    def refused(config: Config, *, stop_requested, progress: bool, locked: bool) -> TrainResult:
         raise refusal
 
-    monkeypatch.setattr(slurm, "run_pretraining", refused)
+    monkeypatch.setattr(jobs, "run_pretraining", refused)
     usr2 = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
     previous = signal.getsignal(usr2)
     try:
-        assert PretrainJob(config.to_dict())() is refusal
+        assert RequeueingJob(config.to_dict())() is refusal
     finally:
         signal.signal(usr2, previous)
 

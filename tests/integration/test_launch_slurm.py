@@ -2,7 +2,7 @@
 
 Every run trains the same tiny ViT on 48 demo images (6 iterations per epoch, 2 epochs, gloo on CPU), so
 their final checkpoints can be compared bit for bit. Jobs that must be interrupted sleep after each
-iteration (``PacedPretrainJob``), which leaves their results unchanged.
+iteration (``PacedJob``), which leaves their results unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from mugs.launch.slurm import JobRecord, PreflightError, launch_slurm, query_job
 from mugs.rundir import RunDir
 from mugs.testing.compare import assert_same_run
 from mugs.testing.configs import tiny_training_config
-from mugs.testing.slurm_jobs import PacedPretrainJob
+from mugs.testing.slurm_jobs import PacedJob
 from mugs.training import checkpoint as ckpt
 
 if TYPE_CHECKING:  # conftest is pytest's to import; importing it again would make a second module
@@ -137,8 +137,8 @@ def checkpoint_position(run_dir: Path) -> tuple[int, int]:
     return state["epoch"], state["iteration_in_epoch"]
 
 
-def paced(seconds: float) -> Callable[[dict], PacedPretrainJob]:
-    return functools.partial(PacedPretrainJob, seconds_per_iteration=seconds)
+def paced(seconds: float) -> Callable[..., PacedJob]:
+    return functools.partial(PacedJob, seconds_per_iteration=seconds)
 
 
 @pytest.fixture(scope="module")
