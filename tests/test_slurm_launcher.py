@@ -312,7 +312,7 @@ def test_the_job_checkpoints_after_the_iteration_then_requeues(
     try:
         job = RequeueingJob(config.to_dict())
 
-        def fake_training(config: Config, *, stop_requested, progress: bool, locked: bool) -> TrainResult:
+        def fake_training(config: Config, *, stop_requested, **settings: object) -> TrainResult:
             assert not stop_requested()
             os.kill(os.getpid(), usr2)
             events.append(f"iteration done, stop={stop_requested()}")
@@ -364,7 +364,7 @@ def test_a_refusal_inside_the_job_reaches_the_launcher_as_itself(
         monkeypatch.setenv(key, value)
     refusal = RunLockedError(f"{config.train.output_dir} is in use by pid 7 on elsewhere")
 
-    def refused(config: Config, *, stop_requested, progress: bool, locked: bool) -> TrainResult:
+    def refused(config: Config, **settings: object) -> TrainResult:
         raise refusal
 
     monkeypatch.setattr(jobs, "run_pretraining", refused)

@@ -299,8 +299,9 @@ def preflight_problems(
         config_from_dict(merge_values(config.to_dict(), {"launch": {"launcher": "slurm"}}))
     except ConfigError as error:
         problems.append(f"the configuration does not validate: {error}")
-    try:
-        job.check(config, launch.nodes * launch.tasks_per_node)
+    try:  # pretraining's own check is one of the config's rules, reported above
+        if job.kind != Pretraining.kind:
+            job.check(config, launch.nodes * launch.tasks_per_node)
     except ValueError as error:
         problems.append(str(error))
     problems += _data_problems(config)
@@ -573,7 +574,7 @@ def _submit(
     )
     executor.update_parameters(**sbatch_parameters(resources))
     if job.kind != Pretraining.kind:
-        executor.update_parameters(job_name=f"mugs-{job.kind}-{Path(config.train.output_dir).name}")
+        executor.update_parameters(job_name=f"mugs-{job.kind}")
     submitted = executor.submit(job_class(config.to_dict(), job))
     record = JobRecord(
         job_id=str(submitted.job_id),

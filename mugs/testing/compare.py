@@ -82,7 +82,5 @@ def assert_same_finetuning(run_dir: Path, reference_dir: Path) -> None:
     run, reference = RunDir(run_dir), RunDir(reference_dir)
     assert_same_checkpoint(run.latest, reference.latest)
     assert finetune_metrics(Path(f"{run_dir}.json")) == finetune_metrics(Path(f"{reference_dir}.json"))
-    assert sorted(p.name for p in Path(run_dir).iterdir()) == sorted(
-        p.name for p in Path(reference_dir).iterdir()
-    )
-    assert not list(run.checkpoints.glob(".*.tmp"))
+    assert [p.name for p in run.checkpoints.iterdir()] == [run.latest.name]
+    assert not list(Path(run_dir).glob("checkpoints.superseded-*"))
