@@ -20,6 +20,7 @@ after ``--warmup``; ``data_wait_fraction`` is the share of that time spent waiti
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -62,13 +63,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepared_splits(scratch: Path, images: int) -> Path:
     """``images`` training JPEGs (and a test split of two) prepared by ``mugs prepare``."""
     root, prepared = scratch / "images", scratch / "prepared"
-    make_tree(root, images + 3, classes=1, size=JPEG_SIZE)
+    # setup only, not timed: a process per 64 images, up to the cores this process may use
+    workers = min(len(os.sched_getaffinity(0)), max(1, images // 64))
+    make_tree(root, images + 3, classes=1, size=JPEG_SIZE, workers=workers)
     test = root / "test" / "class_000"
     test.mkdir(parents=True)
     for path in sorted((root / "train" / "class_000").iterdir())[:2]:
         shutil.move(path, test / path.name)
     run_prepare(
-        DataConfig(source="imagefolder", root=str(root), prepared_dir=str(prepared), val_fraction=1e-6),
+        DataConfig(
+            source="imagefolder",
+            root=str(root),
+            prepared_dir=str(prepared),
+            val_fraction=1e-6,
+            workers=workers,
+        ),
         progress=False,
     )
     return prepared
