@@ -60,7 +60,12 @@ def _worker(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         _stop_with_parent(parent)
         try:
-            result = _train_rank(rank, world_size, port, config_values, job, progress, stop)
+            config = config_from_dict(config_values)
+            _join_process_group(config, rank, world_size, port)
+            try:
+                result = job(config, stop_requested=stop, progress=progress and rank == 0, locked=True)
+            finally:
+                dist.destroy_process_group()
         except Exception as error:
             # the launcher raises it as a 1-rank run would, rather than a rank's traceback
             results.put(("error", _picklable(error)))
@@ -69,25 +74,12 @@ def _worker(
         results.put(("result", (result.status, result.global_iteration, str(result.checkpoint))))
 
 
-def _train_rank(
-    rank: int,
-    world_size: int,
-    port: int,
-    config_values: dict[str, Any],
-    job: LongJob,
-    progress: bool,
-    stop: StopOnSignals,
-) -> TrainResult:
-    config = config_from_dict(config_values)
+def _join_process_group(config: Config, rank: int, world_size: int, port: int) -> None:
     backend = backend_for(config.train.device)
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=world_size)
-    try:
-        return job(config, stop_requested=stop, progress=progress and rank == 0, locked=True)
-    finally:
-        dist.destroy_process_group()
 
 
 def _picklable(error: Exception) -> Exception:

@@ -61,9 +61,7 @@ def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
     for path in sorted(expected.iterdir()):
         assert_same_checkpoint(directory / path.name, path)
     assert run.done.read_text() == reference.done.read_text()
-    assert log_records(run_dir) == log_records(reference_dir), (
-        f"{run_dir}/log.jsonl differs from the reference"
-    )
+    assert log_records(run_dir) == log_records(reference_dir), f"{run.log} differs from the reference"
     assert not list(Path(run_dir).glob(".*.tmp"))
 
 
