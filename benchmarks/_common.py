@@ -46,6 +46,14 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, threads: int | None
     parser.add_argument("--json", type=Path, help="write the figures here")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, crop: str) -> None:
+    """``--arch``, ``--depth``, ``--patch-size`` and ``--image-size`` (the ``crop``, augment.global_size)."""
+    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
+    parser.add_argument("--depth", type=int, help="blocks (default: the arch's)")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224, help=f"{crop} (augment.global_size)")
+
+
 def chosen_device(args: argparse.Namespace) -> torch.device:
     """The ``--device`` of ``args``, after setting torch's thread count to ``--threads`` if given."""
     if args.threads:

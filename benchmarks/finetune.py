@@ -30,6 +30,7 @@ from typing import Any
 from _common import (
     JPEG_SIZE,
     add_device_arguments,
+    add_model_arguments,
     chosen_device,
     machine_info,
     make_tree,
@@ -47,10 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
-    parser.add_argument("--depth", type=int, help="blocks (default: the arch's)")
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224, help="training crop (augment.global_size)")
+    add_model_arguments(parser, "training crop")
     parser.add_argument("--images", type=int, default=256, help="training images")
     parser.add_argument("--batch-size", type=int, default=32, help="images per iteration on this process")
     parser.add_argument("--workers", type=int, default=2, help="loader processes (train.num_workers)")
