@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import submitit
@@ -18,6 +19,7 @@ import yaml
 
 from mugs.config import Config, config_from_dict
 from mugs.launch import jobs, slurm
+from mugs.launch.jobs import Finetuning
 from mugs.launch.slurm import (
     JobRecord,
     JobStatus,
@@ -414,3 +416,39 @@ def test_a_stop_while_waiting_stops_the_launcher_not_the_job(
     assert f"stopped waiting for SLURM job 43 by {stop.name}: the job runs on" in err
     assert "Traceback" not in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_finetuning_job_gets_its_kind_s_resources_and_its_own_run_directory(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``launch.jobs.finetune`` over ``launch``; the job record, lock and submitit folders live in the
+    fine-tuning's run directory (``eval/finetune/`` beside ``eval/finetune.json``), not pretraining's."""
+    config.launch.jobs = {"finetune": {"nodes": 1, "tasks_per_node": 4, "timeout_min": 45}}
+    checkpoint = tmp_path / "eval" / "selected.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"")
+    submitted: dict[str, object] = {}
+
+    class FakeExecutor:
+        def __init__(self, folder: Path, **options: object) -> None:
+            submitted["folder"] = folder
+
+        def update_parameters(self, **parameters: object) -> None:
+            submitted.update(parameters)
+
+        def submit(self, job: RequeueingJob) -> object:
+            submitted["job"] = job
+            return SimpleNamespace(job_id="77", paths=SimpleNamespace(folder=tmp_path / "77"))
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    monkeypatch.setattr(slurm.submitit, "SlurmExecutor", FakeExecutor)
+    monkeypatch.chdir(tmp_path)
+    job = Finetuning("eval/selected.pt", "eval/finetune.json")
+    record = launch_slurm(config, job=job, wait=False, progress=False)
+    run = RunDir(tmp_path / "eval" / "finetune")
+    assert (record.job_id, record.tasks) == ("77", 4) and JobRecord.load(run) == record
+    assert submitted["folder"] == run.slurm / "%j" and not Path(config.train.output_dir).exists()
+    assert (submitted["nodes"], submitted["ntasks_per_node"], submitted["time"]) == (1, 4, 45)
+    assert submitted["job_name"] == "mugs-finetune"
+    assert submitted["job"].job == Finetuning(str(checkpoint), str(tmp_path / "eval" / "finetune.json"))
+    assert submitted["job"].config_values["launch"]["nodes"] == config.launch.nodes  # the file's own
