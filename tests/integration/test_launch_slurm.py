@@ -371,6 +371,8 @@ def finetuning(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, str, P
         finetune_reliability_config().to_dict(),
         {
             "data": {"root": str(directory / "data"), "prepared_dir": str(prepared)},
+            # absolute, as the SLURM launcher makes it: the metrics' provenance holds the config's digest
+            "train": {"output_dir": str(directory / "pretrain")},
             "launch": tiny_config(DataConfig(), directory).to_dict()["launch"]
             | {"jobs": {"finetune": {"nodes": 2, "tasks_per_node": 1}}},
         },
