@@ -35,15 +35,6 @@ from mugs.evaluation.metrics_io import git_commit
 JPEG_SIZE = (500, 375)  # width, height: about ImageNet's average
 
 
-def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--arch``, ``--depth``, ``--patch-size`` and ``--image-size`` (the crop, ``augment.global_size``)
-    of a freshly initialised backbone that an evaluation benchmark runs."""
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
-    parser.add_argument("--depth", type=int, help="blocks (default: the arch's)")
-    parser.add_argument("--patch-size", type=int, default=16)
-    parser.add_argument("--image-size", type=int, default=224, help="the crop (augment.global_size)")
-
-
 def add_device_arguments(parser: argparse.ArgumentParser, *, threads: int | None = None) -> None:
     """``--device`` (cpu or cuda), ``--threads`` (torch intra-op threads; default ``threads``, None
     leaving torch's choice) and ``--json`` (where the figures go)."""
@@ -53,6 +44,14 @@ def add_device_arguments(parser: argparse.ArgumentParser, *, threads: int | None
         "--threads", type=int, default=threads, help=f"torch intra-op threads (default: {default})"
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, crop: str) -> None:
+    """``--arch``, ``--depth``, ``--patch-size`` and ``--image-size`` (the ``crop``, augment.global_size)."""
+    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"))
+    parser.add_argument("--depth", type=int, help="blocks (default: the arch's)")
+    parser.add_argument("--patch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224, help=f"{crop} (augment.global_size)")
 
 
 def chosen_device(args: argparse.Namespace) -> torch.device:

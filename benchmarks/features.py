@@ -44,8 +44,8 @@ from unittest import mock
 import torch
 from _common import (
     TimedPeak,
-    add_backbone_arguments,
     add_device_arguments,
+    add_model_arguments,
     chosen_device,
     machine_info,
     prepared_jpegs,
@@ -56,15 +56,14 @@ from _common import (
 from mugs.config import Config, config_from_dict
 from mugs.evaluation import features as extraction
 from mugs.evaluation.features import evaluation_features
-from mugs.model.backbone import create_backbone
-from mugs.training import checkpoint as ckpt
+from mugs.testing.finetuning import pretrained_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_backbone_arguments(parser)
+    add_model_arguments(parser, "evaluation crop")
     parser.add_argument("--images", type=int, default=256, help="images in the extracted split")
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     parser.add_argument("--workers", type=int, default=4, help="loader processes (evaluate.num_workers)")
@@ -89,16 +88,6 @@ def evaluation_config(args: argparse.Namespace, prepared: Path, cache: Path) -> 
             },
         }
     )
-
-
-def save_fresh_checkpoint(config: Config, path: Path) -> None:
-    """A checkpoint holding a freshly initialised teacher backbone: all that feature extraction reads."""
-    model = config.model
-    backbone = create_backbone(
-        model.arch, patch_size=model.patch_size, img_size=config.augment.global_size, depth=model.depth
-    )
-    teacher = {f"backbone.{name}": value for name, value in backbone.state_dict().items()}
-    ckpt.atomic_save({"format": ckpt.FORMAT, "teacher": teacher, "config": config.to_dict()}, path)
 
 
 class BatchClock:
@@ -126,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache = scratch / "features"
         config = evaluation_config(args, prepared, cache)
         checkpoint = scratch / "checkpoint.pt"
-        save_fresh_checkpoint(config, checkpoint)
+        pretrained_checkpoint(checkpoint, config)
         evaluation_features(checkpoint, config, ["val"], device=device, progress=False)
         if any(cache.glob("*-train-*")):
             raise RuntimeError(f"{cache} already holds train features: the timed call would read them")

@@ -4,7 +4,8 @@
 #   batch 64, queues and memories of 65536, 65536 prototypes) in fp32 and bf16, with and without
 #   torch.compile, and vit_base bf16 without each of fused attention, fused AdamW and foreach
 #   clipping (their before/after); kNN (100,000 x 384 bank, 10,000 queries); the evaluation's feature
-#   extraction of vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers); whether
+#   extraction of vit_small and vit_base at 224 px (2048 JPEGs, batch 256, 8 loader workers); fine-tuning
+#   throughput of vit_small and vit_base (224 px, batch 128, 15 loader processes, fp32); whether
 #   15 loader processes of the paper's multi-crop augmentation keep up with the compiled vit_base bf16
 #   step just measured, with each augmentation backend (augment.backend: cpu, device), the device
 #   backend's rendering time per batch among its figures; the full training loop (512 real JPEGs, 15
@@ -34,6 +35,8 @@ if [ "${1:-}" = "--cpu" ]; then
   probe=(--device cpu --depth 4 --patch-size 8 --image-size 32 --images 16 --batch-size 4 --workers 1
     --threads 2)
   augment=(--images 4 --batches 1 --repeats 1 --workers 1)
+  finetune=(--device cpu --arch vit_tiny --depth 1 --patch-size 8 --image-size 32 --images 4 --batch-size 2
+    --workers 1 --warmup 1 --iters 1 --threads 2)
   loop=(--device cpu --threads 2 --num-workers 1 --jpegs 4 --warmup 1 --iters 1 --set model.depth=1
     --set model.patch_size=8 --set augment.global_size=32 --set augment.local_size=16 --set optim.batch_size=2)
   shorter=()  # the steps are one iteration already
@@ -50,6 +53,7 @@ else
   features=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 8)
   probe=(--device cuda --image-size 224 --images 2048 --batch-size 256 --workers 15)
   augment=(--images 512 --workers 15 --breakdown 8)
+  finetune=(--device cuda --image-size 224 --images 1664 --batch-size 128 --workers 15 --warmup 3 --iters 10)
   loop=(--device cuda --num-workers 15 --jpegs 512 --warmup 3 --iters 20 --set optim.batch_size=64
     --set augment.n_local=10 --set model.group_out_dim=65536 --set loss.instance_queue_size=65536
     --set loss.local_group_queue_size=65536 --set train.precision=bf16 --set train.compile=true)
@@ -96,6 +100,12 @@ for arch in "${archs[@]}"; do
   name="probe-$arch"
   echo "== $name"
   "$PYTHON" benchmarks/probe.py "${probe[@]}" --arch "$arch" --json "$OUT/$name.json" \
+    || echo "$name failed" | tee -a "$OUT/failures.txt"
+done
+for arch in "${archs[@]}"; do
+  name="finetune-$arch"
+  echo "== $name"
+  "$PYTHON" benchmarks/finetune.py "${finetune[@]}" --arch "$arch" --json "$OUT/$name.json" \
     || echo "$name failed" | tee -a "$OUT/failures.txt"
 done
 for backend in cpu device; do

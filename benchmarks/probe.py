@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 from _common import (
-    add_backbone_arguments,
     add_device_arguments,
+    add_model_arguments,
     chosen_device,
     machine_info,
     prepared_jpegs,
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_backbone_arguments(parser)
+    add_model_arguments(parser, "training crop")
     parser.add_argument("--images", type=int, default=256, help="training images (one epoch)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lrs", type=int, default=7, help="learning rates in the sweep")

@@ -7,17 +7,24 @@ traceback); 3 pretraining stopped on a non-finite loss or a collapse; 1 the SLUR
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
 import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from mugs.files import atomic_write_text, check_output
+
+if TYPE_CHECKING:
+    from mugs.config import Config
+    from mugs.launch.jobs import LongJob
+    from mugs.training.engine import TrainResult
 
 console = Console(stderr=True)
 
@@ -95,6 +102,39 @@ def _check_evaluation(args: argparse.Namespace, network: str) -> None:
     _check_checkpoint(args.checkpoint, network)
 
 
+def _launch(config: Config, job: LongJob, args: argparse.Namespace) -> TrainResult | int:
+    """Run ``job`` through the launcher ``--launcher`` or ``launch.launcher`` names (its kind's
+    ``launch.jobs`` settings on top); an exit code when it did not finish or stop by itself."""
+    if args.launcher:
+        config.launch.launcher = args.launcher
+    from mugs.config import for_job
+
+    launch = for_job(config, job.kind).launch
+    if launch.launcher == "slurm":
+        from mugs.launch.slurm import SlurmJobError, StoppedWaiting, launch_slurm
+
+        try:
+            result = launch_slurm(config, job=job, progress=not args.no_progress)
+        except SlurmJobError as error:
+            console.print(f"[bold red]SLURM:[/] {error}")
+            return 1
+        except StoppedWaiting as stopped:
+            console.print(str(stopped), soft_wrap=True)
+            return 128 + int(stopped.received)
+    else:
+        from mugs.launch.local import launch_local
+
+        nprocs = args.nprocs if args.nprocs is not None else launch.nprocs
+        result = launch_local(config, nprocs, job=job, progress=not args.no_progress)
+    if result.stopped_by is not None:
+        from mugs.launch.signals import stopped_by_signal
+
+        message, code = stopped_by_signal(result)
+        console.print(message)
+        return code
+    return result
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from mugs.training.pretrain import set_aside_if_changed
 
@@ -115,30 +155,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         moved = set_aside_if_changed(config)
         if moved:
             console.print(f"settings changed since the last checkpoint: earlier run moved to {moved}")
-    if args.launcher:
-        config.launch.launcher = args.launcher
-    if config.launch.launcher == "slurm":
-        from mugs.launch.slurm import SlurmJobError, StoppedWaiting, launch_slurm
+    from mugs.launch.jobs import Pretraining
 
-        try:
-            result = launch_slurm(config, progress=not args.no_progress)
-        except SlurmJobError as error:
-            console.print(f"[bold red]SLURM:[/] {error}")
-            return 1
-        except StoppedWaiting as stopped:
-            console.print(str(stopped), soft_wrap=True)
-            return 128 + int(stopped.received)
-    else:
-        from mugs.launch.local import launch_local
-
-        nprocs = args.nprocs if args.nprocs is not None else config.launch.nprocs
-        result = launch_local(config, nprocs, progress=not args.no_progress)
-    if result.stopped_by is not None:
-        from mugs.launch.signals import stopped_by_signal
-
-        message, code = stopped_by_signal(result)
-        console.print(message)
-        return code
+    result = _launch(config, Pretraining(), args)
+    if isinstance(result, int):
+        return result
     console.print(
         f"pretraining {result.status} at global iteration {result.global_iteration}: {result.checkpoint}"
     )
@@ -232,8 +253,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def _write_generated(target: Path, text: str, check: bool, command: str) -> int:
     """Write a generated file, or with ``check`` say whether the committed one is current (exit 1 if not)."""
-    from mugs.files import atomic_write_text
-
     if check:
         if not target.exists() or target.read_text() != text:
             console.print(f"{target} is not what `{command}` generates: run it")
@@ -262,11 +281,14 @@ def cmd_dvc_yaml(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from mugs.evaluation.finetune import run_finetune
+    from mugs.launch.jobs import Finetuning
 
     config = _load(args)
     _check_evaluation(args, config.finetune.checkpoint_key)
-    metrics = run_finetune(args.checkpoint, config, args.out, progress=not args.no_progress)
+    result = _launch(config, Finetuning(str(args.checkpoint), str(args.out)), args)
+    if isinstance(result, int):
+        return result
+    metrics = json.loads(args.out.read_text())
     coarse = f", coarse {metrics['coarse']['top1']:.4f}" if "coarse" in metrics else ""
     console.print(
         f"fine-tuned: best val epoch {metrics['best_epoch']}, test top-1 {metrics['fine']['top1']:.4f}"
@@ -442,6 +464,15 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_launcher_arguments(command: argparse.ArgumentParser, settings: str) -> None:
+    command.add_argument(
+        "--launcher",
+        choices=("local", "slurm"),
+        help=f"overrides launch.launcher: here, or one SLURM job through submitit ({settings}* settings)",
+    )
+    command.add_argument("--nprocs", type=_at_least(1), help="local processes (overrides launch.nprocs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mugs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error too")
@@ -452,12 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--output-dir", type=Path, help="overrides train.output_dir")
     pretrain.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_progress_lines_argument(pretrain)
-    pretrain.add_argument(
-        "--launcher",
-        choices=("local", "slurm"),
-        help="overrides launch.launcher: here, or one SLURM job through submitit (launch.* settings)",
-    )
-    pretrain.add_argument("--nprocs", type=_at_least(1), help="local processes (overrides launch.nprocs)")
+    _add_launcher_arguments(pretrain, "launch.")
     pretrain.add_argument(
         "--restart-if-changed",
         action="store_true",
@@ -523,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--out", type=Path, required=True, help="metrics JSON to write")
     _add_config_arguments(finetune)
     finetune.add_argument("--no-progress", action="store_true", help="no per-epoch lines")
+    _add_launcher_arguments(finetune, "launch.jobs.finetune, then launch.")
     finetune.set_defaults(handler=cmd_finetune)
 
     report = commands.add_parser("report", help="plots and a summary table of one or more runs")

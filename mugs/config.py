@@ -4,6 +4,7 @@ presets (``mugs/presets``) change a few. Snakemake's schema for ``params.yaml`` 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -49,6 +50,9 @@ Count, Natural = Annotated[Int, Interval(ge=1)], Annotated[Int, Interval(ge=0)]
 NonNegative, Positive, Probability = _float(ge=0), _float(gt=0), _float(ge=0, le=1)
 BelowOne, Fraction = _float(ge=0, lt=1), _float(gt=0, le=1)
 Device = Literal["auto", "cpu", "cuda"]
+Float = _float()
+# the long jobs besides pretraining that go through the launcher, each with its own resources
+JobKind = Literal["finetune"]
 section = dataclass(config=pydantic.ConfigDict(extra="forbid"))
 
 
@@ -193,6 +197,9 @@ class FinetuneConfig:
     erasing_prob: Probability = _field(0.25, "Random-erasing probability")
     checkpoint_key: Literal["teacher", "student"] = _field("teacher", "Which pretrained network to tune")
     precision: Literal["fp32", "bf16"] = _field("fp32", "Autocast precision")
+    checkpoint_every: Natural = _field(
+        500, "Iterations between refreshes of the resumable state; 0: epoch ends"
+    )
 
 
 @section
@@ -251,6 +258,9 @@ class LaunchConfig:
     container_runtime: Literal["apptainer", "podman"] = _field("apptainer", "apptainer: a .sif or a URI")
     container_options: list[Str] = _field([], "Runtime options before the image, e.g. [--runtime, runc]")
     poll_seconds: Positive = _field(10.0, "Seconds between looks at the SLURM job")
+    jobs: dict[JobKind, dict[str, Str | Int | Float | Bool | None]] = _field(
+        {}, "Per job kind, the launch.* keys it sets otherwise than pretraining, e.g. {finetune: {nodes: 1}}"
+    )
 
 
 @section
@@ -338,11 +348,31 @@ class Config:
             raise ValueError(
                 f"launch.tasks_per_node={tasks} must equal launch.gpus_per_node={gpus}: one rank per GPU"
             )
+        for kind in launch.jobs:
+            launch_of(launch, kind)
         if (delay := launch.signal_delay_s) >= (limit := launch.timeout_min) * 60:
             raise ValueError(
                 f"launch.signal_delay_s={delay} leaves no time to run within launch.timeout_min={limit}"
             )
         return self
+
+
+def launch_of(launch: LaunchConfig, kind: str) -> LaunchConfig:
+    """The launch settings of job kind ``kind``: ``launch.*`` with ``launch.jobs[kind]`` on top."""
+    values = {**dataclasses.asdict(launch), **launch.jobs.get(kind, {}), "jobs": {}}
+    try:
+        return LaunchConfig(**values)
+    except pydantic.ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise ValueError(f"launch.jobs.{kind}: {problems}") from None
+
+
+def for_job(config: Config, kind: str) -> Config:
+    """A copy of ``config`` whose ``launch`` is job kind ``kind``'s (:func:`launch_of`); pretraining's
+    other rules are not checked again (its batch need not divide a fine-tuning job's ranks)."""
+    job = copy.copy(config)
+    job.launch = launch_of(config.launch, kind)
+    return job
 
 
 def _warn(message: str) -> None:

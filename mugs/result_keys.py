@@ -58,7 +58,26 @@ RESULT_KEYS: dict[str, tuple[str, ...]] = {
         "evaluate.fewshot_c",
         "evaluate.fewshot_max_iter",
     ),
-    "finetune": ("finetune",),
+    # every fine-tuning setting but how often its state is saved, and the seed of its data order,
+    # augmentations, head, drop path and Mixup/CutMix
+    "finetune": (
+        "finetune.epochs",
+        "finetune.batch_size",
+        "finetune.lr",
+        "finetune.min_lr",
+        "finetune.warmup_epochs",
+        "finetune.weight_decay",
+        "finetune.layer_decay",
+        "finetune.drop_path_rate",
+        "finetune.mixup",
+        "finetune.cutmix",
+        "finetune.label_smoothing",
+        "finetune.rand_augment",
+        "finetune.erasing_prob",
+        "finetune.checkpoint_key",
+        "finetune.precision",
+        "train.seed",
+    ),
     # the baselines: the run's networks at their random initialisation (what build_networks reads,
     # seeded as pretraining starts), evaluated by the knn and linear rules; the raw pixels under kNN
     "random_init": (

@@ -28,6 +28,7 @@ __all__ = [
     "SELECTION",
     "RunDir",
     "WorkflowRun",
+    "job_dir",
     "kept_checkpoint_name",
 ]
 
@@ -40,6 +41,12 @@ _KEPT = re.compile(r"epoch(\d{4,})\.pt$")
 def kept_checkpoint_name(epoch: int) -> str:
     """File name of the copy kept after ``epoch`` epochs (1-based count of finished epochs)."""
     return f"epoch{epoch:04d}.pt"
+
+
+def job_dir(out: str | Path) -> Path:
+    """The run directory (lock, ``checkpoints/latest.pt``, ``slurm/``) of the long job whose result is
+    the file ``out``: ``results/R/eval/finetune.json`` → ``results/R/eval/finetune``."""
+    return Path(out).with_suffix("")
 
 
 class RunDir:

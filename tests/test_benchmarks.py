@@ -38,6 +38,8 @@ def test_gpu_script_runs_on_cpu(tmp_path: Path) -> None:
     assert (features["images"], features["image_size"], features["feature_dim"]) == (16, 32, 192)
     probe = json.loads((tmp_path / "probe-vit_tiny.json").read_text())
     assert (probe["image_size"], probe["batches"], probe["heads"]) == (32, 4, 14)
+    finetune = json.loads((tmp_path / "finetune-vit_tiny.json").read_text())
+    assert (finetune["batch"], finetune["depth"]) == (2, 1) and finetune["images_per_second"] > 0
     for without in ("attention", "adamw", "clipping"):
         before = json.loads((tmp_path / f"step-vit_tiny-fp32-without-{without}.json").read_text())
         assert before["without"] == without and before["seconds_per_iteration"] > 0

@@ -12,6 +12,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mugs.config import Config
+from mugs.launch.jobs import Pretraining
 from mugs.launch.local import launch_local
 from mugs.model import update_memories
 from mugs.rundir import RunDir
@@ -308,7 +309,7 @@ def test_weak_flagged_rows_fill_the_student_memory_in_order(tmp_path: Path) -> N
 
 def test_two_gloo_processes_match_one_process(straight_run: Path, tmp_path: Path) -> None:
     config = tiny_config(tmp_path, "train.max_iterations=3")
-    result = launch_local(config, nprocs=2, dataset=DATASET, mean_std=MEAN_STD, progress=False)
+    result = launch_local(config, nprocs=2, job=Pretraining(DATASET, MEAN_STD), progress=False)
     assert result.status == "stopped" and result.global_iteration == 3
 
     def losses(directory: Path) -> list[dict]:

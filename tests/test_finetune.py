@@ -15,8 +15,7 @@ from PIL import Image
 from torch import nn
 
 from mugs.cli import main
-from mugs.config import ConfigError, DataConfig, FinetuneConfig, config_from_dict
-from mugs.data.prepare import run_prepare
+from mugs.config import ConfigError, FinetuneConfig, config_from_dict
 from mugs.evaluation.finetune import (
     build_finetune_model,
     evaluate_classifier,
@@ -26,6 +25,7 @@ from mugs.evaluation.finetune import (
     train_transform,
 )
 from mugs.model.backbone import VIT_SIZES, MugsViT, create_backbone
+from mugs.testing.finetuning import prepare_tiny_split
 from mugs.training.checkpoint import FORMAT, atomic_save
 
 
@@ -148,22 +148,7 @@ def test_evaluate_classifier_counts_fine_top1_top5_and_coarse_of_the_prediction(
 
 
 def _prepared(tmp_path: Path) -> Path:
-    """4 classes in 2 coarse groups, 8×8 noise images around a per-class grey level."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "data"
-    names = ["a", "b", "c", "d"]
-    for split, count in (("train", 4), ("val", 2), ("test", 3)):
-        for c, name in enumerate(names):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = np.clip(60 * c + rng.integers(0, 30, (8, 8)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels, "L").save(root / split / name / f"{i}.png")
-    (root / "coarse.json").write_text(json.dumps({"a": "x", "b": "x", "c": "y", "d": "y"}))
-    out = tmp_path / "prepared"
-    run_prepare(
-        DataConfig(source="imagefolder", root=str(root), prepared_dir=str(out), workers=1), progress=False
-    )
-    return out
+    return prepare_tiny_split(tmp_path)
 
 
 def test_tiny_finetune_run_writes_metrics_of_the_best_validation_epoch(tmp_path, monkeypatch):
@@ -189,9 +174,10 @@ def test_tiny_finetune_run_writes_metrics_of_the_best_validation_epoch(tmp_path,
         tmp_path / "ckpt.pt",
     )
     out = tmp_path / "eval" / "finetune.json"
-    metrics = run_finetune(checkpoint, config, out, progress=False)
+    result = run_finetune(checkpoint, config, out, progress=False)
+    assert (result.status, result.global_iteration) == ("finished", 6)
     written = json.loads(out.read_text())
-    assert written["fine"] == metrics["fine"] and written["provenance"]["checkpoint"] == str(checkpoint)
+    assert written["provenance"]["checkpoint"] == str(checkpoint)
     assert written["evaluation"] == "finetune"
     # the command line gives the same numbers (same seed, CPU is deterministic)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))

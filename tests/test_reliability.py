@@ -25,7 +25,9 @@ import torch
 
 from mugs.files import atomic_write_text
 from mugs.rundir import RunDir
-from mugs.testing.compare import assert_same_checkpoint, assert_same_run, log_records
+from mugs.testing.compare import assert_same_checkpoint, assert_same_finetuning, assert_same_run, log_records
+from mugs.testing.faults import finetune_reliability_config
+from mugs.testing.finetuning import prepare_tiny_split, pretrained_checkpoint
 from mugs.training import checkpoint as ckpt
 from mugs.training.log import MetricsLog
 
@@ -475,3 +477,90 @@ def test_checkpoints_get_the_permissions_of_any_file_the_user_writes(tmp_path: P
         os.umask(previous)
     for path in (latest, kept, text):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+# ---------------------------------------------------------------------------------------- fine-tuning
+# The same promises for fine-tuning, through the same launcher and fault process (``--finetune``):
+# drop path, Mixup/CutMix, RandAugment and erasing on; 6 iterations (3 epochs of 2), the state saved
+# every 2 iterations and at each epoch end.
+
+
+@pytest.fixture(scope="module")
+def finetuning(server: Server, tmp_path_factory) -> tuple[list[str], Path, float]:
+    """The fault process's arguments for a fine-tuning run of a tiny pretrained checkpoint, and an
+    uninterrupted run's directory and time."""
+    directory = tmp_path_factory.mktemp("finetuning")
+    prepared = prepare_tiny_split(directory)
+    checkpoint = pretrained_checkpoint(
+        directory / "pretrained.pt", finetune_reliability_config("model.depth=2")
+    )
+    args = ["--finetune", str(checkpoint), "--set", f"data.prepared_dir={prepared}"]
+    reference = directory / "reference"
+    assert server.run(reference, *args) == 0, server.stderr.read_text()
+    assert json.loads(Path(f"{reference}.json").read_text())["best_epoch"] >= 1
+    return args, reference, json.loads(server.stdout.read_text())["seconds"]
+
+
+def _finetuned_iterations(run_dir: Path) -> int:
+    latest = RunDir(run_dir).latest
+    return ckpt.load_checkpoint(latest)["global_iteration"] if latest.exists() else 0
+
+
+def test_finetuning_killed_at_random_moments_ends_as_an_uninterrupted_run(
+    server: Server, finetuning, tmp_path: Path
+) -> None:
+    """Eight seeded moments, two kills in each of four runs, each drawn over the time left to train
+    (under load a run may finish before a late moment: at least five must kill one)."""
+    args, reference, seconds = finetuning
+    draw, kills = random.Random(25), 0
+    for trial in range(4):
+        run_dir = tmp_path / f"run{trial}"
+        for _ in range(2):
+            left = seconds * (6 - _finetuned_iterations(run_dir)) / 6
+            returncode = server.run(run_dir, *args, "--kill-after", f"{draw.uniform(0.0, left):.3f}")
+            kills += returncode == -signal.SIGKILL
+        server.finish(run_dir, *args)
+        assert_same_finetuning(run_dir, reference)
+    print(f"SIGKILL at {kills} of 8 random moments; every fine-tuning run identical")
+    assert kills >= 5
+
+
+def test_finetuning_stops_on_sigterm_with_a_checkpoint_and_resumes_exactly(
+    server: Server, finetuning, tmp_path: Path
+) -> None:
+    args, reference, _ = finetuning
+    run_dir = tmp_path / "run"
+    pid = server.start(run_dir, *args, "--step-delay", "0.5")
+    deadline = time.monotonic() + 120
+    while not RunDir(run_dir).latest.exists():  # the first save, at iteration 2
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGTERM)
+    assert server.wait() == 128 + signal.SIGTERM
+    stopped = _finetuned_iterations(run_dir)
+    message = server.stderr.read_text()
+    assert f"stopped by SIGTERM at global iteration {stopped}," in message and "Traceback" not in message
+    assert 2 <= stopped < 6 and not Path(f"{run_dir}.json").exists()
+    server.finish(run_dir, *args)
+    assert_same_finetuning(run_dir, reference)
+
+
+def test_two_rank_finetuning_stopped_and_resumed_ends_as_an_uninterrupted_one(
+    finetuning, tmp_path: Path
+) -> None:
+    """Two local ranks (DDP over gloo), each with its own drop-path and Mixup streams: stopped by
+    SIGTERM in the middle and resumed, they end with the uninterrupted two-rank run's state and metrics."""
+    args = [*finetuning[0], "--set", "train.num_workers=1"]
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    _run_two_ranks(reference, *args)
+    process = _spawn(run_dir, "--nprocs", "2", *args, "--step-delay", "0.5")
+    deadline = time.monotonic() + 300
+    while not RunDir(run_dir).latest.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert len(ckpt.load_checkpoint(RunDir(run_dir).latest)["rng"]) == 2
+    _run_two_ranks(run_dir, *args)
+    assert_same_finetuning(run_dir, reference)

@@ -11,18 +11,20 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import submitit
 import yaml
 
 from mugs.config import Config, config_from_dict
-from mugs.launch import slurm
+from mugs.launch import jobs, slurm
+from mugs.launch.jobs import Finetuning
 from mugs.launch.slurm import (
     JobRecord,
     JobStatus,
     Partition,
-    PretrainJob,
+    RequeueingJob,
     container_python,
     decide,
     launch_slurm,
@@ -290,7 +292,9 @@ def test_reattaches_to_a_live_job_and_resubmits_a_failed_one(
     monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
     submitted = []
 
-    def fake_submit(config: Config, run: RunDir, job_class: type, earlier: JobRecord | None) -> JobRecord:
+    def fake_submit(
+        config: Config, job: object, run: RunDir, job_class: type, earlier: JobRecord | None
+    ) -> JobRecord:
         submitted.append(earlier.job_id)
         return JobRecord("42", str(run.slurm / "42"), 4, "now", [earlier.job_id])
 
@@ -313,15 +317,15 @@ def test_the_job_checkpoints_after_the_iteration_then_requeues(
     usr2 = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
     previous = signal.signal(usr2, lambda signum, frame: events.append("requeue"))  # submitit's stand-in
     try:
-        job = PretrainJob(config.to_dict())
+        job = RequeueingJob(config.to_dict())
 
-        def fake_training(config: Config, *, stop_requested, progress: bool) -> TrainResult:
+        def fake_training(config: Config, *, stop_requested, **settings: object) -> TrainResult:
             assert not stop_requested()
             os.kill(os.getpid(), usr2)
             events.append(f"iteration done, stop={stop_requested()}")
             return TrainResult("interrupted", 3, None)
 
-        monkeypatch.setattr(slurm, "run_pretraining", fake_training)
+        monkeypatch.setattr(jobs, "run_pretraining", fake_training)
         assert job() == TrainResult("interrupted", 3, None)
         assert events == ["iteration done, stop=True", "requeue"]
         assert job.checkpoint().function is job
@@ -367,14 +371,14 @@ def test_a_refusal_inside_the_job_reaches_the_launcher_as_itself(
         monkeypatch.setenv(key, value)
     refusal = RunLockedError(f"{config.train.output_dir} is in use by pid 7 on elsewhere")
 
-    def refused(config: Config, *, stop_requested, progress: bool) -> TrainResult:
+    def refused(config: Config, **settings: object) -> TrainResult:
         raise refusal
 
-    monkeypatch.setattr(slurm, "run_pretraining", refused)
+    monkeypatch.setattr(jobs, "run_pretraining", refused)
     usr2 = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
     previous = signal.getsignal(usr2)
     try:
-        assert PretrainJob(config.to_dict())() is refusal
+        assert RequeueingJob(config.to_dict())() is refusal
     finally:
         signal.signal(usr2, previous)
 
@@ -417,3 +421,39 @@ def test_a_stop_while_waiting_stops_the_launcher_not_the_job(
     assert f"stopped waiting for SLURM job 43 by {stop.name}: the job runs on" in err
     assert "Traceback" not in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_finetuning_job_gets_its_kind_s_resources_and_its_own_run_directory(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``launch.jobs.finetune`` over ``launch``; the job record, lock and submitit folders live in the
+    fine-tuning's run directory (``eval/finetune/`` beside ``eval/finetune.json``), not pretraining's."""
+    config.launch.jobs = {"finetune": {"nodes": 1, "tasks_per_node": 4, "timeout_min": 45}}
+    checkpoint = tmp_path / "eval" / "selected.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"")
+    submitted: dict[str, object] = {}
+
+    class FakeExecutor:
+        def __init__(self, folder: Path, **options: object) -> None:
+            submitted["folder"] = folder
+
+        def update_parameters(self, **parameters: object) -> None:
+            submitted.update(parameters)
+
+        def submit(self, job: RequeueingJob) -> object:
+            submitted["job"] = job
+            return SimpleNamespace(job_id="77", paths=SimpleNamespace(folder=tmp_path / "77"))
+
+    monkeypatch.setattr(slurm, "cluster_partitions", lambda: PARTITIONS)
+    monkeypatch.setattr(slurm.submitit, "SlurmExecutor", FakeExecutor)
+    monkeypatch.chdir(tmp_path)
+    job = Finetuning("eval/selected.pt", "eval/finetune.json")
+    record = launch_slurm(config, job=job, wait=False, progress=False)
+    run = RunDir(tmp_path / "eval" / "finetune")
+    assert (record.job_id, record.tasks) == ("77", 4) and JobRecord.load(run) == record
+    assert submitted["folder"] == run.slurm / "%j" and not Path(config.train.output_dir).exists()
+    assert (submitted["nodes"], submitted["ntasks_per_node"], submitted["time"]) == (1, 4, 45)
+    assert submitted["job_name"] == "mugs-finetune"
+    assert submitted["job"].job == Finetuning(str(checkpoint), str(tmp_path / "eval" / "finetune.json"))
+    assert submitted["job"].config_values["launch"]["nodes"] == config.launch.nodes  # the file's own

@@ -101,7 +101,8 @@ def test_committed_dvc_yaml_is_what_the_snakefile_generates(worktree: Path) -> N
             stage = stages[f"{protocol}-{run}"]
             assert stage["metrics"] == [f"results/{run}/eval/{protocol}.json"]
             assert stage["deps"] == [f"results/{run}/eval/selected.pt"]
-            assert all(key.startswith(("evaluate.", "finetune", "runs.")) for key in stage["params"])
+            evaluation_keys = ("evaluate.", "finetune", "train.seed", "runs.")
+            assert all(key.startswith(evaluation_keys) for key in stage["params"])
         assert stages[f"select-{run}"]["metrics"] == [f"results/{run}/eval/selection.json"]
         assert stages[f"random_init-{run}"]["outs"] == [f"results/{run}/random-init/checkpoint.pt"]
         # its evaluations read the prepared splits, as a trained run's do through pretraining

@@ -1,4 +1,5 @@
-"""Local launcher: one process, or N processes on this machine joined by ``torch.distributed``."""
+"""Local launcher: one process, or N processes on this machine joined by ``torch.distributed``, for
+every kind of long job (:mod:`mugs.launch.jobs`)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import Dataset
 
 from mugs.config import Config, config_from_dict
 from mugs.distributed import resolve_device
+from mugs.launch.jobs import LongJob, Pretraining
 from mugs.launch.signals import STOP_SIGNALS, StopOnSignals
 from mugs.training.engine import TrainResult
-from mugs.training.pretrain import locked_run_directory, run_pretraining
+from mugs.training.pretrain import locked_run_directory
 
 PR_SET_PDEATHSIG = 1  # prctl option, from <linux/prctl.h>
 
@@ -45,8 +46,7 @@ def _worker(
     world_size: int,
     port: int,
     config_values: dict[str, Any],
-    dataset: Dataset | None,
-    mean_std: tuple | None,
+    job: LongJob,
     progress: bool,
     results: Any,
     parent: int,
@@ -63,14 +63,7 @@ def _worker(
             config = config_from_dict(config_values)
             _join_process_group(config, rank, world_size, port)
             try:
-                result = run_pretraining(
-                    config,
-                    dataset=dataset,
-                    mean_std=mean_std,
-                    stop_requested=stop,
-                    progress=progress and rank == 0,
-                    locked=True,
-                )
+                result = job(config, stop_requested=stop, progress=progress and rank == 0, locked=True)
             finally:
                 dist.destroy_process_group()
         except Exception as error:
@@ -111,11 +104,11 @@ def launch_local(
     config: Config,
     nprocs: int = 1,
     *,
-    dataset: Dataset | None = None,
-    mean_std: tuple | None = None,
+    job: LongJob | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Run pretraining here; with ``nprocs > 1`` spawn that many ranks (gloo on CPU, NCCL on GPUs).
+    """Run ``job`` (pretraining unless told) here; with ``nprocs > 1`` spawn that many ranks (gloo on
+    CPU, NCCL on GPUs).
 
     SIGTERM or SIGINT stops the run after the current iteration with a checkpoint (status
     ``interrupted``, ``stopped_by`` the signal's name), also while the ranks start; a second one
@@ -124,32 +117,24 @@ def launch_local(
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
-    if config.optim.batch_size % nprocs:
-        raise ValueError(f"optim.batch_size={config.optim.batch_size} is not divisible by {nprocs} processes")
+    job = Pretraining() if job is None else job
+    job.check(config, nprocs)
     # the launcher holds the lock for all its ranks: a second start is refused at once, before any
     # rank starts; the device is checked first, so a refused start leaves no run directory behind
     resolve_device(config.train.device)
     ranks: list[int] = []
-    with StopOnSignals(forward_to=lambda: ranks) as stop, locked_run_directory(Path(config.train.output_dir)):
+    with StopOnSignals(forward_to=lambda: ranks) as stop, locked_run_directory(job.run_dir(config)):
         if nprocs == 1:
-            result = run_pretraining(
-                config,
-                dataset=dataset,
-                mean_std=mean_std,
-                stop_requested=stop,
-                progress=progress,
-                locked=True,
-            )
+            result = job(config, stop_requested=stop, progress=progress, locked=True)
         else:
-            result = _run_ranks(config, nprocs, dataset, mean_std, progress, stop, ranks)
+            result = _run_ranks(config, nprocs, job, progress, stop, ranks)
     return _named(result, stop)
 
 
 def _run_ranks(
     config: Config,
     nprocs: int,
-    dataset: Dataset | None,
-    mean_std: tuple | None,
+    job: LongJob,
     progress: bool,
     stop: StopOnSignals,
     ranks: list[int],
@@ -162,7 +147,7 @@ def _run_ranks(
     try:
         processes = mp.start_processes(
             _worker,
-            args=(nprocs, free_port(), config.to_dict(), dataset, mean_std, progress, results, os.getpid()),
+            args=(nprocs, free_port(), config.to_dict(), job, progress, results, os.getpid()),
             nprocs=nprocs,
             join=False,
             start_method="spawn",

@@ -23,7 +23,7 @@ def stopped_by_signal(result: TrainResult) -> tuple[str, int]:
     """The message and exit code (128 + the signal's number) of a run that a signal stopped."""
     received = signal.Signals[result.stopped_by]
     message = (
-        f"pretraining stopped by {received.name} at global iteration {result.global_iteration}, "
+        f"stopped by {received.name} at global iteration {result.global_iteration}, "
         f"checkpoint {result.checkpoint}: run the same command to resume"
     )
     return message, 128 + int(received)

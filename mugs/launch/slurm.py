@@ -2,7 +2,7 @@
 
 ``launch_slurm`` checks everything it can before submitting, records the job id in the run directory so
 that a second launcher reattaches instead of submitting again, and waits with a status line. The job
-(:class:`PretrainJob`) joins one process group over all its tasks and trains until SLURM's signal; then
+(:class:`RequeueingJob`) joins one process group over all its tasks and trains until SLURM's signal; then
 it finishes the iteration, writes ``latest.pt`` and requeues itself, and the restarted job resumes there.
 """
 
@@ -28,14 +28,14 @@ from typing import Any, Literal
 import submitit
 from rich.console import Console
 
-from mugs.config import Config, ConfigError, config_from_dict, merge_values
+from mugs.config import Config, ConfigError, config_from_dict, for_job, merge_values
 from mugs.files import atomic_write_text
 from mugs.launch.distributed_env import slurm_process_group
+from mugs.launch.jobs import LongJob, Pretraining
 from mugs.launch.local import backend_for
 from mugs.rundir import RunDir
 from mugs.training.checkpoint import MissingCheckpointError
 from mugs.training.engine import CollapseError, NonFiniteLossError, TrainResult
-from mugs.training.pretrain import run_pretraining
 from mugs.training.run_lock import RunLockedError, exclusive_run
 
 # a job in one of these states may still run: a launcher reattaches to it rather than submitting another
@@ -85,18 +85,20 @@ class StoppedWaiting(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- the job
-class PretrainJob:
-    """The submitit job: every task is one rank of ``run_pretraining``; checkpointable.
+class RequeueingJob:
+    """The submitit job: every task is one rank of a long job (:mod:`mugs.launch.jobs`, pretraining
+    unless told); checkpointable.
 
     submitit's own handler of the preemption signal (USR2) would checkpoint and requeue at once, in the
     middle of an iteration. This job takes the signal over: the handler only raises the stop flag, which
-    the engine checks after every iteration (agreed over all ranks), then writes ``latest.pt``. Only then
+    the job checks after every iteration (agreed over all ranks), then writes ``latest.pt``. Only then
     is submitit's handler called, on every rank: on rank 0 it calls :meth:`checkpoint`, requeues the job
     and exits, counting time-outs against ``max_num_timeout``; on the other ranks it does nothing.
     """
 
-    def __init__(self, config_values: dict[str, Any]) -> None:
+    def __init__(self, config_values: dict[str, Any], job: LongJob | None = None) -> None:
         self.config_values = config_values
+        self.job = Pretraining() if job is None else job
         self._signalled = False
 
     def __call__(self) -> TrainResult | Exception:
@@ -108,7 +110,7 @@ class PretrainJob:
         signal.signal(usr_signal, self._on_signal)
         try:
             with slurm_process_group(env, backend_for(config.train.device)):
-                result = run_pretraining(config, stop_requested=self.stop_requested, progress=False)
+                result = self.job(config, stop_requested=self.stop_requested, progress=False, locked=False)
         except REFUSALS as error:
             # the job's result, so that the launcher raises it as a local run does, in one line; as an
             # exception here it would reach the launcher as a traceback inside submitit's error
@@ -118,7 +120,7 @@ class PretrainJob:
         return result
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        """Resubmit this job unchanged: the engine resumes from ``latest.pt`` by itself."""
+        """Resubmit this job unchanged: the job resumes from ``latest.pt`` by itself."""
         return submitit.helpers.DelayedSubmission(self)
 
     def stop_requested(self) -> bool:
@@ -280,12 +282,16 @@ def _data_problems(config: Config) -> list[str]:
     return []
 
 
-def preflight_problems(config: Config, partitions: dict[str, Partition] | None) -> list[str]:
+def preflight_problems(
+    config: Config, partitions: dict[str, Partition] | None, job: LongJob | None = None
+) -> list[str]:
     """Everything that would make the submitted job fail or wait forever; empty when it may be submitted.
 
-    ``partitions`` is the cluster's (``cluster_partitions()``); ``None`` when ``sinfo`` failed.
+    ``partitions`` is the cluster's (``cluster_partitions()``); ``None`` when ``sinfo`` failed. The
+    resources checked are those of ``job``'s kind (pretraining unless told, ``config.for_job``).
     """
-    launch = config.launch
+    job = Pretraining() if job is None else job
+    launch = for_job(config, job.kind).launch
     problems = []
     try:
         # the job's shape is checked with the rest of the values, as a SLURM run's (whatever launcher
@@ -293,6 +299,11 @@ def preflight_problems(config: Config, partitions: dict[str, Partition] | None) 
         config_from_dict(merge_values(config.to_dict(), {"launch": {"launcher": "slurm"}}))
     except ConfigError as error:
         problems.append(f"the configuration does not validate: {error}")
+    try:  # pretraining's own check is one of the config's rules, reported above
+        if job.kind != Pretraining.kind:
+            job.check(config, launch.nodes * launch.tasks_per_node)
+    except ValueError as error:
+        problems.append(str(error))
     problems += _data_problems(config)
     if partitions is None:
         problems.append("sinfo failed: cannot check the partition (is this a SLURM login node?)")
@@ -302,7 +313,7 @@ def preflight_problems(config: Config, partitions: dict[str, Partition] | None) 
     is_image_file = launch.container_runtime == "apptainer" and "://" not in (container or "")
     if container is not None and is_image_file and not Path(container).is_file():
         problems.append(f"container image {container} (launch.container) does not exist")
-    writable = _writable_problem(Path(config.train.output_dir))
+    writable = _writable_problem(job.run_dir(config))
     if writable:
         problems.append(writable)
     return problems
@@ -345,8 +356,8 @@ def _partition_problems(launch: Any, partitions: dict[str, Partition]) -> list[s
     return problems
 
 
-def check_before_submit(config: Config, partitions: dict[str, Partition] | None) -> None:
-    problems = preflight_problems(config, partitions)
+def check_before_submit(config: Config, partitions: dict[str, Partition] | None, job: LongJob) -> None:
+    problems = preflight_problems(config, partitions, job)
     if problems:
         raise PreflightError(
             "not submitted, the pre-flight checks found:\n" + "\n".join(f"- {p}" for p in problems)
@@ -354,7 +365,7 @@ def check_before_submit(config: Config, partitions: dict[str, Partition] | None)
 
 
 # ------------------------------------------------------------------------------------- submission
-def container_python(config: Config) -> str | None:
+def container_python(config: Config, job: LongJob | None = None) -> str | None:
     """submitit's ``python``: the image's ``python``, run by ``launch.container_runtime`` on every node.
 
     The run's output, prepared data and (read-only) dataset directories are bound at their own paths
@@ -368,9 +379,10 @@ def container_python(config: Config) -> str | None:
     if launch.container is None:
         return None
     binds = list(launch.container_bind)
+    job = Pretraining() if job is None else job
     # the dataset read-only: the job reads it in place and never writes beside it
     for directory, bind in (
-        (config.train.output_dir, config.train.output_dir),
+        (str(job.run_dir(config)), str(job.run_dir(config))),
         (config.data.prepared_dir, config.data.prepared_dir),
         (config.data.root, f"{config.data.root}:{config.data.root}:ro"),
     ):
@@ -484,23 +496,26 @@ def launch_slurm(
     *,
     wait: bool = True,
     progress: bool = True,
-    job_class: Callable[[dict[str, Any]], PretrainJob] = PretrainJob,
+    job: LongJob | None = None,
+    job_class: Callable[[dict[str, Any], LongJob], RequeueingJob] = RequeueingJob,
 ) -> TrainResult | JobRecord:
-    """Run pretraining as one SLURM job, or reattach to the run's job; wait for it unless ``wait=False``.
+    """Run ``job`` (pretraining unless told) as one SLURM job with the resources of its kind
+    (``config.for_job``), or reattach to the job of its run directory; wait for it unless ``wait=False``.
 
     Returns the job's :class:`TrainResult` (or, without waiting, the :class:`JobRecord`). Raises
     :class:`PreflightError` before submitting anything that cannot run, and :class:`SlurmJobError` when
     the job ends unfinished (starting the launcher again then resubmits and resumes). ``job_class``
-    builds the job from the config's plain values.
+    builds the submitit job from the config's plain values and ``job``.
     """
     console = Console(stderr=True)
     config = with_absolute_paths(config)
-    run = RunDir(config.train.output_dir)
+    job = (Pretraining() if job is None else job).absolute()
+    run = RunDir(job.run_dir(config))
     run_dir = run.root
     try:
         run.slurm.mkdir(parents=True, exist_ok=True)
     except OSError:
-        check_before_submit(config, _partitions_or_none())  # names the unwritable directory, and more
+        check_before_submit(config, _partitions_or_none(), job)  # names the unwritable directory, and more
         raise
     with _exclusive(run.launch_lock):
         record = JobRecord.load(run)
@@ -512,20 +527,20 @@ def launch_slurm(
         if action == "attach":
             console.print(f"reattaching to SLURM job {record.job_id} ({status.describe()}) of {run_dir}")
         else:
-            check_before_submit(config, _partitions_or_none())
+            check_before_submit(config, _partitions_or_none(), job)
             with exclusive_run(run_dir):  # a run that holds it (a local one) is refused now, in one line
                 pass
-            for warning in preflight_warnings(config):
+            for warning in preflight_warnings(for_job(config, job.kind)):
                 console.print(f"[yellow]warning:[/yellow] {warning}")
             if record is not None:
                 console.print(
                     f"SLURM job {record.job_id} ended {status.state}: resubmitting, resuming from latest.pt"
                 )
-            record = _submit(config, run, job_class, record)
+            record = _submit(config, job, run, job_class, record)
             console.print(f"submitted SLURM job {record.job_id} for {run_dir}")
     if not wait:
         return record
-    return _wait_or_stop(record, config, console if progress else None)
+    return _wait_or_stop(record, for_job(config, job.kind), console if progress else None)
 
 
 def _wait_or_stop(record: JobRecord, config: Config, console: Console | None) -> TrainResult:
@@ -552,21 +567,25 @@ def _partitions_or_none() -> dict[str, Partition] | None:
 
 def _submit(
     config: Config,
+    job: LongJob,
     run: RunDir,
-    job_class: Callable[[dict[str, Any]], PretrainJob],
+    job_class: Callable[[dict[str, Any], LongJob], RequeueingJob],
     earlier: JobRecord | None,
 ) -> JobRecord:
+    resources = for_job(config, job.kind)
     executor = submitit.SlurmExecutor(
         folder=run.slurm / "%j",
-        max_num_timeout=config.launch.max_num_timeout,
-        python=container_python(config),
+        max_num_timeout=resources.launch.max_num_timeout,
+        python=container_python(resources, job),
     )
-    executor.update_parameters(**sbatch_parameters(config))
-    job = executor.submit(job_class(config.to_dict()))
+    executor.update_parameters(**sbatch_parameters(resources))
+    if job.kind != Pretraining.kind:
+        executor.update_parameters(job_name=f"mugs-{job.kind}")
+    submitted = executor.submit(job_class(config.to_dict(), job))
     record = JobRecord(
-        job_id=str(job.job_id),
-        folder=str(job.paths.folder),
-        tasks=config.launch.nodes * config.launch.tasks_per_node,
+        job_id=str(submitted.job_id),
+        folder=str(submitted.paths.folder),
+        tasks=resources.launch.nodes * resources.launch.tasks_per_node,
         submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         earlier_job_ids=[*earlier.earlier_job_ids, earlier.job_id] if earlier else [],
     )

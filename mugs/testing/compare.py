@@ -1,9 +1,10 @@
-"""Exact comparisons of pretraining checkpoints and run directories, for the promises of exact resume
-and determinism: every tensor (weights, memories, queues, centre, optimizer moments, RNG states),
-number and string must be equal, not close."""
+"""Exact comparisons of checkpoints and run directories (pretraining and fine-tuning), for the promises
+of exact resume and determinism: every tensor (weights, memories, queues, centre, optimizer moments,
+RNG states), number and string must be equal, not close."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,22 @@ def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
     assert run.done.read_text() == reference.done.read_text()
     assert log_records(run_dir) == log_records(reference_dir), f"{run.log} differs from the reference"
     assert not list(Path(run_dir).glob(".*.tmp"))
+
+
+def finetune_metrics(out: Path) -> dict[str, Any]:
+    """A fine-tuning metrics file less what differs between any two runs: its timings, the time it was
+    written and the commit it ran at."""
+    metrics = json.loads(Path(out).read_text())
+    del metrics["timing"], metrics["provenance"]["created"], metrics["provenance"]["git"]
+    return metrics
+
+
+def assert_same_finetuning(run_dir: Path, reference_dir: Path) -> None:
+    """The fine-tuning run in ``run_dir`` (metrics in ``run_dir.json``) ended as the reference: the
+    same ``latest.pt`` (weights, optimizer, every rank's RNG states, history, best epoch and its
+    weights) and metrics, and no temporary file or set-aside state is left."""
+    run, reference = RunDir(run_dir), RunDir(reference_dir)
+    assert_same_checkpoint(run.latest, reference.latest)
+    assert finetune_metrics(Path(f"{run_dir}.json")) == finetune_metrics(Path(f"{reference_dir}.json"))
+    assert [p.name for p in run.checkpoints.iterdir()] == [run.latest.name]
+    assert not list(Path(run_dir).glob("checkpoints.superseded-*"))

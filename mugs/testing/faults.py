@@ -1,10 +1,14 @@
-"""A pretraining process for fault-injection tests, killed on demand at a named point or after a delay.
+"""A pretraining or fine-tuning process for fault-injection tests, killed on demand at a named point or
+after a delay.
 
 ``python -m mugs.testing.faults RUN_DIR [--kill-at POINT:N] [--kill-after S] [--nprocs N] [--set K=V]``
 trains :func:`reliability_config` (the tiny configuration with every stochastic and distributed
 feature the published presets use) on synthetic images, through the local launcher as ``mugs
 pretrain`` does, so its signal handling, lock and exit codes are the real ones. It prints one JSON
-line (status, iteration, training seconds) and exits as ``mugs pretrain`` would.
+line (status, iteration, training seconds) and exits as ``mugs pretrain`` would. With
+``--finetune CHECKPOINT`` it fine-tunes that checkpoint instead (:func:`finetune_reliability_config`,
+the prepared data given with ``--set data.prepared_dir=…``), its state in RUN_DIR and its metrics in
+``RUN_DIR.json``, as ``mugs finetune`` does.
 
 Named points (``POINT:N`` kills at the N-th time the process reaches POINT, with SIGKILL):
 
@@ -60,6 +64,29 @@ def reliability_config(output_dir: str | Path, *overrides: str) -> Config:
             "train": {"checkpoint_every": 2, "log_every": 3, "keep_every_epochs": 1},
             "model": {"drop_path_rate": 0.1, "depth": 2},
             "evaluate": {"linear_n_last_blocks": 1},
+        },
+        *overrides,
+    )
+
+
+def finetune_reliability_config(*overrides: str) -> Config:
+    """The tiny configuration with what the published fine-tuning recipes switch on: drop path,
+    Mixup and CutMix, RandAugment and random erasing; its state saved every 2 iterations (of 6)."""
+    return tiny_training_config(
+        "unused",
+        {
+            "finetune": {
+                "epochs": 3,
+                "batch_size": 8,
+                "warmup_epochs": 1,
+                "lr": 1e-2,
+                "drop_path_rate": 0.1,
+                "mixup": 0.8,
+                "cutmix": 1.0,
+                "erasing_prob": 0.5,
+                "checkpoint_every": 2,
+            },
+            "train": {"device": "cpu"},
         },
         *overrides,
     )
@@ -139,15 +166,17 @@ def install_kill_point(point: str, occurrence: int) -> None:
 
 def slow_down_steps(seconds: float) -> None:
     """Make every training step last ``seconds`` longer, so signals can be sent in the middle of a run."""
-    from mugs.training import engine
+    from mugs.evaluation.finetune import FineTuner
+    from mugs.training.engine import Trainer
 
-    train_step = engine.Trainer.train_step
+    for trainer in (Trainer, FineTuner):
+        train_step = trainer.train_step
 
-    def slow_step(self: engine.Trainer, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(seconds)
-        return train_step(self, *args, **kwargs)
+        def slow_step(self: Any, *args: Any, _step: Callable = train_step, **kwargs: Any) -> Any:
+            time.sleep(seconds)
+            return _step(self, *args, **kwargs)
 
-    engine.Trainer.train_step = slow_step
+        trainer.train_step = slow_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-after", type=float, help="SIGKILL after this many seconds of training")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--finetune", metavar="CHECKPOINT", help="fine-tune this checkpoint instead")
     args = parser.parse_args(argv)
 
+    from mugs.launch.jobs import Finetuning, Pretraining
     from mugs.launch.local import launch_local
     from mugs.launch.signals import stopped_by_signal
     from mugs.training.checkpoint import MissingCheckpointError
@@ -178,13 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         timer.start()
     started = time.perf_counter()
     try:
-        result = launch_local(
-            reliability_config(args.run_dir, *args.overrides),
-            args.nprocs,
-            dataset=reliability_dataset(),
-            mean_std=MEAN_STD,
-            progress=False,
-        )
+        if args.finetune:
+            config = finetune_reliability_config(*args.overrides)
+            job = Finetuning(args.finetune, f"{args.run_dir}.json")
+        else:
+            config = reliability_config(args.run_dir, *args.overrides)
+            job = Pretraining(reliability_dataset(), MEAN_STD)
+        result = launch_local(config, args.nprocs, job=job, progress=False)
     except (RunLockedError, MissingCheckpointError, ValueError) as error:  # as `mugs pretrain` reports them
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from mugs.distributed import all_reduce_sum
 from mugs.launch.distributed_env import rendezvous_port
-from mugs.launch.slurm import PretrainJob
+from mugs.launch.jobs import LongJob
+from mugs.launch.slurm import RequeueingJob
 
 
 def distributed_sum(value: float) -> tuple[int, int, str, float]:
@@ -71,15 +72,15 @@ class ResumableCount(submitit.helpers.Checkpointable):
         return self.starts
 
 
-class PacedPretrainJob(PretrainJob):
-    """:class:`PretrainJob` that sleeps ``seconds_per_iteration`` after each iteration of a tiny model.
+class PacedJob(RequeueingJob):
+    """:class:`RequeueingJob` that sleeps ``seconds_per_iteration`` after each iteration of a tiny model.
 
     Tests need runs long enough to be preempted mid-epoch or to cross time limits; sleeping, rather than
     training a bigger model, keeps them from loading the machine, and leaves the results unchanged.
     """
 
-    def __init__(self, config_values: dict[str, Any], seconds_per_iteration: float) -> None:
-        super().__init__(config_values)
+    def __init__(self, config_values: dict[str, Any], job: LongJob, seconds_per_iteration: float) -> None:
+        super().__init__(config_values, job)
         self.seconds_per_iteration = seconds_per_iteration
 
     def stop_requested(self) -> bool:

@@ -2,7 +2,7 @@
 
 Every run trains the same tiny ViT on 48 demo images (6 iterations per epoch, 2 epochs, gloo on CPU), so
 their final checkpoints can be compared bit for bit. Jobs that must be interrupted sleep after each
-iteration (``PacedPretrainJob``), which leaves their results unchanged.
+iteration (``PacedJob``), which leaves their results unchanged.
 """
 
 from __future__ import annotations
@@ -21,15 +21,18 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
-from mugs.config import Config, DataConfig
+from mugs.config import Config, DataConfig, config_from_dict, for_job, merge_values
 from mugs.data.prepare import run_prepare
 from mugs.data.sources import install_demo_data
+from mugs.launch.jobs import Finetuning
 from mugs.launch.local import launch_local
 from mugs.launch.slurm import JobRecord, PreflightError, launch_slurm, query_job, wait_for_job
-from mugs.rundir import RunDir
-from mugs.testing.compare import assert_same_run
+from mugs.rundir import RunDir, job_dir
+from mugs.testing.compare import assert_same_finetuning, assert_same_run
 from mugs.testing.configs import tiny_training_config
-from mugs.testing.slurm_jobs import PacedPretrainJob
+from mugs.testing.faults import finetune_reliability_config
+from mugs.testing.finetuning import prepare_tiny_split, pretrained_checkpoint
+from mugs.testing.slurm_jobs import PacedJob
 from mugs.training import checkpoint as ckpt
 
 if TYPE_CHECKING:  # conftest is pytest's to import; importing it again would make a second module
@@ -137,8 +140,8 @@ def checkpoint_position(run_dir: Path) -> tuple[int, int]:
     return state["epoch"], state["iteration_in_epoch"]
 
 
-def paced(seconds: float) -> Callable[[dict], PacedPretrainJob]:
-    return functools.partial(PacedPretrainJob, seconds_per_iteration=seconds)
+def paced(seconds: float) -> Callable[..., PacedJob]:
+    return functools.partial(PacedJob, seconds_per_iteration=seconds)
 
 
 @pytest.fixture(scope="module")
@@ -351,3 +354,55 @@ def test_a_job_in_the_podman_image_matches_the_host_run(
     ).stdout.split()
     assert len(events) == 2 and all(image in event for event in events), events
     assert_bit_identical(output_dir, reference)
+
+
+# ---------------------------------------------------------------------------------------- fine-tuning
+@pytest.fixture(scope="module")
+def finetuning(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, str, Path]:
+    """A fine-tuning config whose job is 2 nodes × 1 task (launch.jobs.finetune) while pretraining's is
+    1 × 2; the tiny pretrained checkpoint; an uninterrupted local 2-process run's metrics file."""
+    directory = tmp_path_factory.mktemp("finetuning")
+    directory.chmod(0o755)
+    prepared = prepare_tiny_split(directory)
+    checkpoint = pretrained_checkpoint(
+        directory / "pretrained.pt", finetune_reliability_config("model.depth=2")
+    )
+    values = merge_values(
+        finetune_reliability_config().to_dict(),
+        {
+            "data": {"root": str(directory / "data"), "prepared_dir": str(prepared)},
+            # absolute, as the SLURM launcher makes it: the metrics' provenance holds the config's digest
+            "train": {"output_dir": str(directory / "pretrain")},
+            "launch": tiny_config(DataConfig(), directory).to_dict()["launch"]
+            | {"jobs": {"finetune": {"nodes": 2, "tasks_per_node": 1}}},
+        },
+    )
+    config = config_from_dict(values)
+    local = directory / "local" / "finetune.json"
+    result = launch_local(config, 2, job=Finetuning(str(checkpoint), str(local)), progress=False)
+    assert (result.status, result.global_iteration) == ("finished", 6)
+    return config, str(checkpoint), local
+
+
+def test_finetuning_as_a_two_node_job_preempted_by_usr2_resumes_bit_identically(
+    cluster_env: SlurmCluster, finetuning: tuple[Config, str, Path], tmp_path: Path
+) -> None:
+    """The pretraining launcher runs fine-tuning with its kind's resources; USR2 stops it after the
+    iteration with a checkpoint, it requeues and ends as the local two-process run (gloo sums alike)."""
+    config, checkpoint, local = finetuning
+    out = tmp_path / "finetune.json"
+    job = Finetuning(checkpoint, str(out))
+    record = launch_slurm(config, job=job, wait=False, progress=False, job_class=paced(2.0))
+    latest = RunDir(job_dir(out)).latest
+    _wait_for(latest.exists, "the first fine-tuning checkpoint (iteration 2)")
+    cluster_env.run("scancel", "--signal=USR2", record.job_id)
+    _wait_for(lambda: query_job(record.job_id).restarts >= 1, "the requeue after USR2")
+    stopped = ckpt.load_checkpoint(latest)["global_iteration"]
+    assert 2 <= stopped < 6
+    result = wait_for_job(record, for_job(config, "finetune"))
+    assert (result.status, result.global_iteration) == ("finished", 6)
+    assert_same_finetuning(job_dir(out), job_dir(local))
+    states = allocation(cluster_env, record.job_id)
+    assert [s["State"] for s in states] == ["REQUEUED", "COMPLETED"]
+    assert (states[-1]["AllocNodes"], states[-1]["NodeList"]) == ("2", "node[1-2]")
+    assert "mugs-finetune" in cluster_env.run("sacct", "-X", "-n", "-P", "-j", record.job_id, "-o", "JobName")

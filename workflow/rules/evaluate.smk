@@ -21,11 +21,6 @@ EVALUATIONS = {
         run_path("metrics", "{run}", "fewshot"),
         "results/logs/fewshot-{run}.log",
     ),
-    "finetune": (
-        run_path("selected"),
-        run_path("metrics", "{run}", "finetune"),
-        "results/logs/finetune-{run}.log",
-    ),
 }
 
 
@@ -61,3 +56,4 @@ def evaluation_rule(protocol, checkpoint, metrics, log_file):
 
 for protocol, paths in EVALUATIONS.items():
     evaluation_rule(protocol, *paths)
+
