@@ -395,13 +395,14 @@ for launcher in ("local", "slurm"):
 """
 
 
-def test_every_rule_runs_in_the_image_but_a_slurm_pretrain_submitter() -> None:
+def test_every_rule_runs_in_the_image_but_the_slurm_submitters() -> None:
     done = subprocess.run([sys.executable, "-c", RULE_IMAGES], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     images = dict(json.loads(line) for line in done.stdout.splitlines() if line.startswith("["))
     assert set(images["local"].values()) == {"img.sif"}
-    # sbatch is on the host, not in the image: the submitting rule stays outside, its job runs in the image
-    assert images["slurm"].pop("pretrain") is None
+    # sbatch is on the host, not in the image: the rules that submit a long job (pretraining and
+    # fine-tuning, both through the one launcher) stay outside, their jobs run in the image
+    assert (images["slurm"].pop("pretrain"), images["slurm"].pop("finetune")) == (None, None)
     assert set(images["slurm"].values()) == {"img.sif"}
 
 

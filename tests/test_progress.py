@@ -132,6 +132,6 @@ def test_preparation_reports_in_the_same_plain_lines(
     run_prepare(config, progress=False)
     lines = capsys.readouterr().err.splitlines()
     assert [re.sub(r"done in \S+$", "done", line) for line in lines if line.startswith("[prepare]")] == [
-        "[prepare] scanning: 2/2 items (100%), done",
-        "[prepare] decoding: 6/6 items (100%), done",
+        "[prepare] scanning: 2/2 class directories (100%), done",
+        "[prepare] decoding: 6/6 images (100%), done",
     ], lines
