@@ -3,7 +3,14 @@ import json
 import os
 import sys
 
-from mugs.config import RUN_NAME, ConfigError, files_shaping_run, for_job, load_config, read_yaml
+from mugs.config import (
+    RUN_NAME,
+    ConfigError,
+    files_shaping_run,
+    for_job,
+    load_config,
+    read_yaml,
+)
 from mugs.data.sources import DataError
 from mugs.data.state import refresh_data_state, state_path
 from mugs.result_keys import RESULT_KEYS
@@ -49,7 +56,9 @@ except ConfigError as error:
 RUN_FILES = {run: files_shaping_run(PARAMS, run) for run in RUNS}
 DATA = RUN_CONFIGS[RUNS[0]].data  # data.* is shared by every run
 # fine-tuning's launcher: launch.jobs.finetune.launcher, else launch.launcher (`--config launcher=` sets both)
-FINETUNE_LAUNCHER = config.get("launcher", for_job(RUN_CONFIGS[RUNS[0]], "finetune").launch.launcher)
+FINETUNE_LAUNCHER = config.get(
+    "launcher", for_job(RUN_CONFIGS[RUNS[0]], "finetune").launch.launcher
+)
 PREPARED = DATA.prepared_dir
 # The data's fingerprint (prepare's input), refreshed here by a stat pass: rewritten only when an image
 # was modified, added or removed. Only in the main process: cluster jobs parse this file again. A root

@@ -56,4 +56,3 @@ def evaluation_rule(protocol, checkpoint, metrics, log_file):
 
 for protocol, paths in EVALUATIONS.items():
     evaluation_rule(protocol, *paths)
-
