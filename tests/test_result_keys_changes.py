@@ -33,6 +33,7 @@ CHANGED_BY_HAND: dict[str, Any] = {
     "finetune.rand_augment": "rand-m7-mstd0.5-inc1",
     "evaluate.linear_n_last_blocks": 3,  # at most model.depth
     "data.classes": ["Sneaker", "Bag"],
+    "launch.jobs": {"finetune": {"nprocs": 2}},  # per job kind, launch's own keys
 }
 # the workflow fixes where a run's pretraining goes: another value is refused, naming the key
 FIXED_BY_THE_WORKFLOW = "train.output_dir"
